@@ -1,0 +1,13 @@
+//! Ferry's vocabulary: the types every other crate speaks, and the rules that make a
+//! value of them valid. Nothing here performs I/O, so every rule is unit-testable and a
+//! value that passed validation can be trusted by the drivers above.
+
+mod bytes;
+mod names;
+mod vm;
+
+pub use bytes::{Bytes, BytesError};
+pub use names::{HostName, MacAddr, NameError, VmName};
+pub use vm::{
+    Boot, CacheMode, DiskFormat, DiskSpec, HostLimits, NicSpec, SpecError, VmSpec, MIN_MEMORY,
+};

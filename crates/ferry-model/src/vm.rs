@@ -1,0 +1,379 @@
+//! The desired shape of a virtual machine (`VmSpec`) and the rules a spec must pass
+//! before any driver acts on it. Validation reports the first problem with the field's
+//! path, so that the CLI and the API can print one line that says what to fix.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Bytes, MacAddr, VmName};
+
+/// The least memory a guest can boot in.
+pub const MIN_MEMORY: Bytes = Bytes::mib(32);
+/// QEMU's q35 machine and our CPU models stop here.
+const MAX_CPUS: u32 = 255;
+/// Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
+const MAX_IFNAME: usize = 15;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmSpec {
+    pub name: VmName,
+    pub cpus: u32,
+    pub memory: Bytes,
+    /// A QEMU CPU model the whole cluster can run (`qemu64`, `Haswell`…) or `host`.
+    #[serde(default = "default_cpu_model")]
+    pub cpu_model: String,
+    #[serde(default)]
+    pub disks: Vec<DiskSpec>,
+    #[serde(default)]
+    pub nics: Vec<NicSpec>,
+    pub boot: Boot,
+}
+
+pub fn default_cpu_model() -> String {
+    "qemu64".to_string()
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "from", rename_all = "kebab-case")]
+pub enum Boot {
+    /// Firmware boots the first disk.
+    Disk,
+    /// Direct kernel boot, as appliances do.
+    Kernel {
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        cmdline: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskSpec {
+    /// Short identifier, also the guest-visible serial (`data`, `root`…).
+    pub id: String,
+    pub path: PathBuf,
+    #[serde(default)]
+    pub format: DiskFormat,
+    #[serde(default)]
+    pub cache: CacheMode,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    #[default]
+    Qcow2,
+    Raw,
+}
+
+/// Host cache modes under which a guest's flush reaches stable storage on the host.
+/// Modes that lose acknowledged writes on host failure (`writeback`, `unsafe`) are not
+/// representable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    /// O_DIRECT, guest flushes become host flushes. Needs a filesystem with O_DIRECT.
+    None,
+    /// Every write is synchronous on the host. Works on any filesystem, tmpfs included.
+    #[default]
+    Writethrough,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicSpec {
+    /// The host tap device this NIC is attached to.
+    pub tap: String,
+    pub mac: MacAddr,
+}
+
+/// What the host offers, for the checks that depend on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostLimits {
+    pub cpus: u32,
+    pub memory: Bytes,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("VM {vm}: {field}: {problem}")]
+pub struct SpecError {
+    pub vm: String,
+    pub field: String,
+    pub problem: String,
+}
+
+impl VmSpec {
+    /// Checks everything that can be checked without touching the host: sizes, names,
+    /// uniqueness, and the fit against the host's limits.
+    pub fn validate(&self, host: &HostLimits) -> Result<(), SpecError> {
+        let fail = |field: &str, problem: String| {
+            Err(SpecError {
+                vm: self.name.to_string(),
+                field: field.to_string(),
+                problem,
+            })
+        };
+        if self.cpus == 0 {
+            return fail("cpus", "must be at least 1".into());
+        }
+        if self.cpus > host.cpus.min(MAX_CPUS) {
+            return fail(
+                "cpus",
+                format!(
+                    "{} vCPUs is more than the host's {} CPUs",
+                    self.cpus, host.cpus
+                ),
+            );
+        }
+        if self.memory < MIN_MEMORY {
+            return fail(
+                "memory",
+                format!("{} is below the minimum of {MIN_MEMORY}", self.memory),
+            );
+        }
+        if !self.memory.0.is_multiple_of(Bytes::MIB) {
+            return fail(
+                "memory",
+                format!("{} is not a whole number of MiB", self.memory.0),
+            );
+        }
+        if self.memory > host.memory {
+            return fail(
+                "memory",
+                format!("{} is more than the host's {}", self.memory, host.memory),
+            );
+        }
+        let cpu_ok = !self.cpu_model.is_empty()
+            && self
+                .cpu_model
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !cpu_ok {
+            return fail(
+                "cpu_model",
+                format!("{:?} is not a CPU model name", self.cpu_model),
+            );
+        }
+        let mut disk_ids = HashSet::new();
+        let mut disk_paths = HashSet::new();
+        for (index, disk) in self.disks.iter().enumerate() {
+            let field = format!("disks[{index}]");
+            let id_ok = !disk.id.is_empty()
+                && disk.id.len() <= 20
+                && disk
+                    .id
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !id_ok {
+                return fail(
+                    &format!("{field}.id"),
+                    format!("{:?} must be 1-20 of a-z 0-9 -", disk.id),
+                );
+            }
+            if !disk_ids.insert(&disk.id) {
+                return fail(
+                    &format!("{field}.id"),
+                    format!("{:?} is used twice", disk.id),
+                );
+            }
+            if !disk.path.is_absolute() {
+                return fail(
+                    &format!("{field}.path"),
+                    format!("{} must be absolute", disk.path.display()),
+                );
+            }
+            if has_qemu_separator(&disk.path) {
+                return fail(&format!("{field}.path"), "must not contain ','".into());
+            }
+            if !disk_paths.insert(&disk.path) {
+                return fail(
+                    &format!("{field}.path"),
+                    format!("{} is attached twice", disk.path.display()),
+                );
+            }
+        }
+        let mut taps = HashSet::new();
+        let mut macs = HashSet::new();
+        for (index, nic) in self.nics.iter().enumerate() {
+            let field = format!("nics[{index}]");
+            let tap_ok = !nic.tap.is_empty()
+                && nic.tap.len() <= MAX_IFNAME
+                && nic
+                    .tap
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !tap_ok {
+                return fail(
+                    &format!("{field}.tap"),
+                    format!(
+                        "{:?} is not an interface name (1-{MAX_IFNAME} of a-z 0-9 - _)",
+                        nic.tap
+                    ),
+                );
+            }
+            if !taps.insert(&nic.tap) {
+                return fail(
+                    &format!("{field}.tap"),
+                    format!("two NICs on tap {}", nic.tap),
+                );
+            }
+            if !macs.insert(nic.mac) {
+                return fail(
+                    &format!("{field}.mac"),
+                    format!("{} is used twice", nic.mac),
+                );
+            }
+        }
+        match &self.boot {
+            Boot::Disk if self.disks.is_empty() => {
+                fail("boot", "boot from disk needs a disk".into())
+            }
+            Boot::Kernel {
+                kernel,
+                initrd,
+                cmdline,
+            } => {
+                if !kernel.is_absolute() || has_qemu_separator(kernel) {
+                    return fail(
+                        "boot.kernel",
+                        format!("{} must be an absolute path without ','", kernel.display()),
+                    );
+                }
+                if let Some(initrd) = initrd {
+                    if !initrd.is_absolute() || has_qemu_separator(initrd) {
+                        return fail(
+                            "boot.initrd",
+                            format!("{} must be an absolute path without ','", initrd.display()),
+                        );
+                    }
+                }
+                if cmdline.contains('\n') {
+                    return fail("boot.cmdline", "must be one line".into());
+                }
+                Ok(())
+            }
+            Boot::Disk => Ok(()),
+        }
+    }
+}
+
+/// QEMU's option syntax splits on ','; a path with one would be silently misparsed.
+fn has_qemu_separator(path: &std::path::Path) -> bool {
+    path.to_string_lossy().contains(',')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host() -> HostLimits {
+        HostLimits {
+            cpus: 2,
+            memory: Bytes(8 * Bytes::GIB),
+        }
+    }
+
+    fn appliance() -> VmSpec {
+        VmSpec {
+            name: "web-1".parse().unwrap(),
+            cpus: 1,
+            memory: Bytes::mib(256),
+            cpu_model: default_cpu_model(),
+            disks: vec![DiskSpec {
+                id: "data".into(),
+                path: "/pool/web-1-data.qcow2".into(),
+                format: DiskFormat::Qcow2,
+                cache: CacheMode::Writethrough,
+                read_only: false,
+            }],
+            nics: vec![NicSpec {
+                tap: "tap-web1".into(),
+                mac: MacAddr::derived_from("web-1/0"),
+            }],
+            boot: Boot::Kernel {
+                kernel: "/images/vmlinuz".into(),
+                initrd: Some("/images/initrd".into()),
+                cmdline: "console=ttyS0".into(),
+            },
+        }
+    }
+
+    fn problem(spec: &VmSpec) -> String {
+        spec.validate(&host()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_plain_appliance_spec_is_valid() {
+        appliance().validate(&host()).unwrap();
+    }
+
+    #[test]
+    fn zero_memory_names_the_field() {
+        let mut spec = appliance();
+        spec.memory = Bytes(0);
+        assert_eq!(
+            problem(&spec),
+            "VM web-1: memory: 0 B is below the minimum of 32 MiB"
+        );
+    }
+
+    #[test]
+    fn more_vcpus_than_the_host_is_refused() {
+        let mut spec = appliance();
+        spec.cpus = 4;
+        assert_eq!(
+            problem(&spec),
+            "VM web-1: cpus: 4 vCPUs is more than the host's 2 CPUs"
+        );
+    }
+
+    #[test]
+    fn two_nics_on_one_tap_is_refused() {
+        let mut spec = appliance();
+        let mut second = spec.nics[0].clone();
+        second.mac = MacAddr::derived_from("web-1/1");
+        spec.nics.push(second);
+        assert_eq!(
+            problem(&spec),
+            "VM web-1: nics[1].tap: two NICs on tap tap-web1"
+        );
+    }
+
+    #[test]
+    fn a_tap_name_longer_than_linux_allows_is_refused() {
+        let mut spec = appliance();
+        spec.nics[0].tap = "a-very-long-tap-name".into();
+        assert!(problem(&spec).starts_with("VM web-1: nics[0].tap:"));
+    }
+
+    #[test]
+    fn a_relative_or_comma_path_is_refused() {
+        let mut spec = appliance();
+        spec.disks[0].path = "data.qcow2".into();
+        assert!(problem(&spec).contains("disks[0].path"));
+        spec.disks[0].path = "/pool/a,b.qcow2".into();
+        assert!(problem(&spec).contains("','"));
+    }
+
+    #[test]
+    fn disk_boot_needs_a_disk() {
+        let mut spec = appliance();
+        spec.disks.clear();
+        spec.boot = Boot::Disk;
+        assert_eq!(
+            problem(&spec),
+            "VM web-1: boot: boot from disk needs a disk"
+        );
+    }
+
+    #[test]
+    fn spec_json_round_trips_and_rejects_bad_names() {
+        let spec = appliance();
+        let json = serde_json::to_string(&spec).unwrap();
+        assert_eq!(serde_json::from_str::<VmSpec>(&json).unwrap(), spec);
+        let bad = json.replace("web-1", "Web 1");
+        assert!(serde_json::from_str::<VmSpec>(&bad).is_err());
+    }
+}

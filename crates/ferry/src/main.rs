@@ -2,6 +2,7 @@
 //! adapter that parses arguments, calls the library, and prints a table or `--json`.
 //! Failures end with one line on stderr and a non-zero exit code.
 
+mod bench;
 mod demo;
 mod image;
 mod output;
@@ -31,6 +32,11 @@ enum Noun {
         #[command(subcommand)]
         verb: image::HostVerb,
     },
+    /// Measurements that print numbers.
+    Bench {
+        #[command(subcommand)]
+        verb: bench::BenchVerb,
+    },
     /// The lab on this machine.
     Lab {
         #[command(subcommand)]
@@ -56,6 +62,7 @@ fn main() {
             Noun::Image { verb } => image::run_image(verb).await,
             Noun::Host { verb } => image::run_host(verb).await,
             Noun::Lab { verb } => demo::run(verb).await,
+            Noun::Bench { verb } => bench::run(verb).await,
         }
     });
     if let Err(error) = result {

@@ -2,6 +2,8 @@
 //! it works): lifecycle, monitor, guest agent, durability, reattachment, failures.
 //! Every test boots its own VM in its own network namespace and removes both.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly by design
+
 use std::time::{Duration, Instant};
 
 use ferry_lab::appliance::Appliance;
@@ -25,7 +27,9 @@ fn unique(base: &str) -> String {
 }
 
 async fn options(name: &str) -> SandboxOptions {
-    let accel = defaults::detect_accel(&appliance()).await.expect("acceleration probe");
+    let accel = defaults::detect_accel(&appliance())
+        .await
+        .expect("acceleration probe");
     SandboxOptions {
         qemu: defaults::qemu_binary(),
         accel: accel.accel,
@@ -37,8 +41,13 @@ async fn options(name: &str) -> SandboxOptions {
 
 async fn boot(base: &str) -> Sandbox {
     let name = unique(base);
-    let sandbox = Sandbox::start(&name, &appliance(), options(&name).await).await.expect("start the VM");
-    sandbox.wait_ready(READY_TIMEOUT).await.expect("guest ready");
+    let sandbox = Sandbox::start(&name, &appliance(), options(&name).await)
+        .await
+        .expect("start the VM");
+    sandbox
+        .wait_ready(READY_TIMEOUT)
+        .await
+        .expect("guest ready");
     sandbox
 }
 
@@ -48,7 +57,9 @@ fn get(sandbox: &Sandbox, path: &str) -> (u16, String) {
 }
 
 fn put(sandbox: &Sandbox, path: &str, body: &[u8]) -> (u16, String) {
-    let (status, reply) = sandbox.http(Method::PUT, path, Some(body.to_vec())).expect("HTTP PUT");
+    let (status, reply) = sandbox
+        .http(Method::PUT, path, Some(body.to_vec()))
+        .expect("HTTP PUT");
     (status, String::from_utf8_lossy(&reply).into_owned())
 }
 
@@ -68,12 +79,33 @@ async fn a_booted_appliance_answers_qmp_the_guest_agent_and_ferry_guest() {
 
     let agent = machine.guest_agent();
     agent.ping(AGENT_TIMEOUT).await.unwrap();
-    let echo = agent.exec("/bin/sh", &["-c", "echo out; echo err >&2; exit 7"], AGENT_TIMEOUT).await.unwrap();
-    assert_eq!((echo.exit_code, echo.stdout.as_str(), echo.stderr.as_str()), (Some(7), "out\n", "err\n"));
+    let echo = agent
+        .exec(
+            "/bin/sh",
+            &["-c", "echo out; echo err >&2; exit 7"],
+            AGENT_TIMEOUT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (echo.exit_code, echo.stdout.as_str(), echo.stderr.as_str()),
+        (Some(7), "out\n", "err\n")
+    );
     let interfaces = agent.network_interfaces(AGENT_TIMEOUT).await.unwrap();
-    let eth0 = interfaces.iter().find(|interface| interface.name == "eth0").expect("eth0");
-    assert!(eth0.ip_addresses.iter().any(|ip| ip.address == GUEST_ADDRESS), "{eth0:?}");
-    assert_eq!(eth0.hardware_address.as_deref(), Some(sandbox.spec.nics[0].mac.to_string().as_str()));
+    let eth0 = interfaces
+        .iter()
+        .find(|interface| interface.name == "eth0")
+        .expect("eth0");
+    assert!(
+        eth0.ip_addresses
+            .iter()
+            .any(|ip| ip.address == GUEST_ADDRESS),
+        "{eth0:?}"
+    );
+    assert_eq!(
+        eth0.hardware_address.as_deref(),
+        Some(sandbox.spec.nics[0].mac.to_string().as_str())
+    );
 
     assert_eq!(put(&sandbox, "/kv/alpha", b"1").0, 200);
     assert_eq!(put(&sandbox, "/kv/beta", b"2").0, 200);
@@ -81,7 +113,13 @@ async fn a_booted_appliance_answers_qmp_the_guest_agent_and_ferry_guest() {
     let (status, writes) = get(&sandbox, "/kv?since=0");
     assert_eq!(status, 200);
     let writes: Vec<serde_json::Value> = serde_json::from_str(&writes).unwrap();
-    assert_eq!(writes.iter().map(|write| write["key"].as_str().unwrap()).collect::<Vec<_>>(), ["alpha", "beta"]);
+    assert_eq!(
+        writes
+            .iter()
+            .map(|write| write["key"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["alpha", "beta"]
+    );
 
     let payload: Vec<u8> = (0..3 << 20).map(|index| (index % 251) as u8).collect();
     assert_eq!(put(&sandbox, "/files/blob.bin", &payload).0, 201);
@@ -100,19 +138,38 @@ async fn data_written_before_a_graceful_stop_is_there_after_the_next_start() {
     let mut sandbox = boot("durable").await;
     let first_boot = boot_id(&sandbox);
     assert_eq!(put(&sandbox, "/kv/kept", b"across-boots").0, 200);
-    assert_eq!(put(&sandbox, "/files/kept.txt", b"file-across-boots").0, 201);
+    assert_eq!(
+        put(&sandbox, "/files/kept.txt", b"file-across-boots").0,
+        201
+    );
 
-    let outcome = sandbox.machine().unwrap().stop(Duration::from_secs(60)).await.unwrap();
-    assert_eq!(outcome, StopOutcome::Graceful, "the guest should power off on the ACPI button");
+    let outcome = sandbox
+        .machine()
+        .unwrap()
+        .stop(Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        outcome,
+        StopOutcome::Graceful,
+        "the guest should power off on the ACPI button"
+    );
     let console = std::fs::read_to_string(sandbox.run_dir().console_log()).unwrap();
     assert!(console.contains("appliance stopped cleanly"), "{console}");
 
     sandbox.forget_machine();
     sandbox.launch().await.unwrap();
     sandbox.wait_ready(READY_TIMEOUT).await.unwrap();
-    assert_ne!(boot_id(&sandbox), first_boot, "a new boot has a new boot id");
+    assert_ne!(
+        boot_id(&sandbox),
+        first_boot,
+        "a new boot has a new boot id"
+    );
     assert_eq!(get(&sandbox, "/kv/kept"), (200, "across-boots".to_string()));
-    assert_eq!(get(&sandbox, "/files/kept.txt"), (200, "file-across-boots".to_string()));
+    assert_eq!(
+        get(&sandbox, "/files/kept.txt"),
+        (200, "file-across-boots".to_string())
+    );
     sandbox.destroy().await.unwrap();
 }
 
@@ -120,13 +177,24 @@ async fn data_written_before_a_graceful_stop_is_there_after_the_next_start() {
 async fn acknowledged_writes_survive_a_kill_and_the_disk_lock_is_released() {
     let mut sandbox = boot("killed").await;
     for index in 0..20 {
-        assert_eq!(put(&sandbox, &format!("/kv/k{index}"), index.to_string().as_bytes()).0, 200);
+        assert_eq!(
+            put(
+                &sandbox,
+                &format!("/kv/k{index}"),
+                index.to_string().as_bytes()
+            )
+            .0,
+            200
+        );
     }
     let machine = sandbox.machine().unwrap();
     let pid = machine.pid();
     let killed_at = Instant::now();
     machine.kill().await.unwrap();
-    assert!(killed_at.elapsed() < Duration::from_secs(5), "kill waits for the process, not for the guest");
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(5),
+        "kill waits for the process, not for the guest"
+    );
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists() || machine.has_exited());
 
     // The image lock died with the process: a new QEMU opens the same disk at once.
@@ -136,7 +204,11 @@ async fn acknowledged_writes_survive_a_kill_and_the_disk_lock_is_released() {
     let (status, body) = get(&sandbox, "/kv?since=0");
     assert_eq!(status, 200);
     let writes: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
-    assert_eq!(writes.len(), 20, "every acknowledged write survives SIGKILL of QEMU");
+    assert_eq!(
+        writes.len(),
+        20,
+        "every acknowledged write survives SIGKILL of QEMU"
+    );
     sandbox.destroy().await.unwrap();
 }
 
@@ -152,15 +224,27 @@ async fn a_second_qemu_cannot_open_a_disk_that_a_running_vm_holds() {
         accel: ferry_qemu::Accel::Tcg,
         run_dir: ferry_qemu::RunDir::new(twin_dir.path()),
         netns: None,
-        host: HostLimits { cpus: 2, memory: Bytes(8 * Bytes::GIB) },
+        host: HostLimits {
+            cpus: 2,
+            memory: Bytes(8 * Bytes::GIB),
+        },
         incoming: None,
         paused: false,
     };
-    let error = Machine::launch(&twin, &options).await.err().expect("the twin must not start");
+    let error = Machine::launch(&twin, &options)
+        .await
+        .err()
+        .expect("the twin must not start");
     let message = error.to_string();
     assert!(matches!(error, QemuError::StartFailed { .. }), "{message}");
-    assert!(message.contains("lock"), "QEMU's own reason is in the error: {message}");
-    assert!(get(&sandbox, "/health").0 == 200, "the original keeps running");
+    assert!(
+        message.contains("lock"),
+        "QEMU's own reason is in the error: {message}"
+    );
+    assert!(
+        get(&sandbox, "/health").0 == 200,
+        "the original keeps running"
+    );
     sandbox.destroy().await.unwrap();
 }
 
@@ -193,12 +277,18 @@ async fn the_guest_agent_times_out_while_paused_and_recovers_after_resume() {
     machine.pause().await.unwrap();
     assert_eq!(machine.status().await.unwrap(), RunState::Paused);
     let error = agent.ping(Duration::from_secs(1)).await.unwrap_err();
-    assert!(matches!(error, ferry_qemu::QgaError::Timeout { .. }), "{error}");
+    assert!(
+        matches!(error, ferry_qemu::QgaError::Timeout { .. }),
+        "{error}"
+    );
 
     machine.resume().await.unwrap();
     // The stale ping reply arrives now; the next command resynchronises past it.
     agent.ping(AGENT_TIMEOUT).await.unwrap();
-    let output = agent.exec("/bin/echo", &["recovered"], AGENT_TIMEOUT).await.unwrap();
+    let output = agent
+        .exec("/bin/echo", &["recovered"], AGENT_TIMEOUT)
+        .await
+        .unwrap();
     assert_eq!(output.stdout, "recovered\n");
     sandbox.destroy().await.unwrap();
 }
@@ -208,13 +298,21 @@ async fn reset_reboots_the_guest_with_a_new_boot_id() {
     let sandbox = boot("reset").await;
     let before = boot_id(&sandbox);
     let console = sandbox.run_dir().console_log();
-    let ready_lines = || std::fs::read_to_string(&console).unwrap().matches("FERRY-APPLIANCE-READY").count();
+    let ready_lines = || {
+        std::fs::read_to_string(&console)
+            .unwrap()
+            .matches("FERRY-APPLIANCE-READY")
+            .count()
+    };
     assert_eq!(ready_lines(), 1);
 
     sandbox.machine().unwrap().reset().await.unwrap();
     let deadline = Instant::now() + READY_TIMEOUT;
     while ready_lines() < 2 {
-        assert!(Instant::now() < deadline, "the guest did not come back after reset");
+        assert!(
+            Instant::now() < deadline,
+            "the guest did not come back after reset"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_ne!(boot_id(&sandbox), before);
@@ -240,7 +338,11 @@ async fn qemu_start_failures_carry_qemus_reason_and_leave_nothing_running() {
             read_only: false,
         }],
         nics: vec![],
-        boot: ferry_model::Boot::Kernel { kernel: appliance.kernel(), initrd: Some(appliance.initrd()), cmdline: String::new() },
+        boot: ferry_model::Boot::Kernel {
+            kernel: appliance.kernel(),
+            initrd: Some(appliance.initrd()),
+            cmdline: String::new(),
+        },
     };
     let run_dir = ferry_qemu::RunDir::new(dir.path().join("run"));
     let options = LaunchOptions {
@@ -248,17 +350,35 @@ async fn qemu_start_failures_carry_qemus_reason_and_leave_nothing_running() {
         accel: ferry_qemu::Accel::Tcg,
         run_dir: run_dir.clone(),
         netns: None,
-        host: HostLimits { cpus: 2, memory: Bytes(8 * Bytes::GIB) },
+        host: HostLimits {
+            cpus: 2,
+            memory: Bytes(8 * Bytes::GIB),
+        },
         incoming: None,
         paused: false,
     };
-    let error = Machine::launch(&spec, &options).await.err().expect("a non-qcow2 file must not start");
+    let error = Machine::launch(&spec, &options)
+        .await
+        .err()
+        .expect("a non-qcow2 file must not start");
     assert!(error.to_string().contains("qcow2"), "{error}");
-    assert!(ferry_qemu::process::QemuProcess::find(&run_dir).is_err(), "nothing left running");
+    assert!(
+        ferry_qemu::process::QemuProcess::find(&run_dir).is_err(),
+        "nothing left running"
+    );
 
-    spec.boot = ferry_model::Boot::Kernel { kernel: "/nonexistent/vmlinuz".into(), initrd: None, cmdline: String::new() };
+    spec.boot = ferry_model::Boot::Kernel {
+        kernel: "/nonexistent/vmlinuz".into(),
+        initrd: None,
+        cmdline: String::new(),
+    };
     let error = Machine::launch(&spec, &options).await.err().unwrap();
-    assert!(error.to_string().ends_with("kernel /nonexistent/vmlinuz does not exist"), "{error}");
+    assert!(
+        error
+            .to_string()
+            .ends_with("kernel /nonexistent/vmlinuz does not exist"),
+        "{error}"
+    );
 
     spec.memory = Bytes(0);
     let error = Machine::launch(&spec, &options).await.err().unwrap();

@@ -3,6 +3,7 @@
 //! value that passed validation can be trusted by the drivers above.
 
 mod bytes;
+pub mod cluster;
 mod names;
 mod vm;
 

@@ -50,7 +50,13 @@ async fn boot(runs: u32, memory: Bytes, json: bool) -> anyhow::Result<()> {
     let accel = defaults::detect_accel(&appliance).await?;
     let dir = defaults::run_dir().join("bench-boot");
     let _ = std::fs::remove_dir_all(&dir);
-    let options = SandboxOptions { qemu: defaults::qemu_binary(), accel: accel.accel, memory, data_disk: Bytes(Bytes::GIB), dir };
+    let options = SandboxOptions {
+        qemu: defaults::qemu_binary(),
+        accel: accel.accel,
+        memory,
+        data_disk: Bytes(Bytes::GIB),
+        dir,
+    };
     let started = Instant::now();
     let mut sandbox = Sandbox::start("bench-boot", &appliance, options).await?;
     let result = async {
@@ -90,10 +96,22 @@ async fn boot(runs: u32, memory: Bytes, json: bool) -> anyhow::Result<()> {
     if json {
         return print_json(&report);
     }
-    println!("appliance boot, {} MiB, {}:", report.memory_mib, report.accel);
-    println!("  first boot (formats the data disk)  {:.2} s", report.first_boot_s);
-    println!("  later boots, median                 {:.2} s", report.median_s);
-    println!("  later boots, worst                  {:.2} s", report.worst_s);
+    println!(
+        "appliance boot, {} MiB, {}:",
+        report.memory_mib, report.accel
+    );
+    println!(
+        "  first boot (formats the data disk)  {:.2} s",
+        report.first_boot_s
+    );
+    println!(
+        "  later boots, median                 {:.2} s",
+        report.median_s
+    );
+    println!(
+        "  later boots, worst                  {:.2} s",
+        report.worst_s
+    );
     let stop_median = {
         let mut stops = report.graceful_stop_s.clone();
         stops.sort_by(f64::total_cmp);

@@ -1,0 +1,176 @@
+//! The records the cluster keeps in etcd and shows through the API: hosts, where each
+//! VM may run (placement), what each VM is doing (status), images, events. Every
+//! record carries a `version` so mixed versions during an upgrade are detected.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Bytes, HostName, VmName, VmSpec};
+
+/// The record format written by this build.
+pub const RECORD_VERSION: u32 = 1;
+
+fn record_version() -> u32 {
+    RECORD_VERSION
+}
+
+/// A host as its agent registers it (bound to the agent's lease: it disappears when the
+/// agent stops renewing).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HostRecord {
+    #[serde(default = "record_version")]
+    pub version: u32,
+    pub name: HostName,
+    /// Where this host's agent serves the API.
+    pub api_url: String,
+    /// Addresses per network (`management`, `migration`, `business`).
+    pub addresses: BTreeMap<String, String>,
+    pub cpus: u32,
+    pub memory: Bytes,
+    /// QEMU's name for the host CPU model and the features QEMU reports for it.
+    pub cpu_model: String,
+    pub cpu_features: Vec<String>,
+    pub accel: String,
+    pub pools: Vec<String>,
+    pub networks: Vec<String>,
+    pub state: HostState,
+    /// When the agent started (ms since the epoch).
+    pub started_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HostState {
+    Active,
+    Maintenance,
+}
+
+/// The power state a user asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PowerState {
+    Running,
+    Stopped,
+}
+
+/// What the API stores under `vms/{vm}/spec`: the VM's shape plus what the user wants.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmRecord {
+    #[serde(default = "record_version")]
+    pub version: u32,
+    pub spec: VmSpec,
+    pub desired: PowerState,
+    /// The image the VM was created from.
+    pub image: String,
+    /// A host the user asked for, if any.
+    pub preferred_host: Option<HostName>,
+    /// The VM's address on the business network, if it has one.
+    pub ip: Option<String>,
+    /// Set when deletion was requested; the owning agent removes the VM, then the record.
+    #[serde(default)]
+    pub deleting: bool,
+    /// Bumped on each user request so agents act on every reset/restart.
+    #[serde(default)]
+    pub reset_serial: u64,
+}
+
+/// `vms/{vm}/placement`: the only record of where a VM may run. Changed only by
+/// compare-and-swap on `generation`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    #[serde(default = "record_version")]
+    pub version: u32,
+    pub host: HostName,
+    pub generation: u64,
+    pub phase: PlacementPhase,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlacementPhase {
+    /// Assigned and owned by `host`.
+    Assigned,
+    /// Moving to another host (migration in flight).
+    Migrating,
+}
+
+/// What a VM is doing, as the CLI and API show it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    Running,
+    Stopped,
+    Starting,
+    Stopping,
+    Migrating,
+    Failed,
+}
+
+impl VmState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Running => "running",
+            VmState::Stopped => "stopped",
+            VmState::Starting => "starting",
+            VmState::Stopping => "stopping",
+            VmState::Migrating => "migrating",
+            VmState::Failed => "failed",
+        }
+    }
+}
+
+/// `vms/{vm}/status`, written by the owning agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmStatus {
+    #[serde(default = "record_version")]
+    pub version: u32,
+    pub host: HostName,
+    pub state: VmState,
+    pub pid: Option<i32>,
+    /// The guest agent answered its last ping.
+    pub guest_agent: bool,
+    pub last_error: Option<String>,
+    pub updated_ms: u64,
+}
+
+/// A bootable image every host can read (on the shared pool).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    #[serde(default = "record_version")]
+    pub version: u32,
+    pub name: String,
+    pub kernel: std::path::PathBuf,
+    pub initrd: std::path::PathBuf,
+    /// Size of the data disk a VM from this image gets.
+    pub data_disk: Bytes,
+}
+
+/// An entry of the event log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    #[serde(default = "record_version")]
+    pub version: u32,
+    pub at_ms: u64,
+    /// Who noticed or acted: `agent/host1`, `manager`, `api`.
+    pub source: String,
+    /// `vm/web-1`, `host/host2`…
+    pub subject: String,
+    pub kind: String,
+    pub message: String,
+}
+
+/// Milliseconds since the Unix epoch, for records.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl VmName {
+    /// Convenience for records keyed by VM.
+    pub fn subject(&self) -> String {
+        format!("vm/{self}")
+    }
+}

@@ -1,0 +1,148 @@
+//! A local etcd process, for the lab and for tests: one member, its own data directory,
+//! client URL on an address the caller chooses. Killed by pid when dropped.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::StoreError;
+
+pub struct EtcdServer {
+    child: Option<Child>,
+    pub client_url: String,
+    pub data_dir: PathBuf,
+}
+
+impl EtcdServer {
+    /// Starts etcd listening for clients on `client_host:client_port` (peers on
+    /// 127.0.0.1:`peer_port`), waits until it serves requests.
+    pub async fn start(
+        data_dir: &Path,
+        client_host: &str,
+        client_port: u16,
+        peer_port: u16,
+    ) -> Result<EtcdServer, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|error| {
+            StoreError::Server(format!("cannot create {}: {error}", data_dir.display()))
+        })?;
+        let client_url = format!("http://{client_host}:{client_port}");
+        let peer_url = format!("http://127.0.0.1:{peer_port}");
+        let log_path = data_dir.join("etcd.log");
+        let log = std::fs::File::create(&log_path).map_err(|error| {
+            StoreError::Server(format!("cannot create {}: {error}", log_path.display()))
+        })?;
+        let log_err = log
+            .try_clone()
+            .map_err(|error| StoreError::Server(error.to_string()))?;
+        let child = Command::new("etcd")
+            .arg("--name")
+            .arg("ferry")
+            .arg("--data-dir")
+            .arg(data_dir.join("member-data"))
+            .arg("--listen-client-urls")
+            .arg(&client_url)
+            .arg("--advertise-client-urls")
+            .arg(&client_url)
+            .arg("--listen-peer-urls")
+            .arg(&peer_url)
+            .arg("--initial-advertise-peer-urls")
+            .arg(&peer_url)
+            .arg("--initial-cluster")
+            .arg(format!("ferry={peer_url}"))
+            // Small and quick: a lab cluster, not a production one.
+            .arg("--heartbeat-interval")
+            .arg("50")
+            .arg("--election-timeout")
+            .arg("500")
+            .arg("--auto-compaction-retention")
+            .arg("1000")
+            .arg("--auto-compaction-mode")
+            .arg("revision")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .process_group(0)
+            .spawn()
+            .map_err(|error| {
+                StoreError::Server(format!(
+                    "cannot run etcd (is etcd-server installed?): {error}"
+                ))
+            })?;
+        let mut server = EtcdServer {
+            child: Some(child),
+            client_url,
+            data_dir: data_dir.to_path_buf(),
+        };
+        server.wait_serving(Duration::from_secs(20)).await?;
+        Ok(server)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    async fn wait_serving(&mut self, timeout: Duration) -> Result<(), StoreError> {
+        let started = Instant::now();
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    let log =
+                        std::fs::read_to_string(self.data_dir.join("etcd.log")).unwrap_or_default();
+                    let last = log
+                        .lines()
+                        .rev()
+                        .find(|line| !line.trim().is_empty())
+                        .unwrap_or("no output");
+                    return Err(StoreError::Server(format!(
+                        "etcd exited ({status}): {last}"
+                    )));
+                }
+            }
+            let connect = etcd_client::ConnectOptions::new()
+                .with_connect_timeout(Duration::from_millis(500))
+                .with_timeout(Duration::from_secs(1));
+            if let Ok(mut client) =
+                etcd_client::Client::connect([self.client_url.as_str()], Some(connect)).await
+            {
+                if client.get("ferry-health-probe", None).await.is_ok() {
+                    return Ok(());
+                }
+            }
+            if started.elapsed() > timeout {
+                return Err(StoreError::Server(format!(
+                    "etcd at {} did not serve within {timeout:?}",
+                    self.client_url
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops etcd now (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Leaves etcd running past this handle (the lab keeps it, and records its pid).
+    pub fn detach(mut self) -> u32 {
+        self.child.take().map(|child| child.id()).unwrap_or(0)
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A free TCP port on 127.0.0.1, for tests that run side by side.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .unwrap_or(0)
+}

@@ -1,0 +1,103 @@
+//! The key layout (DESIGN.md, "Cluster state"), in one place.
+
+use ferry_model::{HostName, VmName};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    /// `prefix` like `/ferry/`; a missing trailing slash is added.
+    pub fn new(prefix: &str) -> Keys {
+        let mut prefix = prefix.to_string();
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        Keys { prefix }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn hosts(&self) -> String {
+        format!("{}hosts/", self.prefix)
+    }
+
+    pub fn host(&self, host: &HostName) -> String {
+        format!("{}hosts/{host}", self.prefix)
+    }
+
+    pub fn vms(&self) -> String {
+        format!("{}vms/", self.prefix)
+    }
+
+    pub fn vm_spec(&self, vm: &VmName) -> String {
+        format!("{}vms/{vm}/spec", self.prefix)
+    }
+
+    pub fn vm_placement(&self, vm: &VmName) -> String {
+        format!("{}vms/{vm}/placement", self.prefix)
+    }
+
+    pub fn vm_status(&self, vm: &VmName) -> String {
+        format!("{}vms/{vm}/status", self.prefix)
+    }
+
+    pub fn images(&self) -> String {
+        format!("{}images/", self.prefix)
+    }
+
+    pub fn image(&self, name: &str) -> String {
+        format!("{}images/{name}", self.prefix)
+    }
+
+    /// An address taken on a network (`ipam/business/10.0.0.5`).
+    pub fn address(&self, network: &str, address: &str) -> String {
+        format!("{}ipam/{network}/{address}", self.prefix)
+    }
+
+    pub fn addresses(&self, network: &str) -> String {
+        format!("{}ipam/{network}/", self.prefix)
+    }
+
+    pub fn events(&self) -> String {
+        format!("{}events/", self.prefix)
+    }
+
+    /// Events sort by time: zero-padded milliseconds, then a sequence number.
+    pub fn event(&self, at_ms: u64, sequence: u64) -> String {
+        format!("{}events/{at_ms:015}-{sequence:06}", self.prefix)
+    }
+
+    pub fn leader(&self) -> String {
+        format!("{}leader", self.prefix)
+    }
+
+    /// Which VM a key under `vms/` belongs to, and which of its records it is.
+    pub fn parse_vm_key<'a>(&self, key: &'a str) -> Option<(&'a str, &'a str)> {
+        let rest = key.strip_prefix(&self.prefix)?.strip_prefix("vms/")?;
+        rest.split_once('/')
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_follow_the_design_layout() {
+        let keys = Keys::new("/ferry");
+        let vm: VmName = "web-1".parse().unwrap();
+        assert_eq!(keys.vm_spec(&vm), "/ferry/vms/web-1/spec");
+        assert_eq!(keys.vm_placement(&vm), "/ferry/vms/web-1/placement");
+        assert_eq!(keys.host(&"host1".parse().unwrap()), "/ferry/hosts/host1");
+        assert_eq!(keys.event(42, 7), "/ferry/events/000000000000042-000007");
+        assert_eq!(
+            keys.parse_vm_key("/ferry/vms/web-1/status"),
+            Some(("web-1", "status"))
+        );
+        assert_eq!(keys.parse_vm_key("/ferry/hosts/x"), None);
+    }
+}

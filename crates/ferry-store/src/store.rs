@@ -1,0 +1,309 @@
+//! Typed reads and writes. Values are JSON records with a `version` field; a record
+//! from a newer Ferry is refused rather than half-understood. Writes that must not race
+//! (placements, creating a VM, taking an address) are etcd transactions that compare
+//! the key's `mod_revision` (or its absence) and fail with [`StoreError::Conflict`] or
+//! [`StoreError::Exists`] when someone else got there first.
+
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::{Keys, StoreError};
+
+/// A record and the revision it was last modified at (the CAS token).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Versioned<T> {
+    pub value: T,
+    pub mod_revision: i64,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    client: Client,
+    keys: Keys,
+    endpoints: String,
+}
+
+impl Store {
+    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Store, StoreError> {
+        let joined = endpoints.join(",");
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true);
+        let client = Client::connect(endpoints, Some(options))
+            .await
+            .map_err(|source| StoreError::Etcd {
+                endpoints: joined.clone(),
+                source,
+            })?;
+        Ok(Store {
+            client,
+            keys: Keys::new(prefix),
+            endpoints: joined,
+        })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    pub(crate) fn etcd_error(&self, source: etcd_client::Error) -> StoreError {
+        StoreError::Etcd {
+            endpoints: self.endpoints.clone(),
+            source,
+        }
+    }
+
+    pub async fn get<T: DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<Versioned<T>>, StoreError> {
+        let response = self
+            .client
+            .clone()
+            .get(key, None)
+            .await
+            .map_err(|error| self.etcd_error(error))?;
+        match response.kvs().first() {
+            None => Ok(None),
+            Some(kv) => Ok(Some(Versioned {
+                value: decode(key, kv.value())?,
+                mod_revision: kv.mod_revision(),
+            })),
+        }
+    }
+
+    /// Every record under `prefix`, with its key, and the store revision of the read.
+    pub async fn list<T: DeserializeOwned>(
+        &self,
+        prefix: &str,
+    ) -> Result<(Vec<(String, Versioned<T>)>, i64), StoreError> {
+        let response = self
+            .client
+            .clone()
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|error| self.etcd_error(error))?;
+        let revision = response
+            .header()
+            .map(|header| header.revision())
+            .unwrap_or(0);
+        let mut records = Vec::new();
+        for kv in response.kvs() {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            let value = decode(&key, kv.value())?;
+            records.push((
+                key,
+                Versioned {
+                    value,
+                    mod_revision: kv.mod_revision(),
+                },
+            ));
+        }
+        Ok((records, revision))
+    }
+
+    /// Raw keys and values under a prefix (for records of several types).
+    pub async fn list_raw(
+        &self,
+        prefix: &str,
+    ) -> Result<(Vec<(String, Vec<u8>, i64)>, i64), StoreError> {
+        let response = self
+            .client
+            .clone()
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|error| self.etcd_error(error))?;
+        let revision = response
+            .header()
+            .map(|header| header.revision())
+            .unwrap_or(0);
+        let records = response
+            .kvs()
+            .iter()
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    kv.value().to_vec(),
+                    kv.mod_revision(),
+                )
+            })
+            .collect();
+        Ok((records, revision))
+    }
+
+    pub async fn put<T: Serialize>(
+        &self,
+        key: &str,
+        value: &T,
+        lease: Option<i64>,
+    ) -> Result<i64, StoreError> {
+        let options = lease.map(|id| PutOptions::new().with_lease(id));
+        let response = self
+            .client
+            .clone()
+            .put(key, encode(value), options)
+            .await
+            .map_err(|error| self.etcd_error(error))?;
+        Ok(response
+            .header()
+            .map(|header| header.revision())
+            .unwrap_or(0))
+    }
+
+    /// Writes only if the key does not exist yet.
+    pub async fn create<T: Serialize>(
+        &self,
+        key: &str,
+        value: &T,
+        what: &str,
+    ) -> Result<i64, StoreError> {
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(key, CompareOp::Equal, 0)])
+            .and_then(vec![TxnOp::put(key, encode(value), None)]);
+        let response = self
+            .client
+            .clone()
+            .txn(txn)
+            .await
+            .map_err(|error| self.etcd_error(error))?;
+        if !response.succeeded() {
+            return Err(StoreError::Exists {
+                what: what.to_string(),
+            });
+        }
+        Ok(response
+            .header()
+            .map(|header| header.revision())
+            .unwrap_or(0))
+    }
+
+    /// Writes only if the key was not modified since `mod_revision` (0: does not exist).
+    pub async fn compare_and_swap<T: Serialize>(
+        &self,
+        key: &str,
+        mod_revision: i64,
+        value: &T,
+    ) -> Result<i64, StoreError> {
+        let compare = if mod_revision == 0 {
+            Compare::create_revision(key, CompareOp::Equal, 0)
+        } else {
+            Compare::mod_revision(key, CompareOp::Equal, mod_revision)
+        };
+        let txn =
+            Txn::new()
+                .when(vec![compare])
+                .and_then(vec![TxnOp::put(key, encode(value), None)]);
+        let response = self
+            .client
+            .clone()
+            .txn(txn)
+            .await
+            .map_err(|error| self.etcd_error(error))?;
+        if !response.succeeded() {
+            return Err(StoreError::Conflict {
+                key: key.to_string(),
+            });
+        }
+        Ok(response
+            .header()
+            .map(|header| header.revision())
+            .unwrap_or(0))
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.client
+            .clone()
+            .delete(key, None)
+            .await
+            .map_err(|error| self.etcd_error(error))?;
+        Ok(())
+    }
+
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<(), StoreError> {
+        let options = etcd_client::DeleteOptions::new().with_prefix();
+        self.client
+            .clone()
+            .delete(prefix, Some(options))
+            .await
+            .map_err(|error| self.etcd_error(error))?;
+        Ok(())
+    }
+
+    /// Campaigns for leadership under `keys().leader()` with `lease`; resolves when this
+    /// candidate leads. The leadership ends with the lease.
+    pub async fn campaign(&self, candidate: &str, lease: i64) -> Result<Election, StoreError> {
+        let response = self
+            .client
+            .clone()
+            .campaign(self.keys.leader(), candidate, lease)
+            .await
+            .map_err(|error| self.etcd_error(error))?;
+        let leader_key = response
+            .leader()
+            .map(|leader| leader.key().to_vec())
+            .ok_or_else(|| StoreError::Corrupt {
+                key: self.keys.leader(),
+                reason: "campaign returned no leader key".into(),
+            })?;
+        Ok(Election { leader_key, lease })
+    }
+
+    /// The current leader's candidate value (its host name), if any.
+    pub async fn leader(&self) -> Result<Option<String>, StoreError> {
+        let (records, _) = self.list_raw(&format!("{}/", self.keys.leader())).await?;
+        // The election's oldest key (lowest create revision) leads; list_raw sorts by key,
+        // and etcd names election keys by lease id, so ask etcd instead.
+        if records.is_empty() {
+            return Ok(None);
+        }
+        match self.client.clone().leader(self.keys.leader()).await {
+            Ok(response) => Ok(response
+                .kv()
+                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())),
+            Err(error) => Err(self.etcd_error(error)),
+        }
+    }
+}
+
+/// Proof of leadership, for as long as its lease lives.
+#[derive(Clone, Debug)]
+pub struct Election {
+    pub leader_key: Vec<u8>,
+    pub lease: i64,
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serializing our own record types cannot fail (no maps with non-string keys).
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    let raw: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|error| StoreError::Corrupt {
+            key: key.to_string(),
+            reason: error.to_string(),
+        })?;
+    if let Some(found) = raw.get("version").and_then(serde_json::Value::as_u64) {
+        let supported = ferry_model::cluster::RECORD_VERSION;
+        if found > u64::from(supported) {
+            return Err(StoreError::NewerRecord {
+                key: key.to_string(),
+                found: found as u32,
+                supported,
+            });
+        }
+    }
+    serde_json::from_value(raw).map_err(|error| StoreError::Corrupt {
+        key: key.to_string(),
+        reason: error.to_string(),
+    })
+}

@@ -125,6 +125,16 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn deserializes_from_numbers_and_sizes() {
+        assert_eq!(serde_json::from_str::<Bytes>("1024").unwrap(), Bytes(1024));
+        assert_eq!(
+            serde_json::from_str::<Bytes>("\"2G\"").unwrap(),
+            Bytes(2 * Bytes::GIB)
+        );
+        assert!(serde_json::from_str::<Bytes>("\"2Q\"").is_err());
+    }
+
     proptest! {
         #[test]
         fn display_round_trips(n in 0u64..(1 << 50)) {

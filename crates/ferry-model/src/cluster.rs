@@ -174,3 +174,18 @@ impl VmName {
         format!("vm/{self}")
     }
 }
+
+/// A network VMs get addresses on (`networks/{name}`), with the pool the API allocates
+/// from. Addresses taken are keys under `ipam/{name}/`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkRecord {
+    #[serde(default = "record_version")]
+    pub version: u32,
+    pub name: String,
+    /// Prefix length of the subnet, e.g. 24.
+    pub prefix: u8,
+    pub gateway: Option<std::net::Ipv4Addr>,
+    /// First and last address VMs may get.
+    pub first: std::net::Ipv4Addr,
+    pub last: std::net::Ipv4Addr,
+}

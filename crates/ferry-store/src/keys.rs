@@ -53,6 +53,10 @@ impl Keys {
         format!("{}images/{name}", self.prefix)
     }
 
+    pub fn network(&self, name: &str) -> String {
+        format!("{}networks/{name}", self.prefix)
+    }
+
     /// An address taken on a network (`ipam/business/10.0.0.5`).
     pub fn address(&self, network: &str, address: &str) -> String {
         format!("{}ipam/{network}/{address}", self.prefix)

@@ -1,0 +1,346 @@
+//! The agent's configuration file (TOML). Every option has a default, so a minimal file
+//! names only the host; `ferry agent config-example` prints a file with every option and
+//! its comment. A bad file is refused with one line naming the key and the problem.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use ferry_api::auth::TokenConfig;
+use ferry_model::{Bytes, HostName};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This host's name in the cluster (a DNS label).
+    pub host: HostName,
+    #[serde(default)]
+    pub cluster: ClusterConfig,
+    #[serde(default)]
+    pub api: ApiConfig,
+    #[serde(default)]
+    pub lease: LeaseConfig,
+    #[serde(default)]
+    pub capacity: CapacityConfig,
+    #[serde(default)]
+    pub paths: PathsConfig,
+    #[serde(default)]
+    pub qemu: QemuConfig,
+    /// Storage pools: directories VM disks live in. A shared pool is mounted by every host.
+    #[serde(default)]
+    pub pools: Vec<PoolConfig>,
+    /// Networks this host is attached to, by name (`management`, `migration`, `business`).
+    #[serde(default)]
+    pub networks: BTreeMap<String, NetworkConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// etcd client URLs.
+    pub etcd: Vec<String>,
+    /// Key prefix of this cluster in etcd.
+    pub prefix: String,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            etcd: vec!["http://127.0.0.1:2379".into()],
+            prefix: "/ferry/".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Address the REST API listens on.
+    pub listen: SocketAddr,
+    /// URL other hosts and clients use to reach this API (default: from `listen`).
+    pub advertise: Option<String>,
+    /// Bearer tokens and their roles (`admin`, `operator`, `viewer`).
+    pub tokens: Vec<TokenConfig>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8700)),
+            advertise: None,
+            tokens: Vec::new(),
+        }
+    }
+}
+
+impl ApiConfig {
+    pub fn advertised_url(&self) -> String {
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.listen))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaseConfig {
+    /// Lease time-to-live, seconds: a host whose agent stops renewing for this long is gone.
+    pub ttl_seconds: u64,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        LeaseConfig { ttl_seconds: 6 }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CapacityConfig {
+    /// vCPUs VMs may use on this host (default: the host's CPUs).
+    pub cpus: Option<u32>,
+    /// Memory VMs may use on this host (default: 80% of the host's memory).
+    pub memory: Option<Bytes>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PathsConfig {
+    /// Per-VM run directories (sockets, pidfiles, console logs). Must not be shared.
+    pub run_dir: PathBuf,
+}
+
+impl Default for PathsConfig {
+    fn default() -> Self {
+        PathsConfig {
+            run_dir: PathBuf::from("/run/ferry/agent"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccelChoice {
+    /// Probe: KVM if a guest really runs under it, else TCG.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QemuConfig {
+    /// The QEMU binary.
+    pub binary: PathBuf,
+    /// `auto`, `kvm` or `tcg`.
+    pub accel: AccelChoice,
+    /// Grace period of a graceful stop before QEMU is killed, seconds.
+    pub stop_grace_seconds: u64,
+}
+
+impl Default for QemuConfig {
+    fn default() -> Self {
+        QemuConfig {
+            binary: PathBuf::from("/usr/bin/qemu-system-x86_64"),
+            accel: AccelChoice::Auto,
+            stop_grace_seconds: 30,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    pub name: String,
+    pub path: PathBuf,
+    /// Mounted by every host (VMs on it can move without copying disks).
+    #[serde(default)]
+    pub shared: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// This host's address on the network, with prefix (`10.0.0.11/24`).
+    pub address: Option<String>,
+    /// Bridge that VM taps on this network join.
+    pub bridge: Option<String>,
+    /// The host's interface on this network (for link monitoring).
+    pub interface: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("config {path}: {problem}")]
+pub struct ConfigError {
+    pub path: String,
+    pub problem: String,
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError {
+            path: shown.clone(),
+            problem: error.to_string(),
+        })?;
+        AgentConfig::parse(&text).map_err(|problem| ConfigError {
+            path: shown,
+            problem,
+        })
+    }
+
+    /// Parses and checks a config; the error names the key (`capacity.cpus: …`).
+    pub fn parse(text: &str) -> Result<AgentConfig, String> {
+        let deserializer = toml::Deserializer::new(text);
+        let config: AgentConfig =
+            serde_path_to_error::deserialize(deserializer).map_err(|error| {
+                let path = error.path().to_string();
+                let inner = error.into_inner();
+                let message = inner.message().replace('\n', " ");
+                let line = inner
+                    .span()
+                    .map(|span| text[..span.start].lines().count().max(1));
+                let location = line
+                    .map(|line| format!(" (line {line})"))
+                    .unwrap_or_default();
+                if path.is_empty() || path == "." {
+                    format!("{message}{location}")
+                } else {
+                    format!("{path}: {message}{location}")
+                }
+            })?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.cluster.etcd.is_empty() {
+            return Err("cluster.etcd: at least one etcd URL is needed".into());
+        }
+        if self.lease.ttl_seconds < 2 {
+            return Err(format!(
+                "lease.ttl_seconds: {} is below the minimum of 2",
+                self.lease.ttl_seconds
+            ));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for pool in &self.pools {
+            if !names.insert(&pool.name) {
+                return Err(format!("pools: {:?} is defined twice", pool.name));
+            }
+            if !pool.path.is_absolute() {
+                return Err(format!(
+                    "pools.{}.path: {} must be absolute",
+                    pool.name,
+                    pool.path.display()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn shared_pool(&self) -> Option<&PoolConfig> {
+        self.pools.iter().find(|pool| pool.shared)
+    }
+}
+
+/// A commented configuration with every option at its default.
+pub const EXAMPLE: &str = r#"# Ferry agent configuration. Every option but `host` has a default.
+
+# This host's name in the cluster (lowercase letters, digits, '-').
+host = "host1"
+
+[cluster]
+# etcd client URLs.
+etcd = ["http://127.0.0.1:2379"]
+# Key prefix of this cluster in etcd.
+prefix = "/ferry/"
+
+[api]
+# Address the REST API listens on.
+listen = "127.0.0.1:8700"
+# URL other hosts and clients use to reach this API (default: from listen).
+# advertise = "http://10.0.0.11:8700"
+# Bearer tokens and their roles: admin, operator, viewer.
+# tokens = [{ token = "change-me", role = "admin" }]
+
+[lease]
+# Seconds without a renewal after which this host counts as gone.
+ttl_seconds = 6
+
+[capacity]
+# vCPUs and memory VMs may use here (default: all CPUs, 80% of memory).
+# cpus = 8
+# memory = "32G"
+
+[paths]
+# Per-VM run directories: sockets, pidfiles, console logs. Local to this host.
+run_dir = "/run/ferry/agent"
+
+[qemu]
+binary = "/usr/bin/qemu-system-x86_64"
+# auto (probe KVM, fall back to TCG), kvm or tcg.
+accel = "auto"
+# Seconds a graceful stop waits for the guest before killing QEMU.
+stop_grace_seconds = 30
+
+# Storage pools. A shared pool is mounted at the same path on every host.
+# [[pools]]
+# name = "shared"
+# path = "/srv/ferry/shared"
+# shared = true
+
+# Networks by name; VMs' NICs on `business` join its bridge.
+# [networks.business]
+# address = "10.0.2.11/24"
+# bridge = "br-business"
+# interface = "eth2"
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_config_naming_only_the_host_gets_defaults() {
+        let config = AgentConfig::parse("host = \"host1\"").unwrap();
+        assert_eq!(config.lease.ttl_seconds, 6);
+        assert_eq!(config.cluster.prefix, "/ferry/");
+        assert_eq!(config.api.advertised_url(), "http://127.0.0.1:8700");
+    }
+
+    #[test]
+    fn the_example_is_a_valid_config() {
+        AgentConfig::parse(EXAMPLE).unwrap();
+    }
+
+    #[test]
+    fn a_wrong_type_names_the_key() {
+        let problem =
+            AgentConfig::parse("host = \"h\"\n[capacity]\ncpus = \"many\"\n").unwrap_err();
+        assert!(
+            problem.starts_with("capacity.cpus: invalid type"),
+            "{problem}"
+        );
+        assert!(problem.contains("line 3"), "{problem}");
+    }
+
+    #[test]
+    fn an_unknown_key_is_named() {
+        let problem = AgentConfig::parse("host = \"h\"\n[lease]\nttl = 5\n").unwrap_err();
+        assert!(problem.contains("unknown field `ttl`"), "{problem}");
+    }
+
+    #[test]
+    fn an_illegal_host_name_is_refused() {
+        let problem = AgentConfig::parse("host = \"Host_1\"").unwrap_err();
+        assert!(problem.starts_with("host: "), "{problem}");
+    }
+
+    #[test]
+    fn a_too_short_lease_is_refused() {
+        let problem = AgentConfig::parse("host = \"h\"\n[lease]\nttl_seconds = 1\n").unwrap_err();
+        assert_eq!(problem, "lease.ttl_seconds: 1 is below the minimum of 2");
+    }
+}

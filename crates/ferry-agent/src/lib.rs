@@ -1,0 +1,3 @@
+//! The Ferry agent: one per host.
+
+pub mod config;

@@ -1,3 +1,6 @@
-//! The Ferry agent: one per host.
+//! The Ferry agent: one per host. See [`daemon`] for what it does.
 
 pub mod config;
+pub mod daemon;
+pub mod reconcile;
+pub mod runtime;

@@ -3,5 +3,11 @@
 //! all go through it, so no business logic lives in an HTTP handler or a CLI command.
 
 pub mod auth;
+pub mod client;
 pub mod client_config;
+mod error;
+pub mod ops;
+pub mod rest;
 pub mod types;
+
+pub use error::ApiError;

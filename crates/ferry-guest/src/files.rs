@@ -3,6 +3,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -14,6 +15,8 @@ use axum::Json;
 use crate::{check_name, ApiError, AppState};
 
 pub const MAX_FILE: usize = 64 << 20;
+/// Numbers the staging files, so that two uploads of one name never share one.
+static NEXT_UPLOAD: AtomicU64 = AtomicU64::new(0);
 
 pub struct Store {
     dir: PathBuf,
@@ -35,8 +38,9 @@ pub async fn put(
     check_name("file name", &name)?;
     let dir = state.files.dir.clone();
     let size = body.len();
+    let upload = NEXT_UPLOAD.fetch_add(1, Ordering::Relaxed);
     tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        let staging = dir.join(format!(".{name}.partial"));
+        let staging = dir.join(format!(".{name}.{upload}.partial"));
         let mut file = std::fs::File::create(&staging)?;
         file.write_all(&body)?;
         file.sync_all()?;

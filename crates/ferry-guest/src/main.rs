@@ -9,9 +9,11 @@
 
 mod files;
 mod kv;
+#[cfg(test)]
+mod tests;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -39,6 +41,18 @@ pub struct AppState {
     files: files::Store,
     started: Instant,
     boot_id: String,
+}
+
+impl AppState {
+    /// Opens (or creates) the database and the file store under `data`.
+    pub fn open(data: &Path) -> anyhow::Result<Self> {
+        Ok(AppState {
+            kv: kv::Store::open(&data.join("kv.sqlite"))?,
+            files: files::Store::open(data.join("files"))?,
+            started: Instant::now(),
+            boot_id: read_boot_id(),
+        })
+    }
 }
 
 /// A client error with the reason in the body, so a caller sees what was wrong.
@@ -120,12 +134,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let state = Arc::new(AppState {
-        kv: kv::Store::open(&args.data.join("kv.sqlite"))?,
-        files: files::Store::open(args.data.join("files"))?,
-        started: Instant::now(),
-        boot_id: read_boot_id(),
-    });
+    let state = Arc::new(AppState::open(&args.data)?);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

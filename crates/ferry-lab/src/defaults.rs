@@ -23,6 +23,11 @@ pub fn cache_dir() -> PathBuf {
     from_env("FERRY_CACHE_DIR", "/var/cache/ferry")
 }
 
+/// Where `ferry lab up` keeps each lab's state, one directory per lab (`FERRY_LAB_DIR`).
+pub fn lab_dir() -> PathBuf {
+    from_env("FERRY_LAB_DIR", "/var/lib/ferry/lab")
+}
+
 /// Runtime state that must not survive a reboot (`FERRY_RUN_DIR`).
 pub fn run_dir() -> PathBuf {
     from_env("FERRY_RUN_DIR", "/run/ferry")

@@ -46,27 +46,7 @@ impl NetNs {
 
     /// Runs `work` on a thread inside the namespace and returns its result.
     pub fn run<T: Send>(&self, work: impl FnOnce() -> T + Send) -> Result<T, NetnsError> {
-        let path = format!("/run/netns/{}", self.name);
-        let enter_error = |detail: String| NetnsError::Enter {
-            name: self.name.clone(),
-            detail,
-        };
-        let handle = std::fs::File::open(&path).map_err(|error| enter_error(error.to_string()))?;
-        std::thread::scope(|scope| {
-            scope
-                .spawn(move || {
-                    nix::sched::setns(&handle, nix::sched::CloneFlags::CLONE_NEWNET)
-                        .map_err(|errno| enter_error(errno.to_string()))?;
-                    Ok(work())
-                })
-                .join()
-                .unwrap_or_else(|_| {
-                    Err(NetnsError::Enter {
-                        name: self.name.clone(),
-                        detail: "the worker thread panicked".into(),
-                    })
-                })
-        })
+        run_in(&self.name, work)
     }
 
     /// Runs an async task to completion inside the namespace (on its own small runtime).
@@ -76,18 +56,55 @@ impl NetNs {
         Fut: Future<Output = T>,
         T: Send,
     {
-        self.run(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|error| error.to_string());
-            runtime.map(|runtime| runtime.block_on(task()))
-        })?
-        .map_err(|detail| NetnsError::Enter {
-            name: self.name.clone(),
-            detail,
-        })
+        block_on_in(&self.name, task)
     }
+}
+
+/// Runs `work` on a thread inside the named namespace (one this process did not
+/// necessarily create) and returns its result. Sockets made there stay in that
+/// namespace after the thread ends.
+pub fn run_in<T: Send>(name: &str, work: impl FnOnce() -> T + Send) -> Result<T, NetnsError> {
+    let path = format!("/run/netns/{name}");
+    let enter_error = |detail: String| NetnsError::Enter {
+        name: name.to_string(),
+        detail,
+    };
+    let handle = std::fs::File::open(&path).map_err(|error| enter_error(error.to_string()))?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                nix::sched::setns(&handle, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|errno| enter_error(errno.to_string()))?;
+                Ok(work())
+            })
+            .join()
+            .unwrap_or_else(|_| {
+                Err(NetnsError::Enter {
+                    name: name.to_string(),
+                    detail: "the worker thread panicked".into(),
+                })
+            })
+    })
+}
+
+/// Runs an async task to completion inside the named namespace (on its own small runtime).
+pub fn block_on_in<F, Fut, T>(name: &str, task: F) -> Result<T, NetnsError>
+where
+    F: FnOnce() -> Fut + Send,
+    Fut: Future<Output = T>,
+    T: Send,
+{
+    run_in(name, move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|error| error.to_string());
+        runtime.map(|runtime| runtime.block_on(task()))
+    })?
+    .map_err(|detail| NetnsError::Enter {
+        name: name.to_string(),
+        detail,
+    })
 }
 
 impl Drop for NetNs {
@@ -98,7 +115,8 @@ impl Drop for NetNs {
     }
 }
 
-fn ip(args: &[&str]) -> Result<String, NetnsError> {
+/// `ip args…` in this process's namespace; stdout on success.
+pub(crate) fn ip(args: &[&str]) -> Result<String, NetnsError> {
     let output = Command::new("ip")
         .args(args)
         .output()

@@ -125,7 +125,8 @@ impl VmState {
 pub struct VmStatus {
     #[serde(default = "record_version")]
     pub version: u32,
-    pub host: HostName,
+    /// The host that wrote it; none when the manager reports a VM it cannot place.
+    pub host: Option<HostName>,
     pub state: VmState,
     pub pid: Option<i32>,
     /// The guest agent answered its last ping.
@@ -144,6 +145,12 @@ pub struct ImageRecord {
     pub initrd: std::path::PathBuf,
     /// Size of the data disk a VM from this image gets.
     pub data_disk: Bytes,
+    /// For the KVM probe: a command line under which the image prints `probe_marker`
+    /// on its console and powers off.
+    #[serde(default)]
+    pub probe_cmdline: Option<String>,
+    #[serde(default)]
+    pub probe_marker: Option<String>,
 }
 
 /// An entry of the event log.

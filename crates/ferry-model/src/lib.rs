@@ -10,5 +10,6 @@ mod vm;
 pub use bytes::{Bytes, BytesError};
 pub use names::{HostName, MacAddr, NameError, VmName};
 pub use vm::{
-    Boot, CacheMode, DiskFormat, DiskSpec, HostLimits, NicSpec, SpecError, VmSpec, MIN_MEMORY,
+    default_cpu_model as vm_default_cpu_model, Boot, CacheMode, DiskFormat, DiskSpec, HostLimits,
+    NicSpec, SpecError, VmSpec, MIN_MEMORY,
 };

@@ -124,6 +124,14 @@ impl MacAddr {
         MacAddr([0x52, 0x54, 0x00, a, b, c])
     }
 
+    /// A tap device name for a VM's NIC: short enough for Linux (15 bytes), stable, and
+    /// distinct per VM name and index.
+    pub fn tap_name(vm: &str, index: usize) -> String {
+        let mac = MacAddr::derived_from(&format!("{vm}/{index}"));
+        let [_, _, _, a, b, c] = mac.0;
+        format!("fv{a:02x}{b:02x}{c:02x}{index}")
+    }
+
     pub fn octets(&self) -> [u8; 6] {
         self.0
     }

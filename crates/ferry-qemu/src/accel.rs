@@ -257,3 +257,77 @@ fn tempfile_dir() -> Result<PathBuf, QemuError> {
         .map_err(QemuError::io(format!("cannot create {}", dir.display())))?;
     Ok(dir)
 }
+
+/// The CPU this host can give guests, as QEMU reports it: the model name and its
+/// enabled features (`query-cpu-model-expansion` of `host` under KVM, `max` under TCG).
+/// Runs a throwaway QEMU with no machine for a fraction of a second.
+pub async fn host_cpu(qemu: &Path, accel: Accel) -> Result<(String, Vec<String>), QemuError> {
+    let scratch = tempfile_dir()?;
+    let socket = scratch.join("qmp.sock");
+    let model = match accel {
+        Accel::Kvm => "host",
+        Accel::Tcg => "max",
+    };
+    let mut child = tokio::process::Command::new(qemu)
+        .args([
+            "-machine",
+            "none",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-accel",
+            accel.qemu_name(),
+        ])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", socket.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(QemuError::io(format!("cannot run {}", qemu.display())))?;
+    let result = async {
+        let started = Instant::now();
+        while !socket.exists() {
+            if started.elapsed() > Duration::from_secs(10) {
+                return Err(QemuError::Other(
+                    "QEMU did not open its monitor for the CPU query".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let qmp = crate::Qmp::connect(&socket, Duration::from_secs(5))
+            .await
+            .map_err(|source| QemuError::Qmp {
+                vm: "cpu-query".into(),
+                source,
+            })?;
+        let reply = qmp
+            .execute(
+                "query-cpu-model-expansion",
+                Some(serde_json::json!({"type": "full", "model": {"name": model}})),
+            )
+            .await
+            .map_err(|source| QemuError::Qmp {
+                vm: "cpu-query".into(),
+                source,
+            })?;
+        let mut features: Vec<String> = reply["model"]["props"]
+            .as_object()
+            .map(|props| {
+                props
+                    .iter()
+                    .filter(|(_, enabled)| enabled.as_bool() == Some(true))
+                    .map(|(name, _)| name.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        features.sort();
+        Ok((model.to_string(), features))
+    }
+    .await;
+    let _ = child.kill().await;
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}

@@ -175,16 +175,32 @@ impl Qmp {
         }
         let mut line = message.to_string();
         line.push('\n');
-        let written = {
-            let mut writer = self.writer.lock().await;
+        // The timeout covers the write too: a QEMU whose main loop is stuck stops reading,
+        // the socket buffer fills, and the write (or the wait for the writer) would never
+        // end. The write runs in its own task so that giving up never cuts a line in half;
+        // it finishes whole once QEMU reads again.
+        let deadline = tokio::time::Instant::now() + timeout;
+        let writer = self.writer.clone();
+        let write = tokio::spawn(async move {
+            let mut writer = writer.lock().await;
             writer.write_all(line.as_bytes()).await
-        };
-        if written.is_err() {
-            lock(&self.pending).remove(&id);
-            return Err(QmpError::Closed);
+        });
+        match tokio::time::timeout_at(deadline, write).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(_) => {
+                lock(&self.pending).remove(&id);
+                return Err(QmpError::Closed);
+            }
+            Err(_) => {
+                lock(&self.pending).remove(&id);
+                return Err(QmpError::Timeout {
+                    command: command.to_string(),
+                    after: timeout,
+                });
+            }
         }
 
-        match tokio::time::timeout(timeout, reply_rx).await {
+        match tokio::time::timeout_at(deadline, reply_rx).await {
             Ok(Ok(Ok(reply))) => Ok(reply),
             Ok(Ok(Err(QmpError::Command {
                 class, description, ..

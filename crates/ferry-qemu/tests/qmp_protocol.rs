@@ -428,3 +428,51 @@ async fn connecting_to_a_missing_socket_is_a_connect_error_naming_the_path() {
         "the message names the socket: {error}"
     );
 }
+
+#[tokio::test]
+async fn a_qemu_that_stops_reading_its_monitor_makes_commands_time_out_instead_of_hanging() {
+    let (resume, resumed) = tokio::sync::oneshot::channel::<()>();
+    let fake = FakeQemu::start(|mut monitor| async move {
+        // QEMU's main loop is stuck (say, on storage I/O): nothing is read until it resumes.
+        let _ = resumed.await;
+        for _ in 0..3 {
+            let command = monitor.next_command().await;
+            monitor
+                .reply(&command.id, json!({"answer-to": command.execute}))
+                .await;
+        }
+        monitor.stay_until_client_leaves().await;
+    });
+    let qmp = fake.connect().await;
+    let short = Duration::from_millis(200);
+    // Far more than the socket buffers hold, so the write itself cannot finish.
+    let bulky = json!({"command-line": "x".repeat(16 << 20)});
+
+    let stuck = tokio::time::timeout(
+        PATIENCE,
+        qmp.execute_with_timeout("human-monitor-command", Some(bulky), short),
+    )
+    .await
+    .expect("a command whose write cannot finish still ends at its timeout");
+    let queued = tokio::time::timeout(
+        PATIENCE,
+        qmp.execute_with_timeout("query-status", None, short),
+    )
+    .await
+    .expect("a command queued behind a stuck write still ends at its timeout");
+    resume.send(()).expect("the fake monitor is waiting");
+    let after = qmp.execute("query-name", None).await;
+
+    assert!(
+        matches!(&stuck, Err(QmpError::Timeout { command, .. }) if command == "human-monitor-command"),
+        "expected a timeout, got {stuck:?}"
+    );
+    assert!(
+        matches!(&queued, Err(QmpError::Timeout { command, .. }) if command == "query-status"),
+        "expected a timeout, got {queued:?}"
+    );
+    // The commands that timed out reached QEMU whole; their late replies are dropped.
+    assert_eq!(after.unwrap(), json!({"answer-to": "query-name"}));
+    drop(qmp);
+    fake.finished().await;
+}

@@ -1,0 +1,814 @@
+//! `ferry agent run`: the per-host daemon. It
+//! - holds the host's lease and registers the host under it (re-registering after a loss);
+//! - reattaches to the QEMUs a previous agent left running;
+//! - reconciles the VMs placed here with what users asked for, and reports their status;
+//! - serves the REST API (any host answers any request);
+//! - campaigns for leadership; the leader runs the manager.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_api::ops::{ClusterApi, EventLog, VmEntry};
+use ferry_api::rest::{self, RestState};
+use ferry_manager::{plan, Action, ClusterView, HostSnapshot, VmSnapshot};
+use ferry_model::cluster::{
+    now_ms, HostRecord, HostState, ImageRecord, Placement, PlacementPhase, VmRecord, VmState,
+    VmStatus, RECORD_VERSION,
+};
+use ferry_model::{Bytes, HostLimits, HostName, VmName};
+use ferry_qemu::{Accel, ProbeImage, RunState};
+use ferry_store::{Lease, PrefixWatch, Store, Versioned, WatchEvent};
+use tokio::sync::watch;
+
+use crate::config::{AccelChoice, AgentConfig};
+use crate::reconcile::{decide, Local, Step};
+use crate::runtime::{LocalExec, Runtime};
+
+/// How often everything is re-checked even without a change in etcd.
+const RECONCILE_EVERY: Duration = Duration::from_secs(1);
+/// How often each local VM's status is refreshed (written only when it changed, or
+/// every `STATUS_HEARTBEAT`).
+const STATUS_EVERY: Duration = Duration::from_secs(2);
+const STATUS_HEARTBEAT: Duration = Duration::from_secs(10);
+/// A VM whose start failed is not retried sooner than this.
+const START_BACKOFF: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The API address is taken or not ours.
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        address: String,
+        source: std::io::Error,
+    },
+    /// The VM watch ended.
+    #[error("the watch on the cluster's VMs ended")]
+    WatchEnded,
+}
+
+pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
+    let host = config.host.clone();
+    let store = connect(&config).await;
+    let accel = choose_accel(&config, &store).await;
+    let limits = host_limits(&config);
+    let (cpu_model, cpu_features) = ferry_qemu::accel::host_cpu(&config.qemu.binary, accel)
+        .await
+        .unwrap_or_else(|error| {
+            tracing::warn!("cannot query the host CPU: {error}");
+            ("qemu64".into(), Vec::new())
+        });
+    tracing::info!(
+        "host {host}: {} vCPUs, {} for VMs, {}",
+        limits.cpus,
+        limits.memory,
+        accel.qemu_name()
+    );
+
+    let runtime = Arc::new(Runtime::new(config.clone(), accel, limits));
+    let reattached = runtime.reattach_all().await;
+    let shared_pool = config
+        .shared_pool()
+        .map(|pool| pool.path.clone())
+        .unwrap_or_else(|| config.paths.run_dir.join("pool"));
+    let api = Arc::new(ClusterApi::new(
+        store.clone(),
+        host.clone(),
+        shared_pool,
+        Arc::new(LocalExec(runtime.clone())),
+    ));
+    for vm in &reattached {
+        api.events()
+            .record(
+                &vm.subject(),
+                "reattached",
+                &format!("agent on {host} reattached to VM {vm}"),
+            )
+            .await;
+    }
+
+    let listener = tokio::net::TcpListener::bind(config.api.listen)
+        .await
+        .map_err(|source| AgentError::Listen {
+            address: config.api.listen.to_string(),
+            source,
+        })?;
+    let router = rest::router(RestState {
+        api: api.clone(),
+        tokens: Arc::new(config.api.tokens.clone()),
+    });
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, router).await {
+            tracing::error!("API server stopped: {error}");
+        }
+    });
+
+    let record = HostRecord {
+        version: RECORD_VERSION,
+        name: host.clone(),
+        api_url: config.api.advertised_url(),
+        addresses: config
+            .networks
+            .iter()
+            .filter_map(|(name, network)| {
+                network
+                    .address
+                    .clone()
+                    .map(|address| (name.clone(), address))
+            })
+            .collect(),
+        cpus: limits.cpus,
+        memory: limits.memory,
+        cpu_model,
+        cpu_features,
+        accel: accel.qemu_name().into(),
+        pools: config.pools.iter().map(|pool| pool.name.clone()).collect(),
+        networks: config.networks.keys().cloned().collect(),
+        state: HostState::Active,
+        started_ms: now_ms(),
+    };
+    let (lease_tx, lease_rx) = watch::channel(None);
+    tokio::spawn(hold_lease(
+        store.clone(),
+        record,
+        Duration::from_secs(config.lease.ttl_seconds),
+        lease_tx,
+        api.clone(),
+    ));
+    tokio::spawn(lead_when_elected(
+        store.clone(),
+        host.clone(),
+        lease_rx,
+        api.clone(),
+    ));
+    reconcile_forever(store, runtime, api).await
+}
+
+async fn connect(config: &AgentConfig) -> Store {
+    loop {
+        match Store::connect(&config.cluster.etcd, &config.cluster.prefix).await {
+            Ok(store) => return store,
+            Err(error) => {
+                tracing::warn!("{error}; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+async fn choose_accel(config: &AgentConfig, store: &Store) -> Accel {
+    match config.qemu.accel {
+        AccelChoice::Kvm => Accel::Kvm,
+        AccelChoice::Tcg => Accel::Tcg,
+        AccelChoice::Auto => {
+            let image = store
+                .get::<ImageRecord>(&store.keys().image("appliance"))
+                .await
+                .ok()
+                .flatten()
+                .map(|image| image.value);
+            let probe = image.and_then(|image| {
+                Some(ProbeImage {
+                    kernel: image.kernel,
+                    initrd: image.initrd,
+                    cmdline: image.probe_cmdline?,
+                    marker: image.probe_marker?,
+                })
+            });
+            let Some(probe) = probe else {
+                tracing::warn!("no probe image registered; using TCG");
+                return Accel::Tcg;
+            };
+            let cache = config.paths.run_dir.join("accel.json");
+            match ferry_qemu::accel::detect(&config.qemu.binary, &probe, &cache).await {
+                Ok(report) => {
+                    tracing::info!(
+                        "acceleration {}: {}",
+                        report.accel.qemu_name(),
+                        report.reason
+                    );
+                    report.accel
+                }
+                Err(error) => {
+                    tracing::warn!("KVM probe failed ({error}); using TCG");
+                    Accel::Tcg
+                }
+            }
+        }
+    }
+}
+
+fn host_limits(config: &AgentConfig) -> HostLimits {
+    let cpus = config.capacity.cpus.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|count| count.get() as u32)
+            .unwrap_or(1)
+    });
+    let memory = config.capacity.memory.unwrap_or_else(|| {
+        let total_kib = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|text| {
+                text.lines()
+                    .find(|line| line.starts_with("MemTotal:"))
+                    .and_then(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
+            })
+            .unwrap_or(1 << 20);
+        Bytes(total_kib * 1024 / 5 * 4 / Bytes::MIB * Bytes::MIB)
+    });
+    HostLimits { cpus, memory }
+}
+
+/// Keeps a lease and the host record bound to it; after a loss, takes a new one.
+async fn hold_lease(
+    store: Store,
+    record: HostRecord,
+    ttl: Duration,
+    current: watch::Sender<Option<i64>>,
+    api: Arc<ClusterApi>,
+) {
+    let key = store.keys().host(&record.name);
+    loop {
+        let lease = match Lease::grant(&store, ttl).await {
+            Ok(lease) => lease,
+            Err(error) => {
+                tracing::warn!("cannot take a lease: {error}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if let Err(error) = store.put(&key, &record, Some(lease.id())).await {
+            tracing::warn!("cannot register host {}: {error}", record.name);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        api.events()
+            .record(
+                &format!("host/{}", record.name),
+                "registered",
+                &format!("host {} joined the cluster", record.name),
+            )
+            .await;
+        let _ = current.send(Some(lease.id()));
+        lease.lost().await;
+        let _ = current.send(None);
+        tracing::warn!("host {} lost its lease", record.name);
+    }
+}
+
+/// Campaigns with the current lease; while leading, runs the manager.
+async fn lead_when_elected(
+    store: Store,
+    host: HostName,
+    mut lease: watch::Receiver<Option<i64>>,
+    api: Arc<ClusterApi>,
+) {
+    loop {
+        let Some(lease_id) = *lease.borrow_and_update() else {
+            let _ = lease.changed().await;
+            continue;
+        };
+        let elected = tokio::select! {
+            outcome = store.campaign(host.as_str(), lease_id) => outcome,
+            _ = lease.changed() => continue,
+        };
+        if let Err(error) = elected {
+            tracing::warn!("campaign failed: {error}");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        api.events()
+            .record(
+                &format!("host/{host}"),
+                "leader",
+                &format!("host {host} leads the cluster and runs the manager"),
+            )
+            .await;
+        loop {
+            if let Err(error) = manage_once(&store, api.events()).await {
+                tracing::warn!("manager: {error}");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+                _ = lease.changed() => break,
+            }
+            if *lease.borrow() != Some(lease_id) {
+                break;
+            }
+        }
+        tracing::warn!("host {host} no longer leads");
+    }
+}
+
+/// One pass of the manager: read the cluster, plan, apply.
+async fn manage_once(store: &Store, events: &EventLog) -> Result<(), ferry_store::StoreError> {
+    let keys = store.keys().clone();
+    let (hosts, _) = store.list::<HostRecord>(&keys.hosts()).await?;
+    let entries = read_vm_entries(store).await?;
+    let view = ClusterView {
+        hosts: hosts
+            .iter()
+            .map(|(_, host)| HostSnapshot {
+                name: host.value.name.clone(),
+                cpus: host.value.cpus,
+                memory: host.value.memory,
+                state: host.value.state,
+            })
+            .collect(),
+        vms: entries
+            .values()
+            .filter_map(|entry| {
+                let record = &entry.record.as_ref()?.value;
+                Some(VmSnapshot {
+                    name: record.spec.name.clone(),
+                    cpus: record.spec.cpus,
+                    memory: record.spec.memory,
+                    preferred_host: record.preferred_host.clone(),
+                    placed_on: entry
+                        .placement
+                        .as_ref()
+                        .map(|placement| placement.value.host.clone()),
+                    deleting: record.deleting,
+                })
+            })
+            .collect(),
+    };
+    for action in plan(&view) {
+        match action {
+            Action::Place { vm, host } => {
+                let placement = Placement {
+                    version: RECORD_VERSION,
+                    host: host.clone(),
+                    generation: 1,
+                    phase: PlacementPhase::Assigned,
+                };
+                // Create-only: a stale leader racing us cannot place it twice.
+                if store
+                    .compare_and_swap(&keys.vm_placement(&vm), 0, &placement)
+                    .await
+                    .is_ok()
+                {
+                    events
+                        .record(
+                            &vm.subject(),
+                            "placed",
+                            &format!("VM {vm} placed on {host}"),
+                        )
+                        .await;
+                }
+            }
+            Action::CannotPlace { vm, reason } => {
+                let already = entries
+                    .get(vm.as_str())
+                    .and_then(|entry| entry.status.as_ref())
+                    .is_some_and(|status| {
+                        status.value.last_error.as_deref() == Some(reason.as_str())
+                    });
+                if !already {
+                    let status = VmStatus {
+                        version: RECORD_VERSION,
+                        host: None,
+                        state: VmState::Failed,
+                        pid: None,
+                        guest_agent: false,
+                        last_error: Some(reason.clone()),
+                        updated_ms: now_ms(),
+                    };
+                    store.put(&keys.vm_status(&vm), &status, None).await?;
+                    events
+                        .record(&vm.subject(), "cannot-place", &format!("VM {vm}: {reason}"))
+                        .await;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn read_vm_entries(
+    store: &Store,
+) -> Result<BTreeMap<String, VmEntry>, ferry_store::StoreError> {
+    let (raw, _) = store.list_raw(&store.keys().vms()).await?;
+    let mut view = BTreeMap::new();
+    for (key, value, revision) in raw {
+        apply_change(
+            &mut view,
+            store,
+            &WatchEvent::Put {
+                key,
+                value,
+                mod_revision: revision,
+            },
+        );
+    }
+    Ok(view)
+}
+
+/// Folds one change under `vms/` into a view of VM entries.
+fn apply_change(view: &mut BTreeMap<String, VmEntry>, store: &Store, change: &WatchEvent) {
+    match change {
+        WatchEvent::Resync { records } => {
+            view.clear();
+            for (key, value, revision) in records {
+                apply_change(
+                    view,
+                    store,
+                    &WatchEvent::Put {
+                        key: key.clone(),
+                        value: value.clone(),
+                        mod_revision: *revision,
+                    },
+                );
+            }
+        }
+        WatchEvent::Put {
+            key,
+            value,
+            mod_revision,
+        } => {
+            let Some((vm, kind)) = store.keys().parse_vm_key(key) else {
+                return;
+            };
+            let entry = view.entry(vm.to_string()).or_default();
+            let revision = *mod_revision;
+            match kind {
+                "spec" => {
+                    entry.record = serde_json::from_slice(value).ok().map(|value| Versioned {
+                        value,
+                        mod_revision: revision,
+                    })
+                }
+                "placement" => {
+                    entry.placement = serde_json::from_slice(value).ok().map(|value| Versioned {
+                        value,
+                        mod_revision: revision,
+                    })
+                }
+                "status" => {
+                    entry.status = serde_json::from_slice(value).ok().map(|value| Versioned {
+                        value,
+                        mod_revision: revision,
+                    })
+                }
+                _ => {}
+            }
+        }
+        WatchEvent::Delete { key, .. } => {
+            let Some((vm, kind)) = store.keys().parse_vm_key(key) else {
+                return;
+            };
+            if let Some(entry) = view.get_mut(vm) {
+                match kind {
+                    "spec" => entry.record = None,
+                    "placement" => entry.placement = None,
+                    "status" => entry.status = None,
+                    _ => {}
+                }
+                if entry.record.is_none() && entry.placement.is_none() && entry.status.is_none() {
+                    view.remove(vm);
+                }
+            }
+        }
+    }
+}
+
+struct Reporter {
+    last: HashMap<VmName, (VmState, bool, Instant)>,
+}
+
+async fn reconcile_forever(
+    store: Store,
+    runtime: Arc<Runtime>,
+    api: Arc<ClusterApi>,
+) -> Result<(), AgentError> {
+    let mut watch = loop {
+        match PrefixWatch::start(&store, &store.keys().vms()).await {
+            Ok(watch) => break watch,
+            Err(error) => {
+                tracing::warn!("cannot watch VMs: {error}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    let mut view: BTreeMap<String, VmEntry> = BTreeMap::new();
+    let mut tick = tokio::time::interval(RECONCILE_EVERY);
+    let mut last_status = Instant::now() - STATUS_EVERY;
+    let mut reporter = Reporter {
+        last: HashMap::new(),
+    };
+    let failures: Arc<std::sync::Mutex<HashMap<VmName, Instant>>> = Arc::default();
+    loop {
+        tokio::select! {
+            change = watch.next() => {
+                let change = change.ok_or(AgentError::WatchEnded)?;
+                apply_change(&mut view, &store, &change);
+            }
+            _ = tick.tick() => {}
+        }
+        reconcile_all(&store, &runtime, &api, &view, &failures).await;
+        if last_status.elapsed() >= STATUS_EVERY {
+            last_status = Instant::now();
+            report_status(&store, &runtime, &view, &mut reporter).await;
+        }
+    }
+}
+
+async fn reconcile_all(
+    store: &Store,
+    runtime: &Arc<Runtime>,
+    api: &Arc<ClusterApi>,
+    view: &BTreeMap<String, VmEntry>,
+    failures: &Arc<std::sync::Mutex<HashMap<VmName, Instant>>>,
+) {
+    let me = runtime.config.host.clone();
+    let mut names: Vec<VmName> = view.keys().filter_map(|name| name.parse().ok()).collect();
+    for local in runtime.local_names().await {
+        if !names.contains(&local) {
+            names.push(local);
+        }
+    }
+    for vm in names {
+        let entry = view.get(vm.as_str()).cloned().unwrap_or_default();
+        let record = entry.record.as_ref().map(|record| record.value.clone());
+        if let Some(record) = &record {
+            runtime.adopt_reset_serial(&vm, record.reset_serial).await;
+        }
+        let local = match runtime.machine(&vm).await {
+            None => Local::Absent,
+            Some(machine) if machine.has_exited() => Local::Exited,
+            Some(_) => Local::Running,
+        };
+        let placement = entry
+            .placement
+            .as_ref()
+            .map(|placement| placement.value.clone());
+        let step = decide(
+            &me,
+            record.as_ref(),
+            placement.as_ref(),
+            local,
+            runtime.reset_seen(&vm).await,
+        );
+        if step == Step::Nothing {
+            continue;
+        }
+        if step == Step::Start {
+            let recently_failed = failures
+                .lock()
+                .ok()
+                .and_then(|failures| failures.get(&vm).copied())
+                .is_some_and(|at| at.elapsed() < START_BACKOFF);
+            if recently_failed {
+                continue;
+            }
+        }
+        let Some(claim) = runtime.claim(&vm) else {
+            continue;
+        };
+        let (store, runtime, api, failures) = (
+            store.clone(),
+            runtime.clone(),
+            api.clone(),
+            failures.clone(),
+        );
+        tokio::spawn(async move {
+            let _claim = claim;
+            carry_out(step, &vm, record, &store, &runtime, &api, &failures).await;
+        });
+    }
+}
+
+async fn carry_out(
+    step: Step,
+    vm: &VmName,
+    record: Option<VmRecord>,
+    store: &Store,
+    runtime: &Arc<Runtime>,
+    api: &Arc<ClusterApi>,
+    failures: &std::sync::Mutex<HashMap<VmName, Instant>>,
+) {
+    let me = runtime.config.host.clone();
+    let keys = store.keys().clone();
+    let events = api.events();
+    let subject = vm.subject();
+    let write_status = |state: VmState, pid: Option<i32>, error: Option<String>| {
+        let status = VmStatus {
+            version: RECORD_VERSION,
+            host: Some(me.clone()),
+            state,
+            pid,
+            guest_agent: false,
+            last_error: error,
+            updated_ms: now_ms(),
+        };
+        let key = keys.vm_status(vm);
+        async move {
+            if let Err(problem) = store.put(&key, &status, None).await {
+                tracing::warn!("cannot write status of VM {vm}: {problem}");
+            }
+        }
+    };
+    match (step, record) {
+        (Step::Start, Some(record)) => {
+            write_status(VmState::Starting, None, None).await;
+            let image = store
+                .get::<ImageRecord>(&keys.image(&record.image))
+                .await
+                .ok()
+                .flatten()
+                .map(|image| image.value);
+            let started = Instant::now();
+            match runtime.start(&record, image.as_ref()).await {
+                Ok(machine) => {
+                    write_status(VmState::Running, Some(machine.pid()), None).await;
+                    events
+                        .record(
+                            &subject,
+                            "started",
+                            &format!(
+                                "VM {vm} started on {me} (QEMU pid {}, {} ms)",
+                                machine.pid(),
+                                started.elapsed().as_millis()
+                            ),
+                        )
+                        .await;
+                }
+                Err(error) => {
+                    if let Ok(mut failures) = failures.lock() {
+                        failures.insert(vm.clone(), Instant::now());
+                    }
+                    write_status(VmState::Failed, None, Some(error.clone())).await;
+                    events
+                        .record(
+                            &subject,
+                            "start-failed",
+                            &format!("VM {vm} failed to start on {me}: {error}"),
+                        )
+                        .await;
+                }
+            }
+        }
+        (Step::Stop, _) => {
+            write_status(VmState::Stopping, None, None).await;
+            match runtime.stop(vm).await {
+                Ok(()) => {
+                    write_status(VmState::Stopped, None, None).await;
+                    events
+                        .record(&subject, "stopped", &format!("VM {vm} stopped on {me}"))
+                        .await;
+                }
+                Err(error) => {
+                    events
+                        .record(&subject, "stop-failed", &format!("VM {vm}: {error}"))
+                        .await
+                }
+            }
+        }
+        (Step::Reset, Some(record)) => match runtime.reset(vm, record.reset_serial).await {
+            Ok(()) => {
+                events
+                    .record(&subject, "reset", &format!("VM {vm} reset on {me}"))
+                    .await
+            }
+            Err(error) => {
+                events
+                    .record(&subject, "reset-failed", &format!("VM {vm}: {error}"))
+                    .await
+            }
+        },
+        (Step::Delete, Some(record)) => {
+            if let Err(error) = runtime.kill(vm).await {
+                events
+                    .record(&subject, "delete-failed", &format!("VM {vm}: {error}"))
+                    .await;
+                return;
+            }
+            for disk in &record.spec.disks {
+                // Only the VM's own directory ({pool}/vms/{vm}) is ever removed.
+                if let Some(dir) = disk.path.parent().filter(|dir| {
+                    dir.file_name().and_then(|name| name.to_str()) == Some(vm.as_str())
+                }) {
+                    let _ = std::fs::remove_dir_all(dir);
+                }
+            }
+            if let Some(ip) = &record.ip {
+                let _ = store.delete(&keys.address("business", ip)).await;
+            }
+            let _ = store.delete_prefix(&format!("{}{vm}/", keys.vms())).await;
+            events
+                .record(
+                    &subject,
+                    "deleted",
+                    &format!("VM {vm} deleted: QEMU, disk and records removed by {me}"),
+                )
+                .await;
+        }
+        (Step::KillStray, _) => {
+            let _ = runtime.kill(vm).await;
+            events
+                .record(
+                    &subject,
+                    "stray-killed",
+                    &format!("QEMU of VM {vm} killed on {me}: the VM is not placed here"),
+                )
+                .await;
+        }
+        (Step::ReapExited, record) => {
+            runtime.forget(vm).await;
+            let unexpected = record
+                .is_some_and(|record| record.desired == ferry_model::cluster::PowerState::Running);
+            if unexpected {
+                if let Ok(mut failures) = failures.lock() {
+                    failures.insert(vm.clone(), Instant::now() - START_BACKOFF / 2);
+                }
+                write_status(
+                    VmState::Failed,
+                    None,
+                    Some("QEMU exited unexpectedly".into()),
+                )
+                .await;
+                events
+                    .record(
+                        &subject,
+                        "qemu-exited",
+                        &format!("QEMU of VM {vm} exited unexpectedly on {me}; restarting"),
+                    )
+                    .await;
+            } else {
+                write_status(VmState::Stopped, None, None).await;
+            }
+        }
+        (step, None) => tracing::debug!("no record for {vm}; skipping {step:?}"),
+        (Step::Nothing, _) => {}
+    }
+}
+
+/// Refreshes the status of the VMs running here: QEMU's run state and a guest-agent ping.
+async fn report_status(
+    store: &Store,
+    runtime: &Arc<Runtime>,
+    view: &BTreeMap<String, VmEntry>,
+    reporter: &mut Reporter,
+) {
+    let me = runtime.config.host.clone();
+    for vm in runtime.local_names().await {
+        let placed_here = view
+            .get(vm.as_str())
+            .and_then(|entry| entry.placement.as_ref())
+            .is_some_and(|placement| placement.value.host == me);
+        if !placed_here {
+            continue;
+        }
+        let Some(claim) = runtime.claim(&vm) else {
+            continue;
+        };
+        let Some(machine) = runtime.machine(&vm).await else {
+            continue;
+        };
+        if machine.has_exited() {
+            continue;
+        }
+        let state = match machine.status().await {
+            Ok(RunState::Running) | Ok(RunState::Paused) => VmState::Running,
+            Ok(RunState::Inmigrate) | Ok(RunState::Postmigrate) | Ok(RunState::FinishMigrate) => {
+                VmState::Migrating
+            }
+            Ok(RunState::Shutdown) => VmState::Stopping,
+            Ok(_) | Err(_) => VmState::Failed,
+        };
+        let guest_agent = machine
+            .guest_agent()
+            .ping(Duration::from_millis(800))
+            .await
+            .is_ok();
+        drop(claim);
+        let unchanged = reporter
+            .last
+            .get(&vm)
+            .is_some_and(|(last_state, last_agent, at)| {
+                *last_state == state
+                    && *last_agent == guest_agent
+                    && at.elapsed() < STATUS_HEARTBEAT
+            });
+        if unchanged {
+            continue;
+        }
+        let status = VmStatus {
+            version: RECORD_VERSION,
+            host: Some(me.clone()),
+            state,
+            pid: Some(machine.pid()),
+            guest_agent,
+            last_error: None,
+            updated_ms: now_ms(),
+        };
+        if store
+            .put(&store.keys().vm_status(&vm), &status, None)
+            .await
+            .is_ok()
+        {
+            reporter
+                .last
+                .insert(vm, (state, guest_agent, Instant::now()));
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! The VMs running on this host: their QEMU handles, and the local half of every
+//! operation (start, stop, reset, delete, exec). QEMUs found in the run directory when
+//! the agent starts are reattached, never restarted.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_api::types::ExecResponse;
+use ferry_api::ApiError;
+use ferry_model::cluster::{ImageRecord, VmRecord};
+use ferry_model::{Bytes, HostLimits, VmName};
+use ferry_qemu::{Accel, LaunchOptions, Machine, RunDir};
+use futures::future::BoxFuture;
+use tokio::sync::Mutex;
+
+use crate::config::AgentConfig;
+
+pub struct LocalVm {
+    pub machine: Arc<Machine>,
+    /// The last reset request acted on.
+    pub reset_seen: u64,
+}
+
+pub struct Runtime {
+    pub config: AgentConfig,
+    pub accel: Accel,
+    pub limits: HostLimits,
+    vms: Mutex<BTreeMap<VmName, LocalVm>>,
+    /// VMs with an operation in flight; the reconciler skips them.
+    busy: std::sync::Mutex<BTreeSet<VmName>>,
+}
+
+impl Runtime {
+    pub fn new(config: AgentConfig, accel: Accel, limits: HostLimits) -> Runtime {
+        Runtime {
+            config,
+            accel,
+            limits,
+            vms: Mutex::new(BTreeMap::new()),
+            busy: std::sync::Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    fn vms_dir(&self) -> PathBuf {
+        self.config.paths.run_dir.join("vms")
+    }
+
+    pub fn run_dir(&self, vm: &VmName) -> RunDir {
+        RunDir::new(self.vms_dir().join(vm.as_str()))
+    }
+
+    /// Finds the QEMUs a previous agent left running and takes them over.
+    pub async fn reattach_all(&self) -> Vec<VmName> {
+        let mut found = Vec::new();
+        let Ok(entries) = std::fs::read_dir(self.vms_dir()) else {
+            return found;
+        };
+        for entry in entries.flatten() {
+            let Ok(name) = entry.file_name().to_string_lossy().parse::<VmName>() else {
+                continue;
+            };
+            match Machine::attach(&RunDir::new(entry.path())).await {
+                Ok(machine) => {
+                    tracing::info!("reattached to VM {name} (QEMU pid {})", machine.pid());
+                    self.vms.lock().await.insert(
+                        name.clone(),
+                        LocalVm {
+                            machine: Arc::new(machine),
+                            reset_seen: u64::MAX,
+                        },
+                    );
+                    found.push(name);
+                }
+                Err(error) => {
+                    tracing::debug!("not reattaching {}: {error}", entry.path().display())
+                }
+            }
+        }
+        found
+    }
+
+    /// Claims a VM for one operation; `None` if another is in flight.
+    pub fn claim(self: &Arc<Self>, vm: &VmName) -> Option<Claim> {
+        let mut busy = self
+            .busy
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        busy.insert(vm.clone()).then(|| Claim {
+            runtime: self.clone(),
+            vm: vm.clone(),
+        })
+    }
+
+    pub async fn machine(&self, vm: &VmName) -> Option<Arc<Machine>> {
+        self.vms
+            .lock()
+            .await
+            .get(vm)
+            .map(|local| local.machine.clone())
+    }
+
+    pub async fn local_names(&self) -> Vec<VmName> {
+        self.vms.lock().await.keys().cloned().collect()
+    }
+
+    pub async fn reset_seen(&self, vm: &VmName) -> u64 {
+        self.vms
+            .lock()
+            .await
+            .get(vm)
+            .map(|local| local.reset_seen)
+            .unwrap_or(0)
+    }
+
+    /// A reattached VM adopts the reset serial it finds, so an agent restart never
+    /// replays an old reset.
+    pub async fn adopt_reset_serial(&self, vm: &VmName, serial: u64) {
+        if let Some(local) = self.vms.lock().await.get_mut(vm) {
+            if local.reset_seen == u64::MAX {
+                local.reset_seen = serial;
+            }
+        }
+    }
+
+    pub async fn start(
+        &self,
+        record: &VmRecord,
+        image: Option<&ImageRecord>,
+    ) -> Result<Arc<Machine>, String> {
+        let spec = &record.spec;
+        for disk in &spec.disks {
+            if !disk.path.exists() {
+                let size = image
+                    .map(|image| image.data_disk)
+                    .unwrap_or(Bytes(Bytes::GIB));
+                create_disk(&disk.path, size)?;
+            }
+        }
+        let options = LaunchOptions {
+            qemu: self.config.qemu.binary.clone(),
+            accel: self.accel,
+            run_dir: self.run_dir(&spec.name),
+            netns: None,
+            host: self.limits,
+            incoming: None,
+            paused: false,
+        };
+        let machine = Machine::launch(spec, &options)
+            .await
+            .map_err(|error| error.to_string())?;
+        if let Some(bridge) = self
+            .config
+            .networks
+            .get("business")
+            .and_then(|network| network.bridge.clone())
+        {
+            for nic in &spec.nics {
+                if let Err(error) = ip(&["link", "set", &nic.tap, "master", &bridge, "up"]) {
+                    let _ = machine.kill().await;
+                    return Err(format!(
+                        "cannot attach tap {} to bridge {bridge}: {error}",
+                        nic.tap
+                    ));
+                }
+            }
+        }
+        let machine = Arc::new(machine);
+        self.vms.lock().await.insert(
+            spec.name.clone(),
+            LocalVm {
+                machine: machine.clone(),
+                reset_seen: record.reset_serial,
+            },
+        );
+        Ok(machine)
+    }
+
+    pub async fn stop(&self, vm: &VmName) -> Result<(), String> {
+        let Some(machine) = self.machine(vm).await else {
+            return Ok(());
+        };
+        let grace = Duration::from_secs(self.config.qemu.stop_grace_seconds);
+        machine
+            .stop(grace)
+            .await
+            .map_err(|error| error.to_string())?;
+        self.forget(vm).await;
+        Ok(())
+    }
+
+    pub async fn kill(&self, vm: &VmName) -> Result<(), String> {
+        if let Some(machine) = self.machine(vm).await {
+            machine.kill().await.map_err(|error| error.to_string())?;
+        }
+        self.forget(vm).await;
+        Ok(())
+    }
+
+    pub async fn reset(&self, vm: &VmName, serial: u64) -> Result<(), String> {
+        let Some(machine) = self.machine(vm).await else {
+            return Err("not running here".into());
+        };
+        machine.reset().await.map_err(|error| error.to_string())?;
+        if let Some(local) = self.vms.lock().await.get_mut(vm) {
+            local.reset_seen = serial;
+        }
+        Ok(())
+    }
+
+    /// Drops the handle and the run directory of a VM whose QEMU is gone.
+    pub async fn forget(&self, vm: &VmName) {
+        self.vms.lock().await.remove(vm);
+        let _ = std::fs::remove_dir_all(self.run_dir(vm).path());
+    }
+}
+
+/// Releases a VM claimed for an operation.
+pub struct Claim {
+    runtime: Arc<Runtime>,
+    vm: VmName,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut busy = self
+            .runtime
+            .busy
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        busy.remove(&self.vm);
+    }
+}
+
+/// The agent's answer to `exec` for VMs it runs.
+pub struct LocalExec(pub Arc<Runtime>);
+
+impl ferry_api::ops::LocalVms for LocalExec {
+    fn exec(
+        &self,
+        vm: VmName,
+        command: Vec<String>,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<ExecResponse, ApiError>> {
+        Box::pin(async move {
+            let machine = self.0.machine(&vm).await.ok_or_else(|| {
+                ApiError::Conflict(format!("VM {vm} is not running on this host"))
+            })?;
+            let (program, args) = command
+                .split_first()
+                .ok_or_else(|| ApiError::BadRequest("command is empty".into()))?;
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let output = machine
+                .guest_agent()
+                .exec(program, &args, timeout)
+                .await
+                .map_err(|error| ApiError::Conflict(format!("VM {vm}: {error}")))?;
+            Ok(ExecResponse {
+                exit_code: output.exit_code,
+                signal: output.signal,
+                stdout: output.stdout,
+                stderr: output.stderr,
+            })
+        })
+    }
+}
+
+fn create_disk(path: &std::path::Path, size: Bytes) -> Result<(), String> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|error| format!("cannot create {}: {error}", dir.display()))?;
+    }
+    let output = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-o", "compat=1.1"])
+        .arg(path)
+        .arg(size.0.to_string())
+        .output()
+        .map_err(|error| format!("cannot run qemu-img: {error}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "qemu-img create {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+pub fn ip(args: &[&str]) -> Result<(), String> {
+    let output = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|error| error.to_string())?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).trim().to_string())
+    }
+}

@@ -1,0 +1,804 @@
+//! Every operation of the cluster, as typed methods over the state in etcd. The REST
+//! handlers, the CLI (through the REST client) and the portal call these and nothing
+//! else. Operations that must not leave anything half-done (create, delete) undo their
+//! own steps when a later step fails.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_model::cluster::{
+    now_ms, Event, HostRecord, ImageRecord, NetworkRecord, Placement, PowerState, VmRecord,
+    VmState, VmStatus,
+};
+use ferry_model::{
+    Boot, Bytes, CacheMode, DiskFormat, DiskSpec, HostName, MacAddr, NicSpec, VmName, VmSpec,
+    MIN_MEMORY,
+};
+use ferry_store::{Store, Versioned};
+use futures::future::BoxFuture;
+use tokio::sync::Mutex;
+
+use crate::types::{CreateVmRequest, EventView, ExecRequest, ExecResponse, HostView, VmView};
+use crate::ApiError;
+
+/// How long `create` waits for the manager to place the VM.
+const PLACEMENT_WAIT: Duration = Duration::from_secs(15);
+/// How long `delete` waits for the owning agent to remove the VM.
+const DELETE_WAIT: Duration = Duration::from_secs(60);
+/// Events live this long (they are written under a lease of this TTL).
+const EVENT_TTL_SECONDS: i64 = 3600;
+
+/// What only the host running a VM can do; the agent implements it.
+pub trait LocalVms: Send + Sync {
+    fn exec(
+        &self,
+        vm: VmName,
+        command: Vec<String>,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<ExecResponse, ApiError>>;
+}
+
+/// Everything known about one VM, read in one go.
+#[derive(Clone, Debug, Default)]
+pub struct VmEntry {
+    pub record: Option<Versioned<VmRecord>>,
+    pub placement: Option<Versioned<Placement>>,
+    pub status: Option<Versioned<VmStatus>>,
+}
+
+pub struct ClusterApi {
+    store: Store,
+    host: HostName,
+    /// The shared pool's path (the same on every host): new VMs' disks go here.
+    shared_pool: PathBuf,
+    local: Arc<dyn LocalVms>,
+    http: reqwest::Client,
+    events: EventLog,
+}
+
+impl ClusterApi {
+    pub fn new(
+        store: Store,
+        host: HostName,
+        shared_pool: PathBuf,
+        local: Arc<dyn LocalVms>,
+    ) -> ClusterApi {
+        let events = EventLog::new(store.clone(), format!("agent/{host}"));
+        ClusterApi {
+            store,
+            host,
+            shared_pool,
+            local,
+            http: reqwest::Client::new(),
+            events,
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn events(&self) -> &EventLog {
+        &self.events
+    }
+
+    // ----- reading the cluster -----
+
+    async fn hosts(&self) -> Result<Vec<HostRecord>, ApiError> {
+        let (hosts, _) = self
+            .store
+            .list::<HostRecord>(&self.store.keys().hosts())
+            .await?;
+        Ok(hosts.into_iter().map(|(_, host)| host.value).collect())
+    }
+
+    /// All VMs' records, placements and statuses, by name.
+    pub async fn vm_entries(&self) -> Result<BTreeMap<String, VmEntry>, ApiError> {
+        let keys = self.store.keys();
+        let (raw, _) = self.store.list_raw(&keys.vms()).await?;
+        let mut entries: BTreeMap<String, VmEntry> = BTreeMap::new();
+        for (key, value, mod_revision) in raw {
+            let Some((vm, kind)) = keys.parse_vm_key(&key) else {
+                continue;
+            };
+            let entry = entries.entry(vm.to_string()).or_default();
+            let corrupt =
+                |error: serde_json::Error| ApiError::Internal(format!("etcd key {key}: {error}"));
+            match kind {
+                "spec" => {
+                    entry.record = Some(Versioned {
+                        value: serde_json::from_slice(&value).map_err(corrupt)?,
+                        mod_revision,
+                    })
+                }
+                "placement" => {
+                    entry.placement = Some(Versioned {
+                        value: serde_json::from_slice(&value).map_err(corrupt)?,
+                        mod_revision,
+                    })
+                }
+                "status" => {
+                    entry.status = Some(Versioned {
+                        value: serde_json::from_slice(&value).map_err(corrupt)?,
+                        mod_revision,
+                    })
+                }
+                _ => {}
+            }
+        }
+        Ok(entries)
+    }
+
+    async fn vm_entry(&self, name: &VmName) -> Result<VmEntry, ApiError> {
+        let keys = self.store.keys();
+        let entry = VmEntry {
+            record: self.store.get(&keys.vm_spec(name)).await?,
+            placement: self.store.get(&keys.vm_placement(name)).await?,
+            status: self.store.get(&keys.vm_status(name)).await?,
+        };
+        if entry.record.is_none() {
+            return Err(ApiError::NotFound(format!("VM {name} does not exist")));
+        }
+        Ok(entry)
+    }
+
+    pub async fn list_hosts(&self) -> Result<Vec<HostView>, ApiError> {
+        let hosts = self.hosts().await?;
+        let entries = self.vm_entries().await?;
+        let leader = self.store.leader().await.ok().flatten();
+        Ok(hosts
+            .iter()
+            .map(|host| host_view(host, &entries, leader.as_deref()))
+            .collect())
+    }
+
+    pub async fn get_host(&self, name: &str) -> Result<HostView, ApiError> {
+        self.list_hosts()
+            .await?
+            .into_iter()
+            .find(|host| host.name == name)
+            .ok_or_else(|| {
+                ApiError::NotFound(format!(
+                    "host {name} is not in the cluster (or its agent is down)"
+                ))
+            })
+    }
+
+    pub async fn list_vms(&self) -> Result<Vec<VmView>, ApiError> {
+        Ok(self
+            .vm_entries()
+            .await?
+            .values()
+            .filter_map(vm_view)
+            .collect())
+    }
+
+    pub async fn get_vm(&self, name: &str) -> Result<VmView, ApiError> {
+        let name = parse_vm_name(name)?;
+        let entry = self.vm_entry(&name).await?;
+        vm_view(&entry).ok_or_else(|| ApiError::NotFound(format!("VM {name} does not exist")))
+    }
+
+    // ----- changing it -----
+
+    pub async fn create_vm(&self, request: CreateVmRequest) -> Result<VmView, ApiError> {
+        let name = parse_vm_name(&request.name)?;
+        let memory: Bytes = request
+            .memory
+            .parse()
+            .map_err(|error| ApiError::BadRequest(format!("memory: {error}")))?;
+        if memory < MIN_MEMORY || memory.0 % Bytes::MIB != 0 {
+            return Err(ApiError::BadRequest(format!(
+                "memory: {memory} must be a whole number of MiB, at least {MIN_MEMORY}"
+            )));
+        }
+        if request.cpus == 0 {
+            return Err(ApiError::BadRequest("cpus: must be at least 1".into()));
+        }
+        let keys = self.store.keys().clone();
+        let image = self
+            .store
+            .get::<ImageRecord>(&keys.image(&request.image))
+            .await?
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!("image {:?} does not exist", request.image))
+            })?
+            .value;
+        let hosts = self.hosts().await?;
+        let preferred_host = match &request.host {
+            Some(host) => {
+                let host: HostName = host
+                    .parse()
+                    .map_err(|error| ApiError::BadRequest(format!("host: {error}")))?;
+                if !hosts.iter().any(|candidate| candidate.name == host) {
+                    return Err(ApiError::BadRequest(format!(
+                        "host {host} is not in the cluster"
+                    )));
+                }
+                Some(host)
+            }
+            None => None,
+        };
+        let largest = hosts
+            .iter()
+            .map(|host| host.memory)
+            .max()
+            .unwrap_or_default();
+        if memory > largest {
+            return Err(ApiError::BadRequest(format!(
+                "memory: {memory} is more than any host can give (largest: {largest})"
+            )));
+        }
+        let most_cpus = hosts.iter().map(|host| host.cpus).max().unwrap_or(0);
+        if request.cpus > most_cpus {
+            return Err(ApiError::BadRequest(format!(
+                "cpus: {} is more than any host has ({most_cpus})",
+                request.cpus
+            )));
+        }
+        if self
+            .store
+            .get::<VmRecord>(&keys.vm_spec(&name))
+            .await?
+            .is_some()
+        {
+            return Err(ApiError::Conflict(format!("VM {name} already exists")));
+        }
+
+        let network = self
+            .store
+            .get::<NetworkRecord>(&keys.network("business"))
+            .await?
+            .map(|record| record.value);
+        let address = match &network {
+            Some(network) => Some(self.allocate_address(network, &name).await?),
+            None => None,
+        };
+        let spec = build_spec(
+            &name,
+            &request,
+            memory,
+            &image,
+            network.as_ref(),
+            address,
+            &self.shared_pool,
+        );
+        let record = VmRecord {
+            version: ferry_model::cluster::RECORD_VERSION,
+            spec,
+            desired: PowerState::Running,
+            image: image.name.clone(),
+            preferred_host,
+            ip: address.map(|address| address.to_string()),
+            deleting: false,
+            reset_serial: 0,
+        };
+        if let Err(error) = self
+            .store
+            .create(&keys.vm_spec(&name), &record, &format!("VM {name}"))
+            .await
+        {
+            self.release_address(address).await;
+            return Err(error.into());
+        }
+        self.events
+            .record(
+                &name.subject(),
+                "created",
+                &format!("VM {name} created ({} vCPU, {memory})", request.cpus),
+            )
+            .await;
+
+        // The manager places it; a VM that fits nowhere is removed again, whole.
+        let deadline = Instant::now() + PLACEMENT_WAIT;
+        loop {
+            let entry = self.vm_entry(&name).await?;
+            if entry.placement.is_some() {
+                return vm_view(&entry)
+                    .ok_or_else(|| ApiError::Internal(format!("VM {name} vanished")));
+            }
+            let refused = entry
+                .status
+                .as_ref()
+                .and_then(|status| status.value.last_error.clone())
+                .filter(|_| {
+                    entry.status.as_ref().map(|status| status.value.state) == Some(VmState::Failed)
+                });
+            if refused.is_some() || Instant::now() >= deadline {
+                let reason = refused.unwrap_or_else(|| {
+                    "no manager placed it in time (is a leader elected?)".into()
+                });
+                let _ = self
+                    .store
+                    .delete_prefix(&format!("{}{name}/", keys.vms()))
+                    .await;
+                self.release_address(address).await;
+                self.events
+                    .record(
+                        &name.subject(),
+                        "create-failed",
+                        &format!("VM {name} not created: {reason}"),
+                    )
+                    .await;
+                return Err(ApiError::Conflict(format!(
+                    "VM {name} cannot be placed: {reason}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn allocate_address(
+        &self,
+        network: &NetworkRecord,
+        vm: &VmName,
+    ) -> Result<Ipv4Addr, ApiError> {
+        let keys = self.store.keys();
+        let first = u32::from(network.first);
+        let last = u32::from(network.last);
+        let (taken, _) = self.store.list_raw(&keys.addresses(&network.name)).await?;
+        let taken: std::collections::BTreeSet<String> = taken
+            .into_iter()
+            .filter_map(|(key, _, _)| key.rsplit('/').next().map(str::to_string))
+            .collect();
+        for candidate in first..=last {
+            let address = Ipv4Addr::from(candidate);
+            if taken.contains(&address.to_string()) {
+                continue;
+            }
+            // Create-only: two creates racing for one address cannot both win.
+            match self
+                .store
+                .create(
+                    &keys.address(&network.name, &address.to_string()),
+                    &vm.to_string(),
+                    "address",
+                )
+                .await
+            {
+                Ok(_) => return Ok(address),
+                Err(ferry_store::StoreError::Exists { .. }) => continue,
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Err(ApiError::Conflict(format!(
+            "network {}: no free address left in {}-{}",
+            network.name, network.first, network.last
+        )))
+    }
+
+    async fn release_address(&self, address: Option<Ipv4Addr>) {
+        if let Some(address) = address {
+            let _ = self
+                .store
+                .delete(&self.store.keys().address("business", &address.to_string()))
+                .await;
+        }
+    }
+
+    /// Changes a VM's record with compare-and-swap, retrying on concurrent changes.
+    async fn update_record(
+        &self,
+        name: &VmName,
+        change: impl Fn(&mut VmRecord) -> Result<(), ApiError>,
+    ) -> Result<VmRecord, ApiError> {
+        let key = self.store.keys().vm_spec(name);
+        for _ in 0..10 {
+            let current = self
+                .store
+                .get::<VmRecord>(&key)
+                .await?
+                .ok_or_else(|| ApiError::NotFound(format!("VM {name} does not exist")))?;
+            let mut record = current.value.clone();
+            if record.deleting {
+                return Err(ApiError::Conflict(format!("VM {name} is being deleted")));
+            }
+            change(&mut record)?;
+            match self
+                .store
+                .compare_and_swap(&key, current.mod_revision, &record)
+                .await
+            {
+                Ok(_) => return Ok(record),
+                Err(ferry_store::StoreError::Conflict { .. }) => continue,
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Err(ApiError::Conflict(format!(
+            "VM {name} keeps changing; try again"
+        )))
+    }
+
+    pub async fn start_vm(&self, name: &str) -> Result<VmView, ApiError> {
+        let name = parse_vm_name(name)?;
+        self.update_record(&name, |record| {
+            record.desired = PowerState::Running;
+            Ok(())
+        })
+        .await?;
+        self.events
+            .record(
+                &name.subject(),
+                "start-requested",
+                &format!("start of VM {name} requested"),
+            )
+            .await;
+        self.get_vm(name.as_str()).await
+    }
+
+    pub async fn stop_vm(&self, name: &str) -> Result<VmView, ApiError> {
+        let name = parse_vm_name(name)?;
+        self.update_record(&name, |record| {
+            record.desired = PowerState::Stopped;
+            Ok(())
+        })
+        .await?;
+        self.events
+            .record(
+                &name.subject(),
+                "stop-requested",
+                &format!("stop of VM {name} requested"),
+            )
+            .await;
+        self.get_vm(name.as_str()).await
+    }
+
+    pub async fn reset_vm(&self, name: &str) -> Result<VmView, ApiError> {
+        let name = parse_vm_name(name)?;
+        let view = self.get_vm(name.as_str()).await?;
+        if view.state != VmState::Running.as_str() {
+            return Err(ApiError::Conflict(format!(
+                "VM {name} is {}, not running; start it instead",
+                view.state
+            )));
+        }
+        self.update_record(&name, |record| {
+            record.reset_serial += 1;
+            Ok(())
+        })
+        .await?;
+        self.events
+            .record(
+                &name.subject(),
+                "reset-requested",
+                &format!("reset of VM {name} requested"),
+            )
+            .await;
+        self.get_vm(name.as_str()).await
+    }
+
+    /// Marks the VM for deletion; its agent removes the QEMU, the disk and the records.
+    /// Waits until that is done.
+    pub async fn delete_vm(&self, name: &str) -> Result<(), ApiError> {
+        let name = parse_vm_name(name)?;
+        let keys = self.store.keys().clone();
+        let entry = self.vm_entry(&name).await?;
+        let record = entry.record.map(|record| record.value);
+        if entry.placement.is_none() {
+            // Never placed: nothing runs anywhere, remove the records directly.
+            self.store
+                .delete_prefix(&format!("{}{name}/", keys.vms()))
+                .await?;
+            if let Some(ip) = record.and_then(|record| record.ip) {
+                let _ = self.store.delete(&keys.address("business", &ip)).await;
+            }
+            self.events
+                .record(&name.subject(), "deleted", &format!("VM {name} deleted"))
+                .await;
+            return Ok(());
+        }
+        let key = keys.vm_spec(&name);
+        loop {
+            let Some(current) = self.store.get::<VmRecord>(&key).await? else {
+                break;
+            };
+            let mut record = current.value.clone();
+            record.deleting = true;
+            match self
+                .store
+                .compare_and_swap(&key, current.mod_revision, &record)
+                .await
+            {
+                Ok(_) => break,
+                Err(ferry_store::StoreError::Conflict { .. }) => continue,
+                Err(error) => return Err(error.into()),
+            }
+        }
+        self.events
+            .record(
+                &name.subject(),
+                "delete-requested",
+                &format!("deletion of VM {name} requested"),
+            )
+            .await;
+        let deadline = Instant::now() + DELETE_WAIT;
+        while self.store.get::<VmRecord>(&key).await?.is_some() {
+            if Instant::now() >= deadline {
+                return Err(ApiError::Unavailable(format!(
+                    "VM {name} is marked for deletion but its host has not removed it within {DELETE_WAIT:?}; it will be removed when the host is back"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(())
+    }
+
+    /// Runs a command in the guest through its guest agent, on the host that runs it.
+    pub async fn exec_vm(
+        &self,
+        name: &str,
+        request: ExecRequest,
+        token: &str,
+    ) -> Result<ExecResponse, ApiError> {
+        let name = parse_vm_name(name)?;
+        if request.command.is_empty() {
+            return Err(ApiError::BadRequest(
+                "command: give the program to run".into(),
+            ));
+        }
+        let timeout = Duration::from_secs(request.timeout_seconds.unwrap_or(30).clamp(1, 3600));
+        let entry = self.vm_entry(&name).await?;
+        let view = vm_view(&entry)
+            .ok_or_else(|| ApiError::NotFound(format!("VM {name} does not exist")))?;
+        if view.state != VmState::Running.as_str() {
+            return Err(ApiError::Conflict(format!(
+                "VM {name} is {}, not running",
+                view.state
+            )));
+        }
+        let owner = entry
+            .placement
+            .map(|placement| placement.value.host)
+            .ok_or_else(|| ApiError::Conflict(format!("VM {name} is not placed")))?;
+        if owner == self.host {
+            return self.local.exec(name, request.command, timeout).await;
+        }
+        // Any host answers any request: forward to the owner.
+        let hosts = self.hosts().await?;
+        let owner_url = hosts
+            .iter()
+            .find(|host| host.name == owner)
+            .map(|host| host.api_url.clone())
+            .ok_or_else(|| {
+                ApiError::Unavailable(format!(
+                    "VM {name} runs on {owner}, whose agent is not reachable"
+                ))
+            })?;
+        let response = self
+            .http
+            .post(format!("{owner_url}/api/v1/vms/{name}/exec"))
+            .bearer_auth(token)
+            .json(&request)
+            .timeout(timeout + Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|error| ApiError::Unavailable(format!("host {owner}: {error}")))?;
+        crate::client::decode_response(response).await
+    }
+
+    pub async fn list_events(&self, limit: usize) -> Result<Vec<EventView>, ApiError> {
+        let (events, _) = self
+            .store
+            .list::<Event>(&self.store.keys().events())
+            .await?;
+        let skip = events.len().saturating_sub(limit);
+        Ok(events
+            .into_iter()
+            .skip(skip)
+            .map(|(_, event)| event_view(event.value))
+            .collect())
+    }
+}
+
+fn parse_vm_name(name: &str) -> Result<VmName, ApiError> {
+    name.parse()
+        .map_err(|error: ferry_model::NameError| ApiError::BadRequest(error.to_string()))
+}
+
+fn build_spec(
+    name: &VmName,
+    request: &CreateVmRequest,
+    memory: Bytes,
+    image: &ImageRecord,
+    network: Option<&NetworkRecord>,
+    address: Option<Ipv4Addr>,
+    shared_pool: &std::path::Path,
+) -> VmSpec {
+    let mut cmdline = format!("console=ttyS0 quiet panic=1 ferry.hostname={name}");
+    if let (Some(network), Some(address)) = (network, address) {
+        cmdline.push_str(&format!(" ferry.ip={address}/{}", network.prefix));
+        if let Some(gateway) = network.gateway {
+            cmdline.push_str(&format!(" ferry.gw={gateway}"));
+        }
+    }
+    let nics = if address.is_some() {
+        vec![NicSpec {
+            tap: MacAddr::tap_name(name.as_str(), 0),
+            mac: MacAddr::derived_from(&format!("{name}/0")),
+        }]
+    } else {
+        Vec::new()
+    };
+    VmSpec {
+        name: name.clone(),
+        cpus: request.cpus,
+        memory,
+        cpu_model: ferry_model::vm_default_cpu_model(),
+        disks: vec![DiskSpec {
+            id: "data".into(),
+            path: shared_pool
+                .join("vms")
+                .join(name.as_str())
+                .join("data.qcow2"),
+            format: DiskFormat::Qcow2,
+            cache: CacheMode::None,
+            read_only: false,
+        }],
+        nics,
+        boot: Boot::Kernel {
+            kernel: image.kernel.clone(),
+            initrd: Some(image.initrd.clone()),
+            cmdline,
+        },
+    }
+}
+
+fn host_view(
+    host: &HostRecord,
+    entries: &BTreeMap<String, VmEntry>,
+    leader: Option<&str>,
+) -> HostView {
+    let placed: Vec<&VmEntry> = entries
+        .values()
+        .filter(|entry| {
+            entry
+                .placement
+                .as_ref()
+                .map(|placement| &placement.value.host)
+                == Some(&host.name)
+        })
+        .collect();
+    let used: u64 = placed
+        .iter()
+        .filter_map(|entry| entry.record.as_ref())
+        .map(|record| record.value.spec.memory.as_mib())
+        .sum();
+    HostView {
+        name: host.name.to_string(),
+        state: match host.state {
+            ferry_model::cluster::HostState::Active => "active".into(),
+            ferry_model::cluster::HostState::Maintenance => "maintenance".into(),
+        },
+        api_url: host.api_url.clone(),
+        addresses: host.addresses.clone(),
+        cpus: host.cpus,
+        memory_mib: host.memory.as_mib(),
+        used_memory_mib: used,
+        vms: placed.len() as u32,
+        accel: host.accel.clone(),
+        cpu_model: host.cpu_model.clone(),
+        leader: leader == Some(host.name.as_str()),
+    }
+}
+
+/// The state shown for a VM: what its agent reports, or `starting`/`stopped` before it
+/// has reported, or `failed` with the reason.
+pub fn vm_view(entry: &VmEntry) -> Option<VmView> {
+    let record = &entry.record.as_ref()?.value;
+    let status = entry.status.as_ref().map(|status| &status.value);
+    let state = match (status, record.desired) {
+        (Some(status), _) => status.state,
+        (None, PowerState::Running) => VmState::Starting,
+        (None, PowerState::Stopped) => VmState::Stopped,
+    };
+    Some(VmView {
+        name: record.spec.name.to_string(),
+        state: state.as_str().into(),
+        desired: match record.desired {
+            PowerState::Running => "running".into(),
+            PowerState::Stopped => "stopped".into(),
+        },
+        host: entry
+            .placement
+            .as_ref()
+            .map(|placement| placement.value.host.to_string()),
+        ip: record.ip.clone(),
+        cpus: record.spec.cpus,
+        memory_mib: record.spec.memory.as_mib(),
+        image: record.image.clone(),
+        pid: status.and_then(|status| status.pid),
+        guest_agent: status.is_some_and(|status| status.guest_agent),
+        error: status.and_then(|status| status.last_error.clone()),
+    })
+}
+
+fn event_view(event: Event) -> EventView {
+    EventView {
+        at_ms: event.at_ms,
+        source: event.source,
+        subject: event.subject,
+        kind: event.kind,
+        message: event.message,
+    }
+}
+
+/// Writes events under a long lease (so the log is bounded in time) with keys that sort
+/// by time.
+pub struct EventLog {
+    store: Store,
+    source: String,
+    state: Mutex<EventLease>,
+}
+
+#[derive(Default)]
+struct EventLease {
+    lease: Option<(i64, Instant)>,
+    sequence: u64,
+}
+
+impl EventLog {
+    pub fn new(store: Store, source: String) -> EventLog {
+        EventLog {
+            store,
+            source,
+            state: Mutex::new(EventLease::default()),
+        }
+    }
+
+    /// Records an event; failures are logged, never raised (an event must not fail an operation).
+    pub async fn record(&self, subject: &str, kind: &str, message: &str) {
+        if let Err(error) = self.try_record(subject, kind, message).await {
+            tracing::warn!("cannot record event {kind} for {subject}: {error}");
+        }
+        tracing::info!(subject, kind, "{message}");
+    }
+
+    async fn try_record(
+        &self,
+        subject: &str,
+        kind: &str,
+        message: &str,
+    ) -> Result<(), ferry_store::StoreError> {
+        let mut state = self.state.lock().await;
+        let fresh = state.lease.filter(|(_, granted)| {
+            granted.elapsed() < Duration::from_secs(EVENT_TTL_SECONDS as u64 / 2)
+        });
+        let lease = match fresh {
+            Some((lease, _)) => lease,
+            None => {
+                let granted = self
+                    .store
+                    .client()
+                    .lease_grant(EVENT_TTL_SECONDS, None)
+                    .await
+                    .map_err(|source| ferry_store::StoreError::Etcd {
+                        endpoints: "etcd".into(),
+                        source,
+                    })?;
+                state.lease = Some((granted.id(), Instant::now()));
+                granted.id()
+            }
+        };
+        state.sequence += 1;
+        let at_ms = now_ms();
+        let event = Event {
+            version: ferry_model::cluster::RECORD_VERSION,
+            at_ms,
+            source: self.source.clone(),
+            subject: subject.into(),
+            kind: kind.into(),
+            message: message.into(),
+        };
+        // The source in the key keeps two hosts' events at the same millisecond apart.
+        let key = format!(
+            "{}-{}",
+            self.store.keys().event(at_ms, state.sequence),
+            self.source.replace('/', ".")
+        );
+        self.store.put(&key, &event, Some(lease)).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,306 @@
+//! The REST face of [`ClusterApi`]: routing, bearer-token auth with roles, JSON errors,
+//! the event stream and the OpenAPI document. Handlers only translate; the operations
+//! decide.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use futures::Stream;
+use serde::Deserialize;
+use utoipa::OpenApi;
+
+use crate::auth::{role_of, Role, TokenConfig};
+use crate::ops::ClusterApi;
+use crate::types::{
+    CreateVmRequest, ErrorBody, ErrorDetail, EventView, ExecRequest, ExecResponse, HostView, VmView,
+};
+use crate::ApiError;
+
+#[derive(Clone)]
+pub struct RestState {
+    pub api: Arc<ClusterApi>,
+    pub tokens: Arc<Vec<TokenConfig>>,
+}
+
+/// Who is calling: the role and the token (forwarded when another host must act).
+#[derive(Clone)]
+pub struct Caller {
+    pub role: Role,
+    pub token: String,
+}
+
+impl Caller {
+    fn require(&self, needed: Role) -> Result<(), ApiError> {
+        if self.role >= needed {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(
+                format!(
+                    "this needs the {needed:?} role; the token has {:?}",
+                    self.role
+                )
+                .to_lowercase(),
+            ))
+        }
+    }
+}
+
+/// JSON bodies whose errors come back in the API's error format.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(request, state).await {
+            Ok(Json(value)) => Ok(ApiJson(value)),
+            Err(rejection) => Err(ApiError::BadRequest(json_problem(&rejection))),
+        }
+    }
+}
+
+fn json_problem(rejection: &JsonRejection) -> String {
+    format!("request body: {}", rejection.body_text())
+}
+
+async fn authenticate(
+    State(state): State<RestState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or("")
+        .to_string();
+    match role_of(&state.tokens, &presented) {
+        Some(role) => {
+            request.extensions_mut().insert(Caller {
+                role,
+                token: presented,
+            });
+            next.run(request).await
+        }
+        None => ApiError::Unauthorized.into_response(),
+    }
+}
+
+pub fn router(state: RestState) -> Router {
+    let protected = Router::new()
+        .route("/api/v1/hosts", get(list_hosts))
+        .route("/api/v1/hosts/{name}", get(get_host))
+        .route("/api/v1/vms", get(list_vms).post(create_vm))
+        .route("/api/v1/vms/{name}", get(get_vm).delete(delete_vm))
+        .route("/api/v1/vms/{name}/start", post(start_vm))
+        .route("/api/v1/vms/{name}/stop", post(stop_vm))
+        .route("/api/v1/vms/{name}/reset", post(reset_vm))
+        .route("/api/v1/vms/{name}/exec", post(exec_vm))
+        .route("/api/v1/events", get(list_events))
+        .route("/api/v1/events/stream", get(stream_events))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    Router::new()
+        .route("/api/v1/openapi.json", get(openapi))
+        .merge(protected)
+        .fallback(|| async {
+            ApiError::NotFound("no such API route; see /api/v1/openapi.json".into())
+        })
+        .with_state(state)
+}
+
+#[utoipa::path(get, path = "/api/v1/hosts", responses((status = 200, body = [HostView]), (status = 401, body = ErrorBody)), security(("bearer" = [])))]
+async fn list_hosts(State(state): State<RestState>) -> Result<Json<Vec<HostView>>, ApiError> {
+    Ok(Json(state.api.list_hosts().await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/hosts/{name}", params(("name" = String, Path)), responses((status = 200, body = HostView), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn get_host(
+    State(state): State<RestState>,
+    Path(name): Path<String>,
+) -> Result<Json<HostView>, ApiError> {
+    Ok(Json(state.api.get_host(&name).await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/vms", responses((status = 200, body = [VmView]), (status = 401, body = ErrorBody)), security(("bearer" = [])))]
+async fn list_vms(State(state): State<RestState>) -> Result<Json<Vec<VmView>>, ApiError> {
+    Ok(Json(state.api.list_vms().await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/vms", request_body = CreateVmRequest,
+    responses((status = 201, body = VmView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+async fn create_vm(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    ApiJson(request): ApiJson<CreateVmRequest>,
+) -> Result<(StatusCode, Json<VmView>), ApiError> {
+    caller.require(Role::Admin)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(state.api.create_vm(request).await?),
+    ))
+}
+
+#[utoipa::path(get, path = "/api/v1/vms/{name}", params(("name" = String, Path)), responses((status = 200, body = VmView), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn get_vm(
+    State(state): State<RestState>,
+    Path(name): Path<String>,
+) -> Result<Json<VmView>, ApiError> {
+    Ok(Json(state.api.get_vm(&name).await?))
+}
+
+#[utoipa::path(delete, path = "/api/v1/vms/{name}", params(("name" = String, Path)), responses((status = 200), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn delete_vm(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.require(Role::Admin)?;
+    state.api.delete_vm(&name).await?;
+    Ok(Json(serde_json::json!({"deleted": name})))
+}
+
+#[utoipa::path(post, path = "/api/v1/vms/{name}/start", params(("name" = String, Path)), responses((status = 200, body = VmView), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn start_vm(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<Json<VmView>, ApiError> {
+    caller.require(Role::Operator)?;
+    Ok(Json(state.api.start_vm(&name).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/vms/{name}/stop", params(("name" = String, Path)), responses((status = 200, body = VmView), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn stop_vm(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<Json<VmView>, ApiError> {
+    caller.require(Role::Operator)?;
+    Ok(Json(state.api.stop_vm(&name).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/vms/{name}/reset", params(("name" = String, Path)), responses((status = 200, body = VmView), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+async fn reset_vm(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<Json<VmView>, ApiError> {
+    caller.require(Role::Operator)?;
+    Ok(Json(state.api.reset_vm(&name).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/vms/{name}/exec", params(("name" = String, Path)), request_body = ExecRequest,
+    responses((status = 200, body = ExecResponse), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+async fn exec_vm(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    ApiJson(request): ApiJson<ExecRequest>,
+) -> Result<Json<ExecResponse>, ApiError> {
+    caller.require(Role::Operator)?;
+    Ok(Json(
+        state.api.exec_vm(&name, request, &caller.token).await?,
+    ))
+}
+
+#[derive(Deserialize)]
+struct EventQuery {
+    limit: Option<usize>,
+}
+
+#[utoipa::path(get, path = "/api/v1/events", params(("limit" = Option<usize>, Query)), responses((status = 200, body = [EventView])), security(("bearer" = [])))]
+async fn list_events(
+    State(state): State<RestState>,
+    Query(query): Query<EventQuery>,
+) -> Result<Json<Vec<EventView>>, ApiError> {
+    Ok(Json(
+        state
+            .api
+            .list_events(query.limit.unwrap_or(100).min(10_000))
+            .await?,
+    ))
+}
+
+#[utoipa::path(get, path = "/api/v1/events/stream", responses((status = 200, description = "server-sent events, one EventView per `data:` line")), security(("bearer" = [])))]
+async fn stream_events(
+    State(state): State<RestState>,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let store = state.api.store().clone();
+    let prefix = store.keys().events();
+    // Start after what exists now: the stream shows new events.
+    let (_, revision) = store.list_raw(&prefix).await?;
+    let mut watch = ferry_store::PrefixWatch::resume(&store, &prefix, revision + 1);
+    let stream = async_stream(move |sender| async move {
+        while let Some(change) = watch.next().await {
+            if let ferry_store::WatchEvent::Put { value, .. } = change {
+                if let Ok(event) = serde_json::from_slice::<ferry_model::cluster::Event>(&value) {
+                    let view = EventView {
+                        at_ms: event.at_ms,
+                        source: event.source,
+                        subject: event.subject,
+                        kind: event.kind,
+                        message: event.message,
+                    };
+                    let data = serde_json::to_string(&view).unwrap_or_default();
+                    if sender
+                        .send(Ok(SseEvent::default().data(data)))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// A stream fed by a task through a channel (the task ends when the client goes away).
+fn async_stream<F, Fut>(producer: F) -> impl Stream<Item = Result<SseEvent, Infallible>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<SseEvent, Infallible>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (sender, receiver) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(producer(sender));
+    futures::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await.map(|item| (item, receiver))
+    })
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Ferry API", description = "A high-availability virtualization cluster for QEMU/KVM."),
+    paths(list_hosts, get_host, list_vms, create_vm, get_vm, delete_vm, start_vm, stop_vm, reset_vm, exec_vm, list_events, stream_events),
+    components(schemas(HostView, VmView, CreateVmRequest, ExecRequest, ExecResponse, EventView, ErrorBody, ErrorDetail)),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;

@@ -1,0 +1,182 @@
+//! The lab's processes: agents started inside host namespaces, and finding, checking and
+//! killing what the lab started. A pid is only ever signalled after `/proc/PID/cmdline`
+//! shows it is still the process we started (pids are recycled).
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{self, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag};
+use nix::unistd::Pid;
+
+use super::spec::LabSpec;
+use super::state::Spawned;
+
+/// How long a SIGKILLed process may take to disappear before we report it.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+
+/// Whether the process still runs (a zombie does not) and is the one we started.
+pub fn is_running(process: &Spawned) -> bool {
+    if !is_alive(process.pid) {
+        return false;
+    }
+    let Ok(raw) = std::fs::read(format!("/proc/{}/cmdline", process.pid)) else {
+        return false;
+    };
+    let arguments: Vec<&[u8]> = raw.split(|&byte| byte == 0).collect();
+    let marker: Vec<&[u8]> = process.marker.iter().map(|arg| arg.as_bytes()).collect();
+    !marker.is_empty()
+        && arguments
+            .windows(marker.len())
+            .any(|window| window == marker.as_slice())
+}
+
+/// The pid exists and is not a zombie.
+fn is_alive(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the parenthesised command name, which may itself contain ')'.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, Some('Z') | Some('X') | None)
+}
+
+/// SIGKILLs every pid at once (a power cut, not a sequence), then waits until all are
+/// gone, reaping those that are our children. Returns the pids still there.
+pub fn kill_all(pids: &[i32]) -> Vec<i32> {
+    for &pid in pids {
+        let _ = signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    let started = Instant::now();
+    loop {
+        let remaining: Vec<i32> = pids
+            .iter()
+            .copied()
+            .filter(|&pid| {
+                // Reap our own children (a test process, or `up` failing): else they
+                // linger as zombies. ECHILD for others is expected.
+                let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
+                is_alive(pid)
+            })
+            .collect();
+        if remaining.is_empty() || started.elapsed() > KILL_WAIT {
+            return remaining;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The marker that identifies a host's agent: its config path is the lab's own.
+pub fn agent_marker(config: &Path) -> Vec<String> {
+    vec!["--config".into(), config.display().to_string()]
+}
+
+/// The marker that identifies the lab's etcd (EtcdServer puts its data in `member-data`).
+pub fn etcd_marker(etcd_dir: &Path) -> Vec<String> {
+    vec![
+        "--data-dir".into(),
+        etcd_dir.join("member-data").display().to_string(),
+    ]
+}
+
+/// Starts `ferry agent run` inside the host's namespace, in a process group of its own
+/// (so a Ctrl-C at the terminal that ran `ferry lab up` never reaches it), its output
+/// appended to the host's log. `ip netns exec` execs in place, so the pid is the agent's.
+pub fn spawn_agent(spec: &LabSpec, host: u32, binary: &Path) -> Result<Spawned, String> {
+    let config = spec.agent_config_path(host);
+    let log_path = spec.agent_log(host);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|error| format!("{}: {error}", log_path.display()))?;
+    let log_err = log.try_clone().map_err(|error| error.to_string())?;
+    let level = std::env::var("FERRY_LOG").unwrap_or_else(|_| "info".into());
+    let child = Command::new("ip")
+        .args(["netns", "exec", &spec.namespace(host)])
+        .arg(binary)
+        .args(["agent", "run", "--config"])
+        .arg(&config)
+        .env("FERRY_LOG", level)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        .process_group(0)
+        .spawn()
+        .map_err(|error| format!("cannot run ip netns exec: {error}"))?;
+    let pid = i32::try_from(child.id()).map_err(|error| error.to_string())?;
+    // Dropping the handle leaves the agent running; `down` finds it by pid.
+    drop(child);
+    Ok(Spawned {
+        pid,
+        marker: agent_marker(&config),
+    })
+}
+
+/// QEMUs under a host's run directory (`vms/*/qemu.pid`) that are still ours.
+pub fn host_qemus(run_dir: &Path) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir(run_dir.join("vms")) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let dir: PathBuf = entry.path();
+            let text = std::fs::read_to_string(dir.join("qemu.pid")).ok()?;
+            let pid: i32 = text.trim().parse().ok()?;
+            ferry_qemu::process::is_our_qemu(pid, &dir.join("qmp.sock")).then_some(pid)
+        })
+        .collect()
+}
+
+/// The last `count` non-empty lines of a log, joined for a one-line error.
+pub fn log_tail(path: &Path, count: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .collect();
+    let tail = &lines[lines.len().saturating_sub(count)..];
+    if tail.is_empty() {
+        "(no output)".into()
+    } else {
+        tail.join(" | ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_is_recognised_by_its_marker_only() {
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id() as i32;
+        let ours = Spawned {
+            pid,
+            marker: vec!["sleep".into(), "30".into()],
+        };
+        let other = Spawned {
+            pid,
+            marker: vec!["sleep".into(), "31".into()],
+        };
+        assert!(is_running(&ours));
+        assert!(!is_running(&other));
+        assert!(kill_all(&[pid]).is_empty());
+        assert!(!is_running(&ours));
+        let _ = child.wait();
+    }
+
+    #[test]
+    fn a_log_tail_is_one_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        std::fs::write(&path, "a\n\nb\nc\n").unwrap();
+        assert_eq!(log_tail(&path, 2), "b | c");
+        assert_eq!(log_tail(&dir.path().join("none"), 2), "(no output)");
+    }
+}

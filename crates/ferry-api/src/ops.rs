@@ -190,7 +190,7 @@ impl ClusterApi {
             .memory
             .parse()
             .map_err(|error| ApiError::BadRequest(format!("memory: {error}")))?;
-        if memory < MIN_MEMORY || memory.0 % Bytes::MIB != 0 {
+        if memory < MIN_MEMORY || !memory.0.is_multiple_of(Bytes::MIB) {
             return Err(ApiError::BadRequest(format!(
                 "memory: {memory} must be a whole number of MiB, at least {MIN_MEMORY}"
             )));

@@ -1,9 +1,11 @@
-//! The lab: what it takes to run Ferry for real on one machine. For now the test
-//! appliance (a bootable kernel + initramfs built from Debian packages) and the
-//! network namespaces that stand in for hosts; later the whole cluster.
+//! The lab: what it takes to run Ferry for real on one machine: the test appliance (a
+//! bootable kernel + initramfs built from Debian packages), network namespaces that
+//! stand in for hosts, single-VM sandboxes for driver tests, and the whole cluster
+//! (`lab`: switches, hosts, etcd, agents, fault injection).
 
 pub mod appliance;
 mod cpio;
 pub mod defaults;
+pub mod lab;
 pub mod netns;
 pub mod sandbox;

@@ -5,42 +5,32 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::Subcommand;
 use ferry_lab::appliance::{self, Appliance, BuildRequest};
 use ferry_lab::defaults;
 use ferry_lab::sandbox::{Method, Sandbox, SandboxOptions};
 use ferry_model::Bytes;
 
-#[derive(Subcommand)]
-pub enum LabVerb {
-    /// Boot the appliance and show it working.
-    Demo,
-}
-
-pub async fn run(verb: LabVerb) -> anyhow::Result<()> {
-    match verb {
-        LabVerb::Demo => demo().await,
-    }
-}
-
-fn step(text: &str) {
+pub fn step(text: &str) {
     println!("\n==> {text}");
 }
 
-async fn demo() -> anyhow::Result<()> {
-    let appliance = match Appliance::load(&defaults::appliance_dir()) {
-        Ok(appliance) => appliance,
-        Err(_) => {
-            step("building the test appliance from Debian packages");
-            let guest_binary = std::env::current_exe()?.with_file_name("ferry-guest");
-            let request = BuildRequest {
-                out_dir: defaults::appliance_dir(),
-                cache_dir: defaults::cache_dir(),
-                guest_binary,
-            };
-            tokio::task::spawn_blocking(move || appliance::build(&request)).await??
-        }
+/// The built appliance, built first (from Debian packages) if it is missing.
+pub async fn load_or_build_appliance() -> anyhow::Result<Appliance> {
+    if let Ok(appliance) = Appliance::load(&defaults::appliance_dir()) {
+        return Ok(appliance);
+    }
+    step("building the test appliance from Debian packages");
+    let guest_binary = std::env::current_exe()?.with_file_name("ferry-guest");
+    let request = BuildRequest {
+        out_dir: defaults::appliance_dir(),
+        cache_dir: defaults::cache_dir(),
+        guest_binary,
     };
+    Ok(tokio::task::spawn_blocking(move || appliance::build(&request)).await??)
+}
+
+pub async fn demo() -> anyhow::Result<()> {
+    let appliance = load_or_build_appliance().await?;
     println!(
         "appliance: kernel {}, initramfs {:.1} MiB, in {}",
         appliance.manifest.kernel_release,

@@ -27,15 +27,6 @@ pub enum ImageVerb {
     },
 }
 
-#[derive(Subcommand)]
-pub enum HostVerb {
-    /// Probe (or show the cached verdict on) KVM versus TCG on this host.
-    Accel {
-        #[arg(long)]
-        json: bool,
-    },
-}
-
 pub async fn run_image(verb: ImageVerb) -> anyhow::Result<()> {
     match verb {
         ImageVerb::BuildAppliance {
@@ -88,17 +79,14 @@ pub async fn run_image(verb: ImageVerb) -> anyhow::Result<()> {
     }
 }
 
-pub async fn run_host(verb: HostVerb) -> anyhow::Result<()> {
-    match verb {
-        HostVerb::Accel { json } => {
-            let appliance = appliance::Appliance::load(&defaults::appliance_dir())?;
-            let report = defaults::detect_accel(&appliance).await?;
-            if json {
-                return print_json(&report);
-            }
-            let cached = if report.cached { " (cached)" } else { "" };
-            println!("{}: {}{cached}", report.accel.qemu_name(), report.reason);
-            Ok(())
-        }
+/// `ferry host accel`: this machine's verdict on KVM versus TCG.
+pub async fn accel(json: bool) -> anyhow::Result<()> {
+    let appliance = appliance::Appliance::load(&defaults::appliance_dir())?;
+    let report = defaults::detect_accel(&appliance).await?;
+    if json {
+        return print_json(&report);
     }
+    let cached = if report.cached { " (cached)" } else { "" };
+    println!("{}: {}{cached}", report.accel.qemu_name(), report.reason);
+    Ok(())
 }

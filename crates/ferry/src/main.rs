@@ -2,9 +2,12 @@
 //! adapter that parses arguments, calls the library, and prints a table or `--json`.
 //! Failures end with one line on stderr and a non-zero exit code.
 
+mod agent;
 mod bench;
+mod cluster;
 mod demo;
 mod image;
+mod lab;
 mod output;
 
 use clap::{Parser, Subcommand};
@@ -16,6 +19,8 @@ use clap::{Parser, Subcommand};
     about = "Ferry: a high-availability virtualization cluster for QEMU/KVM"
 )]
 struct Cli {
+    #[command(flatten)]
+    endpoint: cluster::Endpoint,
     #[command(subcommand)]
     command: Noun,
 }
@@ -27,10 +32,31 @@ enum Noun {
         #[command(subcommand)]
         verb: image::ImageVerb,
     },
-    /// This host: acceleration.
+    /// Hosts of the cluster.
     Host {
         #[command(subcommand)]
-        verb: image::HostVerb,
+        verb: cluster::HostVerb,
+    },
+    /// Virtual machines.
+    Vm {
+        #[command(subcommand)]
+        verb: cluster::VmVerb,
+    },
+    /// The event log.
+    Events {
+        /// Keep printing new events as they happen.
+        #[arg(long)]
+        follow: bool,
+        /// How many past events to show.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// This host's agent.
+    Agent {
+        #[command(subcommand)]
+        verb: agent::AgentVerb,
     },
     /// Measurements that print numbers.
     Bench {
@@ -40,7 +66,7 @@ enum Noun {
     /// The lab on this machine.
     Lab {
         #[command(subcommand)]
-        verb: demo::LabVerb,
+        verb: lab::LabVerb,
     },
 }
 
@@ -60,8 +86,15 @@ fn main() {
     let result = runtime.block_on(async {
         match cli.command {
             Noun::Image { verb } => image::run_image(verb).await,
-            Noun::Host { verb } => image::run_host(verb).await,
-            Noun::Lab { verb } => demo::run(verb).await,
+            Noun::Host { verb } => cluster::run_host(&cli.endpoint, verb).await,
+            Noun::Vm { verb } => cluster::run_vm(&cli.endpoint, verb).await,
+            Noun::Events {
+                follow,
+                limit,
+                json,
+            } => cluster::run_events(&cli.endpoint, follow, limit, json).await,
+            Noun::Agent { verb } => agent::run(verb).await,
+            Noun::Lab { verb } => lab::run(verb).await,
             Noun::Bench { verb } => bench::run(verb).await,
         }
     });

@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use ferry_agent::config::{
-    AccelChoice, AgentConfig, ApiConfig, CapacityConfig, ClusterConfig, LeaseConfig,
-    NetworkConfig, PathsConfig, PoolConfig, QemuConfig,
+    AccelChoice, AgentConfig, ApiConfig, CapacityConfig, ClusterConfig, LeaseConfig, NetworkConfig,
+    PathsConfig, PoolConfig, QemuConfig,
 };
 use ferry_api::auth::{Role, TokenConfig};
 use ferry_api::client_config::ClientConfig;
@@ -106,19 +106,25 @@ mod tests {
     #[test]
     fn an_agent_config_survives_the_agents_own_parser() {
         let spec = LabSpec::default();
-        let config = agent_config(&spec, 2, "abc123", Accel::Tcg, Path::new("/usr/bin/qemu"))
-            .unwrap();
+        let config =
+            agent_config(&spec, 2, "abc123", Accel::Tcg, Path::new("/usr/bin/qemu")).unwrap();
         let text = toml::to_string(&config).unwrap();
         let parsed = AgentConfig::parse(&text).unwrap();
         assert_eq!(parsed, config);
         assert_eq!(parsed.api.listen.to_string(), "10.213.0.12:8700");
-        assert_eq!(parsed.cluster.etcd, vec!["http://10.213.0.1:2379".to_string()]);
+        assert_eq!(
+            parsed.cluster.etcd,
+            vec!["http://10.213.0.1:2379".to_string()]
+        );
         assert_eq!(parsed.shared_pool().unwrap().path, spec.shared_pool());
         let business = &parsed.networks["business"];
         assert_eq!(business.address.as_deref(), Some("10.213.2.12/24"));
         assert_eq!(business.bridge.as_deref(), Some("br-biz"));
         assert_eq!(business.interface.as_deref(), Some("biz0"));
-        assert_eq!(parsed.networks["migration"].interface.as_deref(), Some("migr0"));
+        assert_eq!(
+            parsed.networks["migration"].interface.as_deref(),
+            Some("migr0")
+        );
         assert_eq!(parsed.qemu.accel, AccelChoice::Tcg);
     }
 

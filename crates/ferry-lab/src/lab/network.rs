@@ -113,16 +113,9 @@ impl Lab {
     pub(super) fn set_link(&self, host: u32, net: LabNet, up: bool) -> Result<(), LabError> {
         let namespace = self.state.spec.namespace(host);
         let state = if up { "up" } else { "down" };
-        ip(&[
-            "-n",
-            &namespace,
-            "link",
-            "set",
-            net.interface(),
-            state,
-        ])
-        .map(|_| ())
-        .map_err(|error| self.fail(format!("link {namespace} {}", net.interface()), error))
+        ip(&["-n", &namespace, "link", "set", net.interface(), state])
+            .map(|_| ())
+            .map_err(|error| self.fail(format!("link {namespace} {}", net.interface()), error))
     }
 }
 
@@ -196,8 +189,15 @@ pub(super) fn links_down(namespace: &str) -> Vec<LabNet> {
     LabNet::ALL
         .into_iter()
         .filter(|net| {
-            let Ok(output) = ip(&["-n", namespace, "-o", "link", "show", "dev", net.interface()])
-            else {
+            let Ok(output) = ip(&[
+                "-n",
+                namespace,
+                "-o",
+                "link",
+                "show",
+                "dev",
+                net.interface(),
+            ]) else {
                 return true;
             };
             // `3: mgmt0@if12: <BROADCAST,MULTICAST,UP,LOWER_UP> …`: UP is the admin state.

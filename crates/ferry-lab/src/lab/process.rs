@@ -57,9 +57,7 @@ pub fn kill_all(pids: &[i32]) -> Vec<i32> {
             .iter()
             .copied()
             .filter(|&pid| {
-                // Reap our own children (a test process, or `up` failing): else they
-                // linger as zombies. ECHILD for others is expected.
-                let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
+                reap(pid);
                 is_alive(pid)
             })
             .collect();
@@ -68,6 +66,12 @@ pub fn kill_all(pids: &[i32]) -> Vec<i32> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Collects the exit status if `pid` is our exited child (a test process, or `up`
+/// failing), so it does not linger as a zombie. For anyone else's pid this does nothing.
+pub fn reap(pid: i32) {
+    let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
 }
 
 /// The marker that identifies a host's agent: its config path is the lab's own.

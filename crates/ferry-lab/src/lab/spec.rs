@@ -9,7 +9,7 @@
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
-use ferry_model::NetworkRecord;
+use ferry_model::cluster::NetworkRecord;
 use serde::{Deserialize, Serialize};
 
 use crate::defaults;
@@ -181,10 +181,7 @@ impl LabSpec {
             ));
         }
         if self.hosts == 0 || self.hosts > MAX_HOSTS {
-            return Err(format!(
-                "{} hosts: a lab has 1 to {MAX_HOSTS}",
-                self.hosts
-            ));
+            return Err(format!("{} hosts: a lab has 1 to {MAX_HOSTS}", self.hosts));
         }
         for path in [&self.state_dir, &self.run_dir, &self.client_config] {
             if !path.is_absolute() {

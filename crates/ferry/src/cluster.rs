@@ -1,0 +1,396 @@
+//! `ferry host …`, `ferry vm …`, `ferry events`: thin adapters over the API client.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
+use ferry_api::client::ApiClient;
+use ferry_api::client_config::{self, ClientConfig};
+use ferry_api::types::{CreateVmRequest, ExecRequest, HostView, VmView};
+
+use crate::output::print_json;
+
+/// Where the API is and how to authenticate.
+#[derive(Args, Clone, Debug)]
+pub struct Endpoint {
+    /// API base URL (default: FERRY_API, then the client config file).
+    #[arg(long, global = true, env = "FERRY_API")]
+    pub api: Option<String>,
+    /// Bearer token (default: FERRY_TOKEN, then the client config file).
+    #[arg(long, global = true, env = "FERRY_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+impl Endpoint {
+    pub fn client(&self) -> anyhow::Result<ApiClient> {
+        let (api, token) = match (&self.api, &self.token) {
+            (Some(api), Some(token)) => (api.clone(), token.clone()),
+            _ => {
+                let path = client_config::default_path();
+                let file = ClientConfig::load(&path).map_err(|problem| {
+                    anyhow::anyhow!("no API endpoint: pass --api and --token, set FERRY_API and FERRY_TOKEN, or run `ferry lab up` ({problem})")
+                })?;
+                (
+                    self.api.clone().unwrap_or(file.api),
+                    self.token.clone().unwrap_or(file.token),
+                )
+            }
+        };
+        Ok(ApiClient::new(&api, &token))
+    }
+}
+
+#[derive(Subcommand)]
+pub enum HostVerb {
+    /// The hosts of the cluster.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One host.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Probe (or show the cached verdict on) KVM versus TCG on this machine.
+    Accel {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum VmVerb {
+    /// Create a VM from an image and start it.
+    Create {
+        name: String,
+        #[arg(long, default_value = "appliance")]
+        image: String,
+        #[arg(long, default_value_t = 1)]
+        cpus: u32,
+        #[arg(long, default_value = "256M")]
+        memory: String,
+        /// Preferred host.
+        #[arg(long)]
+        host: Option<String>,
+        /// Return once placed, without waiting for the guest.
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// All VMs.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One VM.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    Start {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Graceful stop (ACPI power button, then power off after a grace period).
+    Stop {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hard reset.
+    Reset {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete the VM, its disk and its address.
+    Delete {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a command in the guest through its guest agent: `ferry vm exec NAME -- CMD…`.
+    Exec {
+        name: String,
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+        #[arg(long)]
+        json: bool,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+pub async fn run_host(endpoint: &Endpoint, verb: HostVerb) -> anyhow::Result<()> {
+    match verb {
+        HostVerb::List { json } => {
+            let hosts = endpoint.client()?.list_hosts().await?;
+            if json {
+                return print_json(&hosts);
+            }
+            println!("{}", hosts_table(&hosts));
+            Ok(())
+        }
+        HostVerb::Show { name, json } => {
+            let host = endpoint.client()?.get_host(&name).await?;
+            if json {
+                return print_json(&host);
+            }
+            println!("{}", hosts_table(std::slice::from_ref(&host)));
+            for (network, address) in &host.addresses {
+                println!("  {network:<11} {address}");
+            }
+            Ok(())
+        }
+        HostVerb::Accel { json } => crate::image::accel(json).await,
+    }
+}
+
+fn hosts_table(hosts: &[HostView]) -> Table {
+    let mut table = Table::new();
+    table.load_preset(UTF8_BORDERS_ONLY);
+    table.set_header([
+        "HOST",
+        "STATE",
+        "VMS",
+        "MEMORY USED",
+        "CPUS",
+        "ACCEL",
+        "MANAGEMENT",
+        "",
+    ]);
+    for host in hosts {
+        table.add_row([
+            host.name.clone(),
+            host.state.clone(),
+            host.vms.to_string(),
+            format!("{} / {} MiB", host.used_memory_mib, host.memory_mib),
+            host.cpus.to_string(),
+            host.accel.clone(),
+            host.addresses
+                .get("management")
+                .cloned()
+                .unwrap_or_default(),
+            if host.leader {
+                "leader".into()
+            } else {
+                String::new()
+            },
+        ]);
+    }
+    table
+}
+
+fn vms_table(vms: &[VmView]) -> Table {
+    let mut table = Table::new();
+    table.load_preset(UTF8_BORDERS_ONLY);
+    table.set_header([
+        "VM",
+        "STATE",
+        "HOST",
+        "IP",
+        "CPUS",
+        "MEMORY",
+        "GUEST AGENT",
+        "ERROR",
+    ]);
+    for vm in vms {
+        table.add_row([
+            vm.name.clone(),
+            vm.state.clone(),
+            vm.host.clone().unwrap_or_else(|| "-".into()),
+            vm.ip.clone().unwrap_or_else(|| "-".into()),
+            vm.cpus.to_string(),
+            format!("{} MiB", vm.memory_mib),
+            if vm.guest_agent {
+                "ok".into()
+            } else {
+                "-".into()
+            },
+            vm.error.clone().unwrap_or_default(),
+        ]);
+    }
+    table
+}
+
+fn print_vm(vm: &VmView, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(vm);
+    }
+    println!("{}", vms_table(std::slice::from_ref(vm)));
+    Ok(())
+}
+
+/// Waits until the VM reports `want` (and, for running, its guest agent answers).
+async fn wait_for(
+    client: &ApiClient,
+    name: &str,
+    want: &str,
+    timeout: Duration,
+    quiet: bool,
+) -> anyhow::Result<VmView> {
+    let spinner = (!quiet).then(|| {
+        let spinner = indicatif::ProgressBar::new_spinner();
+        spinner.enable_steady_tick(Duration::from_millis(100));
+        spinner
+    });
+    let started = Instant::now();
+    let result = loop {
+        let vm = client.get_vm(name).await?;
+        if let Some(spinner) = &spinner {
+            spinner.set_message(format!(
+                "VM {name}: {} on {} ({:.0} s)",
+                vm.state,
+                vm.host.as_deref().unwrap_or("-"),
+                started.elapsed().as_secs_f64()
+            ));
+        }
+        let ready = vm.state == want && (want != "running" || vm.guest_agent);
+        if ready {
+            break Ok(vm);
+        }
+        if vm.state == "failed" {
+            break Err(anyhow::anyhow!(
+                "VM {name} failed: {}",
+                vm.error.unwrap_or_else(|| "no reason given".into())
+            ));
+        }
+        if started.elapsed() > timeout {
+            break Err(anyhow::anyhow!(
+                "VM {name} is still {} after {timeout:?}",
+                vm.state
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    if let Some(spinner) = spinner {
+        spinner.finish_and_clear();
+    }
+    result
+}
+
+pub async fn run_vm(endpoint: &Endpoint, verb: VmVerb) -> anyhow::Result<()> {
+    let client = endpoint.client()?;
+    match verb {
+        VmVerb::Create {
+            name,
+            image,
+            cpus,
+            memory,
+            host,
+            no_wait,
+            json,
+        } => {
+            let request = CreateVmRequest {
+                name: name.clone(),
+                image,
+                cpus,
+                memory,
+                host,
+            };
+            let mut vm = client.create_vm(&request).await?;
+            if !no_wait {
+                vm = wait_for(&client, &name, "running", Duration::from_secs(180), json).await?;
+            }
+            print_vm(&vm, json)
+        }
+        VmVerb::List { json } => {
+            let vms = client.list_vms().await?;
+            if json {
+                return print_json(&vms);
+            }
+            println!("{}", vms_table(&vms));
+            Ok(())
+        }
+        VmVerb::Show { name, json } => print_vm(&client.get_vm(&name).await?, json),
+        VmVerb::Start { name, json } => {
+            client.start_vm(&name).await?;
+            let vm = wait_for(&client, &name, "running", Duration::from_secs(180), json).await?;
+            print_vm(&vm, json)
+        }
+        VmVerb::Stop { name, json } => {
+            client.stop_vm(&name).await?;
+            let vm = wait_for(&client, &name, "stopped", Duration::from_secs(120), json).await?;
+            print_vm(&vm, json)
+        }
+        VmVerb::Reset { name, json } => print_vm(&client.reset_vm(&name).await?, json),
+        VmVerb::Delete { name, json } => {
+            client.delete_vm(&name).await?;
+            if json {
+                return print_json(&serde_json::json!({"deleted": name}));
+            }
+            println!("VM {name} deleted");
+            Ok(())
+        }
+        VmVerb::Exec {
+            name,
+            timeout,
+            json,
+            command,
+        } => {
+            let output = client
+                .exec_vm(
+                    &name,
+                    &ExecRequest {
+                        command,
+                        timeout_seconds: Some(timeout),
+                    },
+                )
+                .await?;
+            if json {
+                return print_json(&output);
+            }
+            print!("{}", output.stdout);
+            eprint!("{}", output.stderr);
+            match output.exit_code {
+                Some(0) => Ok(()),
+                Some(code) => std::process::exit(i32::try_from(code).unwrap_or(1)),
+                None => anyhow::bail!("command killed by signal {}", output.signal.unwrap_or(0)),
+            }
+        }
+    }
+}
+
+pub async fn run_events(
+    endpoint: &Endpoint,
+    follow: bool,
+    limit: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    let client = endpoint.client()?;
+    let show = |event: ferry_api::types::EventView| {
+        if json {
+            println!("{}", serde_json::to_string(&event).unwrap_or_default());
+        } else {
+            let seconds = event.at_ms / 1000;
+            let time = format!(
+                "{:02}:{:02}:{:02}.{:03}",
+                seconds / 3600 % 24,
+                seconds / 60 % 60,
+                seconds % 60,
+                event.at_ms % 1000
+            );
+            println!(
+                "{time}  {:<16} {:<14} {}",
+                event.subject, event.kind, event.message
+            );
+        }
+    };
+    for event in client
+        .list_events(limit)
+        .await
+        .context("cannot list events")?
+    {
+        show(event);
+    }
+    if follow {
+        client.follow_events(show).await?;
+    }
+    Ok(())
+}

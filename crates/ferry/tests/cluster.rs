@@ -1,0 +1,528 @@
+//! The cluster on loopback: a real etcd, real agents (`ferry agent run`, as separate
+//! processes), real QEMU booting the appliance. No namespaces: the agents listen on
+//! 127.0.0.1 and the VMs have no NIC; the lab's tests cover networking.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly by design
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry_agent::config::{AccelChoice, AgentConfig, PoolConfig};
+use ferry_api::auth::{Role, TokenConfig};
+use ferry_api::client::ApiClient;
+use ferry_api::types::{CreateVmRequest, ExecRequest};
+use ferry_api::ApiError;
+use ferry_model::cluster::ImageRecord;
+use ferry_model::Bytes;
+use ferry_store::etcd_server::{free_port, EtcdServer};
+use ferry_store::Store;
+
+const ADMIN: &str = "admin-token-for-tests";
+const VIEWER: &str = "viewer-token-for-tests";
+
+struct Agent {
+    config_path: PathBuf,
+    config: AgentConfig,
+    child: Option<Child>,
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    _etcd: EtcdServer,
+    store: Store,
+    agents: Vec<Agent>,
+}
+
+fn ferry_binary() -> &'static str {
+    env!("CARGO_BIN_EXE_ferry")
+}
+
+impl Cluster {
+    async fn start(hosts: usize) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("ferry-cluster-")
+            .tempdir()
+            .unwrap();
+        let etcd = EtcdServer::start(
+            &dir.path().join("etcd"),
+            "127.0.0.1",
+            free_port(),
+            free_port(),
+        )
+        .await
+        .unwrap();
+        let store = Store::connect(std::slice::from_ref(&etcd.client_url), "/ferry/")
+            .await
+            .unwrap();
+        let appliance =
+            ferry_lab::appliance::Appliance::load(&ferry_lab::defaults::appliance_dir())
+                .expect("the appliance (the README's test command builds it)");
+        let accel = ferry_lab::defaults::detect_accel(&appliance)
+            .await
+            .unwrap()
+            .accel;
+        let image = ImageRecord {
+            version: 1,
+            name: "appliance".into(),
+            kernel: appliance.kernel(),
+            initrd: appliance.initrd(),
+            data_disk: Bytes(256 * Bytes::MIB),
+            probe_cmdline: None,
+            probe_marker: None,
+        };
+        store
+            .put(&store.keys().image("appliance"), &image, None)
+            .await
+            .unwrap();
+        let shared = dir.path().join("shared");
+        let mut agents = Vec::new();
+        for index in 1..=hosts {
+            let mut config = AgentConfig::parse(&format!("host = \"host{index}\"")).unwrap();
+            config.cluster.etcd = vec![etcd.client_url.clone()];
+            config.api.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            config.api.tokens = vec![
+                TokenConfig {
+                    token: ADMIN.into(),
+                    role: Role::Admin,
+                },
+                TokenConfig {
+                    token: VIEWER.into(),
+                    role: Role::Viewer,
+                },
+            ];
+            config.lease.ttl_seconds = 3;
+            config.capacity.cpus = Some(2);
+            config.capacity.memory = Some(Bytes(Bytes::GIB));
+            config.paths.run_dir = dir.path().join(format!("host{index}"));
+            config.qemu.accel = match accel {
+                ferry_qemu::Accel::Kvm => AccelChoice::Kvm,
+                ferry_qemu::Accel::Tcg => AccelChoice::Tcg,
+            };
+            config.qemu.stop_grace_seconds = 20;
+            config.pools = vec![PoolConfig {
+                name: "shared".into(),
+                path: shared.clone(),
+                shared: true,
+            }];
+            let config_path = dir.path().join(format!("host{index}.toml"));
+            std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+            let mut agent = Agent {
+                config_path,
+                config,
+                child: None,
+            };
+            agent.spawn(dir.path());
+            agents.push(agent);
+        }
+        let cluster = Cluster {
+            dir,
+            _etcd: etcd,
+            store,
+            agents,
+        };
+        cluster.wait_hosts(hosts).await;
+        cluster
+    }
+
+    fn client(&self, agent: usize) -> ApiClient {
+        ApiClient::new(&self.agents[agent].config.api.advertised_url(), ADMIN)
+    }
+
+    fn url(&self, agent: usize) -> String {
+        self.agents[agent].config.api.advertised_url()
+    }
+
+    async fn wait_hosts(&self, count: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (hosts, _) = self
+                .store
+                .list_raw(&self.store.keys().hosts())
+                .await
+                .unwrap();
+            if hosts.len() == count
+                && self
+                    .client(0)
+                    .list_hosts()
+                    .await
+                    .is_ok_and(|hosts| hosts.iter().any(|host| host.leader))
+            {
+                return;
+            }
+            if Instant::now() > deadline {
+                let logs: Vec<String> = (1..=self.agents.len())
+                    .map(|index| {
+                        std::fs::read_to_string(self.dir.path().join(format!("host{index}.log")))
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                panic!(
+                    "{} of {count} hosts registered; agent logs:\n{}",
+                    hosts.len(),
+                    logs.join("\n---\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn agent_index(&self, host: &str) -> usize {
+        self.agents
+            .iter()
+            .position(|agent| agent.config.host.as_str() == host)
+            .unwrap()
+    }
+}
+
+impl Agent {
+    fn spawn(&mut self, dir: &Path) {
+        use std::os::unix::process::CommandExt;
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("{}.log", self.config.host)))
+            .unwrap();
+        let child = Command::new(ferry_binary())
+            .args(["agent", "run", "--config"])
+            .arg(&self.config_path)
+            .env("FERRY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    /// SIGKILL, as a crash would.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for agent in &mut self.agents {
+            agent.kill();
+            // Kill the QEMUs this test's agents started, by their pidfiles.
+            let vms = agent.config.paths.run_dir.join("vms");
+            for entry in std::fs::read_dir(vms).into_iter().flatten().flatten() {
+                let run = ferry_qemu::RunDir::new(entry.path());
+                if let Ok(process) = ferry_qemu::process::QemuProcess::find(&run) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(process.pid()),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn request(name: &str) -> CreateVmRequest {
+    CreateVmRequest {
+        name: name.into(),
+        image: "appliance".into(),
+        cpus: 1,
+        memory: "256M".into(),
+        host: None,
+    }
+}
+
+async fn wait_state(
+    client: &ApiClient,
+    name: &str,
+    state: &str,
+    guest_agent: bool,
+) -> ferry_api::types::VmView {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let vm = client.get_vm(name).await.unwrap();
+        if vm.state == state && (!guest_agent || vm.guest_agent) {
+            return vm;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "VM {name} still {} (want {state}): {vm:?}",
+            vm.state
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn boot_id(client: &ApiClient, name: &str) -> String {
+    let exec = ExecRequest {
+        command: vec!["/bin/cat".into(), "/proc/sys/kernel/random/boot_id".into()],
+        timeout_seconds: Some(20),
+    };
+    let output = client.exec_vm(name, &exec).await.unwrap();
+    assert_eq!(output.exit_code, Some(0), "{output:?}");
+    output.stdout.trim().to_string()
+}
+
+fn process_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+#[tokio::test]
+async fn every_route_but_the_openapi_document_needs_a_valid_token() {
+    let cluster = Cluster::start(1).await;
+    let http = reqwest::Client::new();
+    let base = cluster.url(0);
+    let routes = [
+        ("GET", "/api/v1/hosts"),
+        ("GET", "/api/v1/hosts/host1"),
+        ("GET", "/api/v1/vms"),
+        ("POST", "/api/v1/vms"),
+        ("GET", "/api/v1/vms/x"),
+        ("DELETE", "/api/v1/vms/x"),
+        ("POST", "/api/v1/vms/x/start"),
+        ("POST", "/api/v1/vms/x/stop"),
+        ("POST", "/api/v1/vms/x/reset"),
+        ("POST", "/api/v1/vms/x/exec"),
+        ("GET", "/api/v1/events"),
+        ("GET", "/api/v1/events/stream"),
+    ];
+    for (method, path) in routes {
+        for token in [None, Some("wrong-token")] {
+            let mut request = http.request(method.parse().unwrap(), format!("{base}{path}"));
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 401, "{method} {path} with {token:?}");
+            let body: serde_json::Value = response.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "unauthorized", "{body}");
+        }
+    }
+    let document: serde_json::Value = http
+        .get(format!("{base}/api/v1/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        document["openapi"].as_str().unwrap().starts_with("3.1"),
+        "{document}"
+    );
+    assert!(document["paths"]["/api/v1/vms/{name}/exec"]["post"].is_object());
+
+    // A viewer reads but may not create.
+    let viewer = ApiClient::new(&base, VIEWER);
+    viewer.list_vms().await.unwrap();
+    let error = viewer.create_vm(&request("nope")).await.unwrap_err();
+    assert!(matches!(error, ApiError::Forbidden(_)), "{error}");
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_4xx_naming_the_problem_and_creates_nothing() {
+    let cluster = Cluster::start(1).await;
+    let client = cluster.client(0);
+
+    let error = client.get_vm("ghost").await.unwrap_err();
+    assert_eq!(error, ApiError::NotFound("VM ghost does not exist".into()));
+    let error = client.get_host("nohost").await.unwrap_err();
+    assert!(
+        matches!(error, ApiError::NotFound(ref message) if message.contains("nohost")),
+        "{error}"
+    );
+
+    let mut huge = request("huge");
+    huge.memory = "64G".into();
+    let error = client.create_vm(&huge).await.unwrap_err();
+    assert!(
+        matches!(error, ApiError::BadRequest(ref message) if message.contains("more than any host can give")),
+        "{error}"
+    );
+
+    let mut unknown_image = request("img");
+    unknown_image.image = "windows".into();
+    let error = client.create_vm(&unknown_image).await.unwrap_err();
+    assert_eq!(
+        error,
+        ApiError::BadRequest("image \"windows\" does not exist".into())
+    );
+
+    let error = client.create_vm(&request("Bad_Name")).await.unwrap_err();
+    assert!(
+        matches!(error, ApiError::BadRequest(ref message) if message.contains("not allowed")),
+        "{error}"
+    );
+
+    let mut bad_memory = request("mem");
+    bad_memory.memory = "lots".into();
+    assert!(
+        matches!(client.create_vm(&bad_memory).await.unwrap_err(), ApiError::BadRequest(ref message) if message.starts_with("memory:"))
+    );
+
+    let response = reqwest::Client::new()
+        .post(format!("{}/api/v1/vms", cluster.url(0)))
+        .bearer_auth(ADMIN)
+        .header("content-type", "application/json")
+        .body("{\"name\": \"x\", \"cpus\": ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "bad_request");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("request body:"),
+        "{body}"
+    );
+
+    assert!(
+        client.list_vms().await.unwrap().is_empty(),
+        "nothing was half-created"
+    );
+    assert!(
+        !cluster.dir.path().join("shared/vms").exists(),
+        "no disk was made"
+    );
+}
+
+#[tokio::test]
+async fn a_vm_is_created_placed_run_stopped_started_and_deleted_without_leftovers() {
+    let cluster = Cluster::start(2).await;
+    let client = cluster.client(0);
+    client.create_vm(&request("life")).await.unwrap();
+    let error = client.create_vm(&request("life")).await.unwrap_err();
+    assert_eq!(error, ApiError::Conflict("VM life already exists".into()));
+
+    let vm = wait_state(&client, "life", "running", true).await;
+    let host = vm.host.clone().unwrap();
+    let pid = vm.pid.unwrap();
+    assert!(process_alive(pid));
+
+    // Any host answers: exec through the API of a host that does not run the VM.
+    let other = 1 - cluster.agent_index(&host);
+    let exec = ExecRequest {
+        command: vec!["/bin/echo".into(), "hello".into()],
+        timeout_seconds: Some(20),
+    };
+    let output = cluster.client(other).exec_vm("life", &exec).await.unwrap();
+    assert_eq!(
+        (output.exit_code, output.stdout.as_str()),
+        (Some(0), "hello\n")
+    );
+
+    client.stop_vm("life").await.unwrap();
+    wait_state(&client, "life", "stopped", false).await;
+    assert!(!process_alive(pid), "the QEMU is gone after a stop");
+    client.start_vm("life").await.unwrap();
+    let restarted = wait_state(&client, "life", "running", true).await;
+    assert_eq!(
+        restarted.host.as_deref(),
+        Some(host.as_str()),
+        "a stopped VM stays on its host"
+    );
+
+    let disk_dir = cluster.dir.path().join("shared/vms/life");
+    assert!(disk_dir.join("data.qcow2").exists());
+    client.delete_vm("life").await.unwrap();
+    assert!(!process_alive(restarted.pid.unwrap()), "QEMU gone");
+    assert!(!disk_dir.exists(), "disk gone");
+    assert!(matches!(
+        client.get_vm("life").await,
+        Err(ApiError::NotFound(_))
+    ));
+    let kinds: Vec<String> = client
+        .list_events(100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|event| event.kind)
+        .collect();
+    for expected in ["created", "placed", "started", "stopped", "deleted"] {
+        assert!(
+            kinds.iter().any(|kind| kind == expected),
+            "event {expected} missing from {kinds:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_agent_restart_never_stops_its_vms() {
+    let mut cluster = Cluster::start(1).await;
+    let client = cluster.client(0);
+    client.create_vm(&request("steady")).await.unwrap();
+    let before = wait_state(&client, "steady", "running", true).await;
+    let boot_before = boot_id(&client, "steady").await;
+
+    cluster.agents[0].kill();
+    assert!(
+        process_alive(before.pid.unwrap()),
+        "QEMU outlives its agent"
+    );
+    let dir = cluster.dir.path().to_path_buf();
+    cluster.agents[0].spawn(&dir);
+    cluster.wait_hosts(1).await;
+
+    let after = wait_state(&client, "steady", "running", true).await;
+    assert_eq!(after.pid, before.pid, "same QEMU");
+    assert_eq!(
+        boot_id(&client, "steady").await,
+        boot_before,
+        "the guest did not reboot"
+    );
+    let reattached = client
+        .list_events(100)
+        .await
+        .unwrap()
+        .into_iter()
+        .any(|event| event.kind == "reattached" && event.subject == "vm/steady");
+    assert!(reattached, "the new agent reports that it reattached");
+    client.delete_vm("steady").await.unwrap();
+}
+
+#[tokio::test]
+async fn when_the_leader_dies_another_agent_leads_within_seconds() {
+    let mut cluster = Cluster::start(3).await;
+    let hosts = cluster.client(0).list_hosts().await.unwrap();
+    let leader = hosts.iter().find(|host| host.leader).unwrap().name.clone();
+    let index = cluster.agent_index(&leader);
+    cluster.agents[index].kill();
+    let survivor = cluster.client((index + 1) % 3);
+    let killed_at = Instant::now();
+    let new_leader = loop {
+        if let Ok(hosts) = survivor.list_hosts().await {
+            if let Some(host) = hosts.iter().find(|host| host.leader && host.name != leader) {
+                break host.name.clone();
+            }
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(20),
+            "no new leader after 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_ne!(new_leader, leader);
+    // The new leader manages: a new VM gets placed.
+    survivor
+        .create_vm(&CreateVmRequest {
+            memory: "128M".into(),
+            ..request("after")
+        })
+        .await
+        .unwrap();
+    let vm = survivor.get_vm("after").await.unwrap();
+    assert!(vm.host.is_some_and(|host| host != leader));
+    survivor.delete_vm("after").await.unwrap();
+}

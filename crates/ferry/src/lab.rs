@@ -187,6 +187,7 @@ async fn up(hosts: u32, subnet: u8, name: &LabName, json: bool) -> anyhow::Resul
         subnet_base: subnet,
         ..LabSpec::named(&name.name)
     };
+    ferry_lab::lab::require_root(&spec)?;
     let appliance = demo::load_or_build_appliance().await?;
     if !json {
         println!(

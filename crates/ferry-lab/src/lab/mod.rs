@@ -3,8 +3,8 @@
 //! (`status`), breaking it on purpose (`fault`, `heal`) and removing it (`down`).
 //!
 //! `up` goes in this order, recording each thing it makes in `lab.json` right after
-//! making it: state directory → address block (blackhole route) → switches → host
-//! namespaces and links → directories → etcd → the appliance image and the business
+//! making it: state and run directories → address block (blackhole route) → switches
+//! → host namespaces and links → pools → etcd → the appliance image and the business
 //! network in etcd → the admin token, agent configs and client config → one agent per
 //! host → wait until every host registered. If a step fails, `up` calls `down`, which
 //! works from `lab.json` alone and tolerates whatever is already missing, so a lab is
@@ -181,6 +181,7 @@ impl Lab {
     /// Builds the whole lab: network, etcd, image, configs, agents; waits until every
     /// host registered. Probes KVM once, for all hosts. On failure, removes what it made.
     pub async fn up(spec: &LabSpec, appliance: &Appliance) -> Result<Lab, LabError> {
+        require_root(spec)?;
         let accel = defaults::detect_accel(appliance)
             .await
             .map_err(|error| LabError::Object {
@@ -211,6 +212,7 @@ impl Lab {
             lab: spec.name.clone(),
             problem,
         })?;
+        require_root(spec)?;
         if Lab::exists(&spec.state_dir) {
             return Err(LabError::AlreadyUp {
                 lab: spec.name.clone(),
@@ -671,6 +673,17 @@ impl Lab {
             },
         }
     }
+}
+
+/// Namespaces, bridges and routes are root's business; say so before failing halfway.
+pub fn require_root(spec: &LabSpec) -> Result<(), LabError> {
+    if nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    Err(LabError::Spec {
+        lab: spec.name.clone(),
+        problem: "building a lab needs root (it creates namespaces, bridges and a route)".into(),
+    })
 }
 
 /// Hosts with a registration under `hosts/` (a host may own several keys there).

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{self, Signal};
-use nix::sys::wait::{waitpid, WaitPidFlag};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use super::spec::LabSpec;
@@ -16,6 +16,8 @@ use super::state::Spawned;
 
 /// How long a SIGKILLed process may take to disappear before we report it.
 const KILL_WAIT: Duration = Duration::from_secs(10);
+/// How long a process may take to show its arguments after `spawn`.
+const EXEC_WAIT: Duration = Duration::from_secs(2);
 
 /// Whether the process still runs (a zombie does not) and is the one we started.
 pub fn is_running(process: &Spawned) -> bool {
@@ -53,14 +55,7 @@ pub fn kill_all(pids: &[i32]) -> Vec<i32> {
     }
     let started = Instant::now();
     loop {
-        let remaining: Vec<i32> = pids
-            .iter()
-            .copied()
-            .filter(|&pid| {
-                reap(pid);
-                is_alive(pid)
-            })
-            .collect();
+        let remaining: Vec<i32> = pids.iter().copied().filter(|&pid| !is_gone(pid)).collect();
         if remaining.is_empty() || started.elapsed() > KILL_WAIT {
             return remaining;
         }
@@ -72,6 +67,17 @@ pub fn kill_all(pids: &[i32]) -> Vec<i32> {
 /// failing), so it does not linger as a zombie. For anyone else's pid this does nothing.
 pub fn reap(pid: i32) {
     let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
+}
+
+/// Whether a killed process is gone. Our own child is gone once reaped (a killed
+/// multi-threaded process is a zombie before it can be reaped); anyone else's once it
+/// is a zombie or absent.
+fn is_gone(pid: i32) -> bool {
+    match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+        Ok(WaitStatus::StillAlive) => false,
+        Ok(_) => true,
+        Err(_) => !is_alive(pid),
+    }
 }
 
 /// The marker that identifies a host's agent: its config path is the lab's own.
@@ -115,10 +121,22 @@ pub fn spawn_agent(spec: &LabSpec, host: u32, binary: &Path) -> Result<Spawned, 
     let pid = i32::try_from(child.id()).map_err(|error| error.to_string())?;
     // Dropping the handle leaves the agent running; `down` finds it by pid.
     drop(child);
-    Ok(Spawned {
+    let spawned = Spawned {
         pid,
         marker: agent_marker(&config),
-    })
+    };
+    wait_recognisable(&spawned);
+    Ok(spawned)
+}
+
+/// Waits (briefly) until a just-spawned process shows its arguments: right after
+/// `spawn` returns, the kernel may still be loading the program, and `/proc/PID/cmdline`
+/// reads empty, which would make the process look like someone else's.
+pub fn wait_recognisable(process: &Spawned) {
+    let started = Instant::now();
+    while !is_running(process) && is_alive(process.pid) && started.elapsed() < EXEC_WAIT {
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// QEMUs under a host's run directory (`vms/*/qemu.pid`) that are still ours.
@@ -168,6 +186,7 @@ mod tests {
             pid,
             marker: vec!["sleep".into(), "31".into()],
         };
+        wait_recognisable(&ours);
         assert!(is_running(&ours));
         assert!(!is_running(&other));
         assert!(kill_all(&[pid]).is_empty());

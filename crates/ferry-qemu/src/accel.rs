@@ -176,7 +176,9 @@ pub async fn probe(qemu: &Path, image: &ProbeImage) -> Result<AccelReport, QemuE
     let scratch = tempfile_dir()?;
     let console = scratch.join("console.log");
     let started = Instant::now();
-    let mut child = tokio::process::Command::new(qemu)
+    let mut command = tokio::process::Command::new(qemu);
+    die_with_parent(&mut command);
+    let mut child = command
         .args([
             "-accel", "kvm", "-machine", "q35", "-cpu", "host", "-m", "128M",
         ])
@@ -238,6 +240,20 @@ pub async fn probe(qemu: &Path, image: &ProbeImage) -> Result<AccelReport, QemuE
     Ok(outcome)
 }
 
+/// A throwaway QEMU (probe, CPU query) must not outlive a supervisor killed mid-way:
+/// the kernel kills it when its parent dies.
+#[allow(unsafe_code)]
+fn die_with_parent(command: &mut tokio::process::Command) {
+    // SAFETY: the closure runs between fork and exec and only calls prctl(2), which is
+    // async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        });
+    }
+}
+
 fn last_line(text: &str) -> &str {
     text.lines()
         .rev()
@@ -268,7 +284,9 @@ pub async fn host_cpu(qemu: &Path, accel: Accel) -> Result<(String, Vec<String>)
         Accel::Kvm => "host",
         Accel::Tcg => "max",
     };
-    let mut child = tokio::process::Command::new(qemu)
+    let mut command = tokio::process::Command::new(qemu);
+    die_with_parent(&mut command);
+    let mut child = command
         .args([
             "-machine",
             "none",

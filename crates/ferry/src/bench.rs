@@ -14,6 +14,18 @@ use crate::output::print_json;
 
 #[derive(Subcommand)]
 pub enum BenchVerb {
+    /// Latency of `GET /api/v1/vms` with N VMs registered (stopped, so nothing boots), in the lab.
+    Api {
+        #[arg(long, default_value_t = 50)]
+        vms: u32,
+        #[arg(long, default_value_t = 200)]
+        requests: u32,
+        /// Which lab.
+        #[arg(long, default_value = ferry_lab::lab::DEFAULT_NAME)]
+        lab: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Boot the appliance repeatedly and report QEMU start → guest ready.
     Boot {
         /// Boots after the first (the first also formats the data disk).
@@ -41,6 +53,12 @@ struct BootReport {
 pub async fn run(verb: BenchVerb) -> anyhow::Result<()> {
     match verb {
         BenchVerb::Boot { runs, memory, json } => boot(runs, memory, json).await,
+        BenchVerb::Api {
+            vms,
+            requests,
+            lab,
+            json,
+        } => api_latency(vms, requests, &lab, json).await,
     }
 }
 
@@ -118,5 +136,112 @@ async fn boot(runs: u32, memory: Bytes, json: bool) -> anyhow::Result<()> {
         stops[stops.len() / 2]
     };
     println!("  graceful stop (ACPI), median        {stop_median:.2} s");
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct ApiLatencyReport {
+    vms: u32,
+    requests: u32,
+    median_ms: f64,
+    p95_ms: f64,
+    worst_ms: f64,
+}
+
+/// Registers `count` stopped VMs straight in etcd (as the API would, minus the boot),
+/// times `vm list` through the API, and removes them again.
+async fn api_latency(count: u32, requests: u32, lab_name: &str, json: bool) -> anyhow::Result<()> {
+    use ferry_model::cluster::{PowerState, VmRecord, RECORD_VERSION};
+    anyhow::ensure!(requests >= 1, "--requests must be at least 1");
+    let lab = ferry_lab::lab::Lab::load(&defaults::lab_dir().join(lab_name))?;
+    let store = lab.store().await?;
+    let token = lab
+        .token()
+        .ok_or_else(|| anyhow::anyhow!("lab {lab_name} has no token"))?;
+    let client = ferry_api::client::ApiClient::new(&lab.spec().api_url(1), token);
+    let image = store
+        .get::<ferry_model::cluster::ImageRecord>(&store.keys().image("appliance"))
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("lab {lab_name} has no appliance image"))?
+        .value;
+    let names: Vec<ferry_model::VmName> = (0..count)
+        .map(|index| format!("bench-api-{index}").parse())
+        .collect::<Result<_, _>>()?;
+    for name in &names {
+        let record = VmRecord {
+            version: RECORD_VERSION,
+            spec: ferry_model::VmSpec {
+                name: name.clone(),
+                cpus: 1,
+                memory: Bytes::mib(32),
+                cpu_model: ferry_model::vm_default_cpu_model(),
+                disks: vec![],
+                nics: vec![],
+                boot: ferry_model::Boot::Kernel {
+                    kernel: image.kernel.clone(),
+                    initrd: Some(image.initrd.clone()),
+                    cmdline: String::new(),
+                },
+            },
+            desired: PowerState::Stopped,
+            image: image.name.clone(),
+            preferred_host: None,
+            ip: None,
+            deleting: false,
+            reset_serial: 0,
+        };
+        store
+            .create(&store.keys().vm_spec(name), &record, &format!("VM {name}"))
+            .await?;
+    }
+    let result = async {
+        // Let the manager place them, so the list shows what a real cluster would.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while client
+            .list_vms()
+            .await?
+            .iter()
+            .filter(|vm| vm.name.starts_with("bench-api-") && vm.host.is_some())
+            .count()
+            < count as usize
+        {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the manager did not place the VMs within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let mut samples = Vec::new();
+        for _ in 0..requests {
+            let started = Instant::now();
+            client.list_vms().await?;
+            samples.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        Ok(samples)
+    }
+    .await;
+    for name in &names {
+        let _ = client.delete_vm(name.as_str()).await;
+    }
+    let mut samples = result?;
+    samples.sort_by(f64::total_cmp);
+    let report = ApiLatencyReport {
+        vms: count,
+        requests,
+        median_ms: samples[samples.len() / 2],
+        p95_ms: samples[(samples.len() * 95 / 100).min(samples.len() - 1)],
+        worst_ms: samples[samples.len() - 1],
+    };
+    if json {
+        return print_json(&report);
+    }
+    println!(
+        "GET /api/v1/vms with {} VMs registered, {} requests:",
+        report.vms, report.requests
+    );
+    println!(
+        "  median {:.1} ms, p95 {:.1} ms, worst {:.1} ms",
+        report.median_ms, report.p95_ms, report.worst_ms
+    );
     Ok(())
 }

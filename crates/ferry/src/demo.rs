@@ -1,14 +1,18 @@
-//! `ferry lab demo`: the tour. For now: build nothing that is already built, boot one
-//! appliance VM, show it answering through the guest agent and through ferry-guest,
-//! and shut it down gracefully.
+//! `ferry lab demo`: the tour. Builds what is missing (the appliance, the lab), creates
+//! two VMs on a 3-host lab, shows where they run and their addresses, and talks to each
+//! one's ferry-guest from this machine (the admin workstation on the business switch)
+//! and through its guest agent. It leaves the lab running for the user to explore.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
+use ferry_api::client::ApiClient;
+use ferry_api::types::{CreateVmRequest, ExecRequest, VmView};
+use ferry_api::ApiError;
 use ferry_lab::appliance::{self, Appliance, BuildRequest};
 use ferry_lab::defaults;
-use ferry_lab::sandbox::{Method, Sandbox, SandboxOptions};
-use ferry_model::Bytes;
+use ferry_lab::lab::{Lab, LabSpec};
 
 pub fn step(text: &str) {
     println!("\n==> {text}");
@@ -32,114 +36,185 @@ pub async fn load_or_build_appliance() -> anyhow::Result<Appliance> {
 pub async fn demo() -> anyhow::Result<()> {
     let appliance = load_or_build_appliance().await?;
     println!(
-        "appliance: kernel {}, initramfs {:.1} MiB, in {}",
+        "appliance: kernel {}, initramfs {:.1} MiB",
         appliance.manifest.kernel_release,
         appliance.manifest.initrd_bytes as f64 / 1048576.0,
-        appliance.dir.display()
     );
 
-    step("choosing KVM or TCG (functional probe)");
-    let accel = defaults::detect_accel(&appliance).await?;
-    println!("{}: {}", accel.accel.qemu_name(), accel.reason);
-
-    step("booting one appliance VM (256 MiB, 1 vCPU) in its own network namespace");
-    let dir = defaults::run_dir().join("demo");
-    let _ = std::fs::remove_dir_all(&dir);
-    let options = SandboxOptions {
-        qemu: defaults::qemu_binary(),
-        accel: accel.accel,
-        memory: Bytes::mib(256),
-        data_disk: Bytes(Bytes::GIB),
-        dir,
+    let spec = LabSpec::default();
+    let lab = if Lab::exists(&spec.state_dir) {
+        step(&format!("lab {} is already up; using it", spec.name));
+        Lab::load(&spec.state_dir)?
+    } else {
+        step(&format!("building lab {}: {} hosts in network namespaces, three switches, etcd, one agent per host", spec.name, spec.hosts));
+        ferry_lab::lab::require_root(&spec)?;
+        let started = Instant::now();
+        let lab = Lab::up(&spec, &appliance).await.context("ferry lab up")?;
+        println!("lab up in {:.1} s", started.elapsed().as_secs_f64());
+        lab
     };
-    let started = Instant::now();
-    let sandbox = Sandbox::start("demo", &appliance, options)
-        .await
-        .context("cannot start the demo VM")?;
-    let result = tour(&sandbox, started).await;
-    if result.is_err() {
-        let _ = sandbox.destroy().await;
-        return result;
+    let spec = lab.spec().clone();
+    let token = lab.token().context("the lab has no API token")?.to_string();
+    let client = ApiClient::new(&spec.api_url(1), &token);
+
+    step("the hosts (`ferry host list`)");
+    let hosts = client.list_hosts().await?;
+    let mut table = Table::new();
+    table.load_preset(UTF8_BORDERS_ONLY);
+    table.set_header(["HOST", "STATE", "MANAGEMENT", "MEMORY", "ACCEL", ""]);
+    for host in &hosts {
+        table.add_row([
+            host.name.clone(),
+            host.state.clone(),
+            host.addresses
+                .get("management")
+                .cloned()
+                .unwrap_or_default(),
+            format!("{} MiB", host.memory_mib),
+            host.accel.clone(),
+            if host.leader {
+                "leader".into()
+            } else {
+                String::new()
+            },
+        ]);
+    }
+    println!("{table}");
+
+    step("creating two VMs from the appliance (`ferry vm create demo-1 …`)");
+    let mut vms = Vec::new();
+    for name in ["demo-1", "demo-2"] {
+        let started = Instant::now();
+        let request = CreateVmRequest {
+            name: name.into(),
+            image: "appliance".into(),
+            cpus: 1,
+            memory: "256M".into(),
+            host: None,
+        };
+        match client.create_vm(&request).await {
+            Ok(_) => {}
+            Err(ApiError::Conflict(message)) if message.contains("already exists") => {
+                println!("{name} exists already")
+            }
+            Err(error) => return Err(error.into()),
+        }
+        let vm = wait_answering(&client, name).await?;
+        println!(
+            "{name}: running on {} at {}, answering {:.1} s after create",
+            vm.host.as_deref().unwrap_or("-"),
+            vm.ip.as_deref().unwrap_or("-"),
+            started.elapsed().as_secs_f64()
+        );
+        vms.push(vm);
     }
 
-    step("graceful stop (ACPI power button)");
-    let machine = sandbox.machine()?;
-    let stopping = Instant::now();
-    let outcome = machine.stop(Duration::from_secs(30)).await?;
-    println!(
-        "stopped: {outcome:?} after {:.1} s",
-        stopping.elapsed().as_secs_f64()
-    );
-    let console = std::fs::read_to_string(sandbox.run_dir().console_log()).unwrap_or_default();
-    if let Some(line) = console
-        .lines()
-        .find(|line| line.contains("stopped cleanly"))
-    {
-        println!("guest console: {}", line.trim());
+    step("where they run (`ferry vm list`)");
+    let mut table = Table::new();
+    table.load_preset(UTF8_BORDERS_ONLY);
+    table.set_header(["VM", "STATE", "HOST", "IP", "CPUS", "MEMORY", "GUEST AGENT"]);
+    for vm in client.list_vms().await? {
+        table.add_row([
+            vm.name.clone(),
+            vm.state.clone(),
+            vm.host.clone().unwrap_or_default(),
+            vm.ip.clone().unwrap_or_default(),
+            vm.cpus.to_string(),
+            format!("{} MiB", vm.memory_mib),
+            if vm.guest_agent {
+                "ok".into()
+            } else {
+                "-".into()
+            },
+        ]);
     }
-    sandbox.destroy().await?;
-    println!("\nDone: the VM, its namespace and its files are gone.");
+    println!("{table}");
+
+    step("a KV write and read through each VM's ferry-guest, from this machine over the business switch");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    for vm in &vms {
+        let ip = vm.ip.as_deref().context("the VM has no address")?;
+        wait_for_workload(&http, ip).await?;
+        let url = format!("http://{ip}:8080/kv/greeting");
+        let value = format!("hello {} on {}", vm.name, vm.host.as_deref().unwrap_or("?"));
+        let put = http
+            .put(&url)
+            .body(value.clone())
+            .send()
+            .await
+            .with_context(|| format!("PUT {url}"))?;
+        println!(
+            "PUT {url} -> {} {}",
+            put.status().as_u16(),
+            put.text().await.unwrap_or_default()
+        );
+        let got = http
+            .get(&url)
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?
+            .text()
+            .await?;
+        println!("GET {url} -> {got}");
+        anyhow::ensure!(
+            got == value,
+            "VM {} returned {got:?} instead of {value:?}",
+            vm.name
+        );
+    }
+
+    step("a command in a guest through its guest agent (`ferry vm exec demo-1 -- uname -r`)");
+    let exec = ExecRequest {
+        command: vec!["/bin/uname".into(), "-r".into()],
+        timeout_seconds: Some(20),
+    };
+    let output = client.exec_vm("demo-1", &exec).await?;
+    println!("{}", output.stdout.trim());
+
+    println!(
+        "\nThe lab is still running. Explore it with `ferry host list`, `ferry vm list`, `ferry events`,\n`ferry vm exec demo-2 -- cat /proc/uptime`, `ferry lab fault host2 power-off` …\nRemove everything it made with `ferry lab down`."
+    );
     Ok(())
 }
 
-async fn tour(sandbox: &Sandbox, started: Instant) -> anyhow::Result<()> {
-    let machine = sandbox.machine()?;
-    println!(
-        "QEMU pid {}, run directory {}",
-        machine.pid(),
-        sandbox.run_dir().path().display()
-    );
-    sandbox.wait_ready(Duration::from_secs(60)).await?;
-    println!(
-        "guest ready {:.1} s after QEMU started",
-        started.elapsed().as_secs_f64()
-    );
-    println!(
-        "QMP: status {:?}, QEMU {}",
-        machine.status().await?,
-        machine.qmp().qemu_version()
-    );
-
-    step("the guest agent (qemu-ga over virtio-serial)");
-    let agent = machine.guest_agent();
-    let ping = Instant::now();
-    agent.ping(Duration::from_secs(10)).await?;
-    println!(
-        "guest-ping answered in {:.1} ms",
-        ping.elapsed().as_secs_f64() * 1000.0
-    );
-    let uname = agent
-        .exec("/bin/uname", &["-a"], Duration::from_secs(10))
-        .await?;
-    println!("guest-exec uname -a: {}", uname.stdout.trim());
-    for interface in agent.network_interfaces(Duration::from_secs(10)).await? {
-        let addresses: Vec<String> = interface
-            .ip_addresses
-            .iter()
-            .map(|ip| format!("{}/{}", ip.address, ip.prefix))
-            .collect();
-        println!("interface {}: {}", interface.name, addresses.join(", "));
+/// Waits until ferry-guest in the VM answers (it starts a moment after the guest agent).
+async fn wait_for_workload(http: &reqwest::Client, ip: &str) -> anyhow::Result<()> {
+    let url = format!("http://{ip}:8080/health");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match http.get(&url).send().await {
+            Ok(response) if response.status().is_success() => return Ok(()),
+            Ok(_) | Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Ok(response) => anyhow::bail!("{url} answers {}", response.status()),
+            Err(error) => {
+                return Err(anyhow::Error::new(error).context(format!("{url} does not answer")))
+            }
+        }
     }
+}
 
-    step(&format!(
-        "ferry-guest at {} (from the host side of the VM's tap)",
-        sandbox.guest_url()
-    ));
-    let (status, body) = sandbox.http(
-        Method::PUT,
-        "/kv/greeting",
-        Some(b"hello from the host".to_vec()),
-    )?;
-    println!(
-        "PUT /kv/greeting -> {status} {}",
-        String::from_utf8_lossy(&body)
-    );
-    let (status, body) = sandbox.http(Method::GET, "/kv/greeting", None)?;
-    println!(
-        "GET /kv/greeting -> {status} {}",
-        String::from_utf8_lossy(&body)
-    );
-    let (status, body) = sandbox.http(Method::GET, "/health", None)?;
-    println!("GET /health -> {status} {}", String::from_utf8_lossy(&body));
-    Ok(())
+/// Waits until the VM runs and its guest agent answers.
+async fn wait_answering(client: &ApiClient, name: &str) -> anyhow::Result<VmView> {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let vm = client.get_vm(name).await?;
+        if vm.state == "running" && vm.guest_agent {
+            return Ok(vm);
+        }
+        anyhow::ensure!(
+            vm.state != "failed",
+            "VM {name} failed: {}",
+            vm.error.unwrap_or_default()
+        );
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "VM {name} still {} after 180 s",
+            vm.state
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

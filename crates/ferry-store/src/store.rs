@@ -166,24 +166,14 @@ impl Store {
         value: &T,
         what: &str,
     ) -> Result<i64, StoreError> {
-        let txn = Txn::new()
-            .when(vec![Compare::create_revision(key, CompareOp::Equal, 0)])
-            .and_then(vec![TxnOp::put(key, encode(value), None)]);
-        let response = self
-            .client
-            .clone()
-            .txn(txn)
+        self.compare_and_swap(key, 0, value)
             .await
-            .map_err(|error| self.etcd_error(error))?;
-        if !response.succeeded() {
-            return Err(StoreError::Exists {
-                what: what.to_string(),
-            });
-        }
-        Ok(response
-            .header()
-            .map(|header| header.revision())
-            .unwrap_or(0))
+            .map_err(|error| match error {
+                StoreError::Conflict { .. } => StoreError::Exists {
+                    what: what.to_string(),
+                },
+                other => other,
+            })
     }
 
     /// Writes only if the key was not modified since `mod_revision` (0: does not exist).

@@ -152,7 +152,7 @@ pub async fn run_host(endpoint: &Endpoint, verb: HostVerb) -> anyhow::Result<()>
     }
 }
 
-fn hosts_table(hosts: &[HostView]) -> Table {
+pub fn hosts_table(hosts: &[HostView]) -> Table {
     let mut table = Table::new();
     table.load_preset(UTF8_BORDERS_ONLY);
     table.set_header([
@@ -187,7 +187,7 @@ fn hosts_table(hosts: &[HostView]) -> Table {
     table
 }
 
-fn vms_table(vms: &[VmView]) -> Table {
+pub fn vms_table(vms: &[VmView]) -> Table {
     let mut table = Table::new();
     table.load_preset(UTF8_BORDERS_ONLY);
     table.set_header([

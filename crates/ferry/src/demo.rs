@@ -6,7 +6,6 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 use ferry_api::client::ApiClient;
 use ferry_api::types::{CreateVmRequest, ExecRequest, VmView};
 use ferry_api::ApiError;
@@ -58,28 +57,10 @@ pub async fn demo() -> anyhow::Result<()> {
     let client = ApiClient::new(&spec.api_url(1), &token);
 
     step("the hosts (`ferry host list`)");
-    let hosts = client.list_hosts().await?;
-    let mut table = Table::new();
-    table.load_preset(UTF8_BORDERS_ONLY);
-    table.set_header(["HOST", "STATE", "MANAGEMENT", "MEMORY", "ACCEL", ""]);
-    for host in &hosts {
-        table.add_row([
-            host.name.clone(),
-            host.state.clone(),
-            host.addresses
-                .get("management")
-                .cloned()
-                .unwrap_or_default(),
-            format!("{} MiB", host.memory_mib),
-            host.accel.clone(),
-            if host.leader {
-                "leader".into()
-            } else {
-                String::new()
-            },
-        ]);
-    }
-    println!("{table}");
+    println!(
+        "{}",
+        crate::cluster::hosts_table(&client.list_hosts().await?)
+    );
 
     step("creating two VMs from the appliance (`ferry vm create demo-1 …`)");
     let mut vms = Vec::new();
@@ -110,25 +91,7 @@ pub async fn demo() -> anyhow::Result<()> {
     }
 
     step("where they run (`ferry vm list`)");
-    let mut table = Table::new();
-    table.load_preset(UTF8_BORDERS_ONLY);
-    table.set_header(["VM", "STATE", "HOST", "IP", "CPUS", "MEMORY", "GUEST AGENT"]);
-    for vm in client.list_vms().await? {
-        table.add_row([
-            vm.name.clone(),
-            vm.state.clone(),
-            vm.host.clone().unwrap_or_default(),
-            vm.ip.clone().unwrap_or_default(),
-            vm.cpus.to_string(),
-            format!("{} MiB", vm.memory_mib),
-            if vm.guest_agent {
-                "ok".into()
-            } else {
-                "-".into()
-            },
-        ]);
-    }
-    println!("{table}");
+    println!("{}", crate::cluster::vms_table(&client.list_vms().await?));
 
     step("a KV write and read through each VM's ferry-guest, from this machine over the business switch");
     let http = reqwest::Client::builder()

@@ -532,14 +532,47 @@ async fn a_vm_that_fits_on_no_host_is_refused_and_leaves_nothing_behind() {
     let cluster = Cluster::start(1).await;
     let client = cluster.client(0);
     // The host offers 1 GiB: the first 768 MiB VM fits, the second does not.
-    client.create_vm(&CreateVmRequest { memory: "768M".into(), ..request("first") }).await.unwrap();
-    let error = client.create_vm(&CreateVmRequest { memory: "768M".into(), ..request("second") }).await.unwrap_err();
-    let ApiError::Conflict(message) = &error else { panic!("{error}") };
-    assert!(message.starts_with("VM second cannot be placed: no host has 768 MiB"), "{message}");
-    let names: Vec<String> = client.list_vms().await.unwrap().into_iter().map(|vm| vm.name).collect();
+    client
+        .create_vm(&CreateVmRequest {
+            memory: "768M".into(),
+            ..request("first")
+        })
+        .await
+        .unwrap();
+    let error = client
+        .create_vm(&CreateVmRequest {
+            memory: "768M".into(),
+            ..request("second")
+        })
+        .await
+        .unwrap_err();
+    let ApiError::Conflict(message) = &error else {
+        panic!("{error}")
+    };
+    assert!(
+        message.starts_with("VM second cannot be placed: no host has 768 MiB"),
+        "{message}"
+    );
+    let names: Vec<String> = client
+        .list_vms()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|vm| vm.name)
+        .collect();
     assert_eq!(names, ["first"], "the refused VM left no record");
-    assert!(!cluster.dir.path().join("shared/vms/second").exists(), "and no disk");
-    let (addresses, _) = cluster.store.list_raw(&format!("{}ipam/", cluster.store.keys().prefix())).await.unwrap();
-    assert!(addresses.is_empty(), "no network here, so no address was taken: {addresses:?}");
+    assert!(
+        !cluster.dir.path().join("shared/vms/second").exists(),
+        "and no disk"
+    );
+    let (addresses, _) = cluster
+        .store
+        .list_raw(&format!("{}ipam/", cluster.store.keys().prefix()))
+        .await
+        .unwrap();
+    assert!(
+        addresses.is_empty(),
+        "no network here, so no address was taken: {addresses:?}"
+    );
     client.delete_vm("first").await.unwrap();
 }

@@ -27,6 +27,8 @@ pub struct AgentConfig {
     pub paths: PathsConfig,
     #[serde(default)]
     pub qemu: QemuConfig,
+    #[serde(default)]
+    pub migration: MigrationConfig,
     /// Storage pools: directories VM disks live in. A shared pool is mounted by every host.
     #[serde(default)]
     pub pools: Vec<PoolConfig>,
@@ -150,6 +152,24 @@ impl Default for QemuConfig {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MigrationConfig {
+    /// Migrations this host takes part in at once (as source or destination); more queue.
+    pub max_concurrent: u32,
+    /// Bandwidth a live migration may use, per second (QEMU's `max-bandwidth`).
+    pub bandwidth: Bytes,
+}
+
+impl Default for MigrationConfig {
+    fn default() -> Self {
+        MigrationConfig {
+            max_concurrent: 2,
+            bandwidth: Bytes(10 * Bytes::GIB),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
     pub name: String,
@@ -224,6 +244,15 @@ impl AgentConfig {
                 self.lease.ttl_seconds
             ));
         }
+        if self.migration.max_concurrent == 0 {
+            return Err("migration.max_concurrent: must be at least 1".into());
+        }
+        if self.migration.bandwidth.0 < Bytes::MIB {
+            return Err(format!(
+                "migration.bandwidth: {} per second is too little to migrate anything",
+                self.migration.bandwidth
+            ));
+        }
         let mut names = std::collections::BTreeSet::new();
         for pool in &self.pools {
             if !names.insert(&pool.name) {
@@ -284,6 +313,12 @@ binary = "/usr/bin/qemu-system-x86_64"
 accel = "auto"
 # Seconds a graceful stop waits for the guest before killing QEMU.
 stop_grace_seconds = 30
+
+[migration]
+# Migrations this host takes part in at once (source or destination); more wait in a queue.
+max_concurrent = 2
+# Bandwidth one live migration may use, per second.
+bandwidth = "10G"
 
 # Storage pools. A shared pool is mounted at the same path on every host.
 # [[pools]]

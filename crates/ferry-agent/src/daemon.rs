@@ -13,16 +13,19 @@ use ferry_api::ops::{ClusterApi, EventLog, VmEntry};
 use ferry_api::rest::{self, RestState};
 use ferry_manager::{plan, Action, ClusterView, HostSnapshot, VmSnapshot};
 use ferry_model::cluster::{
-    now_ms, HostRecord, HostState, ImageRecord, Placement, PlacementPhase, VmRecord, VmState,
+    now_ms, HostRecord, HostState, PoolInfo, ImageRecord, Placement, PlacementPhase, VmRecord, VmState,
     VmStatus, RECORD_VERSION,
 };
+use ferry_model::ops::{OpKind, OpRecord, OpState};
 use ferry_model::{Bytes, HostLimits, HostName, VmName};
 use ferry_qemu::{Accel, ProbeImage, RunState};
 use ferry_store::{Lease, PrefixWatch, Store, Versioned, WatchEvent};
 use tokio::sync::watch;
 
 use crate::config::{AccelChoice, AgentConfig};
+use crate::migration::{self, Context};
 use crate::reconcile::{decide, Local, Step};
+use crate::storage;
 use crate::runtime::{LocalExec, Runtime};
 
 /// How often everything is re-checked even without a change in etcd.
@@ -52,11 +55,14 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let store = connect(&config).await;
     let accel = choose_accel(&config, &store).await;
     let limits = host_limits(&config);
-    let (cpu_model, cpu_features) = ferry_qemu::accel::host_cpu(&config.qemu.binary, accel)
+    let cpu = ferry_qemu::accel::host_cpu(&config.qemu.binary, accel)
         .await
         .unwrap_or_else(|error| {
             tracing::warn!("cannot query the host CPU: {error}");
-            ("qemu64".into(), Vec::new())
+            ferry_qemu::accel::HostCpu {
+                model: "qemu64".into(),
+                ..Default::default()
+            }
         });
     tracing::info!(
         "host {host}: {} vCPUs, {} for VMs, {}",
@@ -119,12 +125,22 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             .collect(),
         cpus: limits.cpus,
         memory: limits.memory,
-        cpu_model,
-        cpu_features,
+        cpu_model: cpu.model,
+        cpu_features: cpu.features,
+        cpu_models: cpu.models,
         accel: accel.qemu_name().into(),
-        pools: config.pools.iter().map(|pool| pool.name.clone()).collect(),
+        pools: config
+            .pools
+            .iter()
+            .map(|pool| PoolInfo {
+                name: pool.name.clone(),
+                path: pool.path.clone(),
+                shared: pool.shared,
+            })
+            .collect(),
         networks: config.networks.keys().cloned().collect(),
         state: HostState::Active,
+        migration_limit: config.migration.max_concurrent,
         started_ms: now_ms(),
     };
     let (lease_tx, lease_rx) = watch::channel(None);
@@ -304,6 +320,7 @@ async fn manage_once(store: &Store, events: &EventLog) -> Result<(), ferry_store
     let keys = store.keys().clone();
     let (hosts, _) = store.list::<HostRecord>(&keys.hosts()).await?;
     let entries = read_vm_entries(store).await?;
+    crate::admission::run_ops(store, events, &hosts, &entries).await?;
     let view = ClusterView {
         hosts: hosts
             .iter()
@@ -340,6 +357,7 @@ async fn manage_once(store: &Store, events: &EventLog) -> Result<(), ferry_store
                     host: host.clone(),
                     generation: 1,
                     phase: PlacementPhase::Assigned,
+                    migration: None,
                 };
                 // Create-only: a stale leader racing us cannot place it twice.
                 if store
@@ -384,7 +402,7 @@ async fn manage_once(store: &Store, events: &EventLog) -> Result<(), ferry_store
     Ok(())
 }
 
-async fn read_vm_entries(
+pub(crate) async fn read_vm_entries(
     store: &Store,
 ) -> Result<BTreeMap<String, VmEntry>, ferry_store::StoreError> {
     let (raw, _) = store.list_raw(&store.keys().vms()).await?;
@@ -471,6 +489,28 @@ fn apply_change(view: &mut BTreeMap<String, VmEntry>, store: &Store, change: &Wa
     }
 }
 
+/// Folds one change under `ops/` into the view of ops.
+fn apply_op_change(ops: &mut BTreeMap<String, OpRecord>, change: &WatchEvent) {
+    match change {
+        WatchEvent::Resync { records } => {
+            ops.clear();
+            for (key, value, _) in records {
+                if let Ok(op) = serde_json::from_slice::<OpRecord>(value) {
+                    ops.insert(key.clone(), op);
+                }
+            }
+        }
+        WatchEvent::Put { key, value, .. } => {
+            if let Ok(op) = serde_json::from_slice::<OpRecord>(value) {
+                ops.insert(key.clone(), op);
+            }
+        }
+        WatchEvent::Delete { key, .. } => {
+            ops.remove(key);
+        }
+    }
+}
+
 struct Reporter {
     last: HashMap<VmName, (VmState, bool, Instant)>,
 }
@@ -489,7 +529,17 @@ async fn reconcile_forever(
             }
         }
     };
+    let mut op_watch = loop {
+        match PrefixWatch::start(&store, &store.keys().ops()).await {
+            Ok(watch) => break watch,
+            Err(error) => {
+                tracing::warn!("cannot watch ops: {error}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
     let mut view: BTreeMap<String, VmEntry> = BTreeMap::new();
+    let mut ops: BTreeMap<String, OpRecord> = BTreeMap::new();
     let mut tick = tokio::time::interval(RECONCILE_EVERY);
     let mut last_status = Instant::now() - STATUS_EVERY;
     let mut reporter = Reporter {
@@ -502,9 +552,13 @@ async fn reconcile_forever(
                 let change = change.ok_or(AgentError::WatchEnded)?;
                 apply_change(&mut view, &store, &change);
             }
+            change = op_watch.next() => {
+                let change = change.ok_or(AgentError::WatchEnded)?;
+                apply_op_change(&mut ops, &change);
+            }
             _ = tick.tick() => {}
         }
-        reconcile_all(&store, &runtime, &api, &view, &failures).await;
+        reconcile_all(&store, &runtime, &api, &view, &ops, &failures).await;
         if last_status.elapsed() >= STATUS_EVERY {
             last_status = Instant::now();
             report_status(&store, &runtime, &view, &mut reporter).await;
@@ -517,6 +571,7 @@ async fn reconcile_all(
     runtime: &Arc<Runtime>,
     api: &Arc<ClusterApi>,
     view: &BTreeMap<String, VmEntry>,
+    ops: &BTreeMap<String, OpRecord>,
     failures: &Arc<std::sync::Mutex<HashMap<VmName, Instant>>>,
 ) {
     let me = runtime.config.host.clone();
@@ -541,12 +596,17 @@ async fn reconcile_all(
             .placement
             .as_ref()
             .map(|placement| placement.value.clone());
+        let disk_move = ops.values().find(|op| {
+            op.state == OpState::Running
+                && matches!(&op.kind, OpKind::MoveDisk(move_disk) if move_disk.vm == vm && move_disk.host == me)
+        });
         let step = decide(
             &me,
             record.as_ref(),
             placement.as_ref(),
             local,
             runtime.reset_seen(&vm).await,
+            disk_move.is_some(),
         );
         if step == Step::Nothing {
             continue;
@@ -570,9 +630,26 @@ async fn reconcile_all(
             api.clone(),
             failures.clone(),
         );
+        let versioned_placement = entry.placement.clone();
+        let disk_move = disk_move.cloned();
         tokio::spawn(async move {
             let _claim = claim;
-            carry_out(step, &vm, record, &store, &runtime, &api, &failures).await;
+            let context = Context {
+                store: &store,
+                runtime: &runtime,
+                events: api.events(),
+            };
+            match (step.clone(), versioned_placement, disk_move) {
+                (Step::MigrateOut, Some(placement), _) => {
+                    migration::migrate_out(&context, &vm, placement).await
+                }
+                (Step::MigrateIn, Some(placement), _) => {
+                    migration::migrate_in(&context, &vm, placement).await
+                }
+                (Step::MoveDisk, _, Some(op)) => storage::move_disk(&context, &op).await,
+                (Step::MigrateOut | Step::MigrateIn | Step::MoveDisk, _, _) => {}
+                _ => carry_out(step, &vm, record, &store, &runtime, &api, &failures).await,
+            }
         });
     }
 }
@@ -738,7 +815,7 @@ async fn carry_out(
             }
         }
         (step, None) => tracing::debug!("no record for {vm}; skipping {step:?}"),
-        (Step::Nothing, _) => {}
+        (Step::Nothing | Step::MigrateOut | Step::MigrateIn | Step::MoveDisk, _) => {}
     }
 }
 

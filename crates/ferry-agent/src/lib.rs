@@ -1,6 +1,9 @@
 //! The Ferry agent: one per host. See [`daemon`] for what it does.
 
+pub mod admission;
 pub mod config;
 pub mod daemon;
+pub mod migration;
 pub mod reconcile;
 pub mod runtime;
+pub mod storage;

@@ -10,8 +10,8 @@ use std::time::Duration;
 use ferry_api::types::ExecResponse;
 use ferry_api::ApiError;
 use ferry_model::cluster::{ImageRecord, VmRecord};
-use ferry_model::{Bytes, HostLimits, VmName};
-use ferry_qemu::{Accel, LaunchOptions, Machine, RunDir};
+use ferry_model::{Bytes, HostLimits, VmName, VmSpec};
+use ferry_qemu::{Accel, Incoming, LaunchOptions, Machine, RunDir};
 use futures::future::BoxFuture;
 use tokio::sync::Mutex;
 
@@ -132,20 +132,40 @@ impl Runtime {
         let spec = &record.spec;
         for disk in &spec.disks {
             if !disk.path.exists() {
-                let size = image
-                    .map(|image| image.data_disk)
+                let size = disk
+                    .size
+                    .or(image.map(|image| image.data_disk))
                     .unwrap_or(Bytes(Bytes::GIB));
                 create_disk(&disk.path, size)?;
             }
         }
+        self.launch(spec, record.reset_serial, false).await
+    }
+
+    /// Starts a QEMU that waits for an incoming migration (`-incoming defer`) with its
+    /// vCPUs stopped: it runs only when the placement names this host.
+    pub async fn launch_incoming(
+        &self,
+        spec: &VmSpec,
+        reset_serial: u64,
+    ) -> Result<Arc<Machine>, String> {
+        self.launch(spec, reset_serial, true).await
+    }
+
+    async fn launch(
+        &self,
+        spec: &VmSpec,
+        reset_serial: u64,
+        incoming: bool,
+    ) -> Result<Arc<Machine>, String> {
         let options = LaunchOptions {
             qemu: self.config.qemu.binary.clone(),
             accel: self.accel,
             run_dir: self.run_dir(&spec.name),
             netns: None,
             host: self.limits,
-            incoming: None,
-            paused: false,
+            incoming: incoming.then_some(Incoming::Defer),
+            paused: incoming,
         };
         let machine = Machine::launch(spec, &options)
             .await
@@ -171,10 +191,16 @@ impl Runtime {
             spec.name.clone(),
             LocalVm {
                 machine: machine.clone(),
-                reset_seen: record.reset_serial,
+                reset_seen: reset_serial,
             },
         );
         Ok(machine)
+    }
+
+    /// This host's address on a network, without the prefix length.
+    pub fn address_on(&self, network: &str) -> Option<String> {
+        let address = self.config.networks.get(network)?.address.as_ref()?;
+        Some(address.split('/').next().unwrap_or(address).to_string())
     }
 
     pub async fn stop(&self, vm: &VmName) -> Result<(), String> {
@@ -266,7 +292,7 @@ impl ferry_api::ops::LocalVms for LocalExec {
     }
 }
 
-fn create_disk(path: &std::path::Path, size: Bytes) -> Result<(), String> {
+pub fn create_disk(path: &std::path::Path, size: Bytes) -> Result<(), String> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|error| format!("cannot create {}: {error}", dir.display()))?;

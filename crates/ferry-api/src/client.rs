@@ -7,7 +7,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::types::{
-    CreateVmRequest, ErrorBody, EventView, ExecRequest, ExecResponse, HostView, VmView,
+    CreateVmRequest, ErrorBody, EventView, ExecRequest, ExecResponse, HostView, MigrateRequest,
+    MoveDiskRequest, OpView, VmView,
 };
 use crate::ApiError;
 
@@ -160,6 +161,63 @@ impl ApiClient {
         let timeout = Duration::from_secs(request.timeout_seconds.unwrap_or(30) + 15);
         self.post(&format!("/vms/{name}/exec"), Some(request), timeout)
             .await
+    }
+
+    pub async fn migrate_vm(&self, name: &str, request: &MigrateRequest) -> Result<OpView, ApiError> {
+        self.post(
+            &format!("/vms/{name}/migrate"),
+            Some(request),
+            Duration::from_secs(30),
+        )
+        .await
+    }
+
+    pub async fn move_disk(
+        &self,
+        name: &str,
+        disk: &str,
+        request: &MoveDiskRequest,
+    ) -> Result<OpView, ApiError> {
+        self.post(
+            &format!("/vms/{name}/disks/{disk}/move"),
+            Some(request),
+            Duration::from_secs(30),
+        )
+        .await
+    }
+
+    pub async fn list_ops(&self) -> Result<Vec<OpView>, ApiError> {
+        self.get("/ops").await
+    }
+
+    pub async fn get_op(&self, id: &str) -> Result<OpView, ApiError> {
+        self.get(&format!("/ops/{id}")).await
+    }
+
+    pub async fn cancel_op(&self, id: &str) -> Result<OpView, ApiError> {
+        self.post(
+            &format!("/ops/{id}/cancel"),
+            None::<&()>,
+            Duration::from_secs(30),
+        )
+        .await
+    }
+
+    /// Polls an op until it ends, calling `on_progress` with each state seen.
+    pub async fn wait_op(
+        &self,
+        id: &str,
+        poll: Duration,
+        mut on_progress: impl FnMut(&OpView),
+    ) -> Result<OpView, ApiError> {
+        loop {
+            let op = self.get_op(id).await?;
+            on_progress(&op);
+            if matches!(op.status.as_str(), "completed" | "failed" | "cancelled") {
+                return Ok(op);
+            }
+            tokio::time::sleep(poll).await;
+        }
     }
 
     pub async fn list_events(&self, limit: usize) -> Result<Vec<EventView>, ApiError> {

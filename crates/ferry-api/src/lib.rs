@@ -6,6 +6,7 @@ pub mod auth;
 pub mod client;
 pub mod client_config;
 mod error;
+pub mod migrate;
 pub mod ops;
 pub mod rest;
 pub mod types;

@@ -87,7 +87,7 @@ impl ClusterApi {
 
     // ----- reading the cluster -----
 
-    async fn hosts(&self) -> Result<Vec<HostRecord>, ApiError> {
+    pub(crate) async fn hosts(&self) -> Result<Vec<HostRecord>, ApiError> {
         let (hosts, _) = self
             .store
             .list::<HostRecord>(&self.store.keys().hosts())
@@ -132,7 +132,7 @@ impl ClusterApi {
         Ok(entries)
     }
 
-    async fn vm_entry(&self, name: &VmName) -> Result<VmEntry, ApiError> {
+    pub(crate) async fn vm_entry(&self, name: &VmName) -> Result<VmEntry, ApiError> {
         let keys = self.store.keys();
         let entry = VmEntry {
             record: self.store.get(&keys.vm_spec(name)).await?,
@@ -275,6 +275,7 @@ impl ClusterApi {
             ip: address.map(|address| address.to_string()),
             deleting: false,
             reset_serial: 0,
+            migration: Default::default(),
         };
         if let Err(error) = self
             .store
@@ -385,6 +386,7 @@ impl ClusterApi {
         name: &VmName,
         change: impl Fn(&mut VmRecord) -> Result<(), ApiError>,
     ) -> Result<VmRecord, ApiError> {
+        self.refuse_while_migrating(name).await?;
         let key = self.store.keys().vm_spec(name);
         for _ in 0..10 {
             let current = self
@@ -410,6 +412,21 @@ impl ClusterApi {
         Err(ApiError::Conflict(format!(
             "VM {name} keeps changing; try again"
         )))
+    }
+
+    /// Power changes wait until a migration ends: the VM is between two hosts.
+    async fn refuse_while_migrating(&self, name: &VmName) -> Result<(), ApiError> {
+        let placement = self
+            .store
+            .get::<Placement>(&self.store.keys().vm_placement(name))
+            .await?;
+        match placement.and_then(|placement| placement.value.migration) {
+            Some(migration) => Err(ApiError::Conflict(format!(
+                "VM {name} is migrating to {} (op {}); wait for it or cancel it",
+                migration.to, migration.op
+            ))),
+            None => Ok(()),
+        }
     }
 
     pub async fn start_vm(&self, name: &str) -> Result<VmView, ApiError> {
@@ -475,6 +492,7 @@ impl ClusterApi {
     pub async fn delete_vm(&self, name: &str) -> Result<(), ApiError> {
         let name = parse_vm_name(name)?;
         let keys = self.store.keys().clone();
+        self.refuse_while_migrating(&name).await?;
         let entry = self.vm_entry(&name).await?;
         let record = entry.record.map(|record| record.value);
         if entry.placement.is_none() {
@@ -593,7 +611,7 @@ impl ClusterApi {
     }
 }
 
-fn parse_vm_name(name: &str) -> Result<VmName, ApiError> {
+pub(crate) fn parse_vm_name(name: &str) -> Result<VmName, ApiError> {
     name.parse()
         .map_err(|error: ferry_model::NameError| ApiError::BadRequest(error.to_string()))
 }
@@ -636,6 +654,7 @@ fn build_spec(
             format: DiskFormat::Qcow2,
             cache: CacheMode::None,
             read_only: false,
+            size: Some(image.data_disk),
         }],
         nics,
         boot: Boot::Kernel {

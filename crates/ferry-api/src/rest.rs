@@ -20,7 +20,8 @@ use utoipa::OpenApi;
 use crate::auth::{role_of, Role, TokenConfig};
 use crate::ops::ClusterApi;
 use crate::types::{
-    CreateVmRequest, ErrorBody, ErrorDetail, EventView, ExecRequest, ExecResponse, HostView, VmView,
+    CreateVmRequest, ErrorBody, ErrorDetail, EventView, ExecRequest, ExecResponse, HostView,
+    MigrateRequest, MoveDiskRequest, OpView, ProgressView, VmView,
 };
 use crate::ApiError;
 
@@ -106,6 +107,11 @@ pub fn router(state: RestState) -> Router {
         .route("/api/v1/vms/{name}/stop", post(stop_vm))
         .route("/api/v1/vms/{name}/reset", post(reset_vm))
         .route("/api/v1/vms/{name}/exec", post(exec_vm))
+        .route("/api/v1/vms/{name}/migrate", post(migrate_vm))
+        .route("/api/v1/vms/{name}/disks/{disk}/move", post(move_disk))
+        .route("/api/v1/ops", get(list_ops))
+        .route("/api/v1/ops/{id}", get(get_op))
+        .route("/api/v1/ops/{id}/cancel", post(cancel_op))
         .route("/api/v1/events", get(list_events))
         .route("/api/v1/events/stream", get(stream_events))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
@@ -213,6 +219,59 @@ async fn exec_vm(
     ))
 }
 
+#[utoipa::path(post, path = "/api/v1/vms/{name}/migrate", params(("name" = String, Path)), request_body = MigrateRequest,
+    responses((status = 202, body = OpView), (status = 409, body = ErrorBody, description = "refused: the reason names the check")), security(("bearer" = [])))]
+async fn migrate_vm(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    ApiJson(request): ApiJson<MigrateRequest>,
+) -> Result<(StatusCode, Json<OpView>), ApiError> {
+    caller.require(Role::Operator)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(state.api.migrate_vm(&name, request).await?),
+    ))
+}
+
+#[utoipa::path(post, path = "/api/v1/vms/{name}/disks/{disk}/move", params(("name" = String, Path), ("disk" = String, Path)), request_body = MoveDiskRequest,
+    responses((status = 202, body = OpView), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+async fn move_disk(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    Path((name, disk)): Path<(String, String)>,
+    ApiJson(request): ApiJson<MoveDiskRequest>,
+) -> Result<(StatusCode, Json<OpView>), ApiError> {
+    caller.require(Role::Operator)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(state.api.move_disk(&name, &disk, request).await?),
+    ))
+}
+
+#[utoipa::path(get, path = "/api/v1/ops", responses((status = 200, body = [OpView])), security(("bearer" = [])))]
+async fn list_ops(State(state): State<RestState>) -> Result<Json<Vec<OpView>>, ApiError> {
+    Ok(Json(state.api.list_ops().await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/ops/{id}", params(("id" = String, Path)), responses((status = 200, body = OpView), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn get_op(
+    State(state): State<RestState>,
+    Path(id): Path<String>,
+) -> Result<Json<OpView>, ApiError> {
+    Ok(Json(state.api.get_op(&id).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/ops/{id}/cancel", params(("id" = String, Path)), responses((status = 200, body = OpView), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+async fn cancel_op(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<OpView>, ApiError> {
+    caller.require(Role::Operator)?;
+    Ok(Json(state.api.cancel_op(&id).await?))
+}
+
 #[derive(Deserialize)]
 struct EventQuery {
     limit: Option<usize>,
@@ -299,8 +358,8 @@ impl utoipa::Modify for BearerAuth {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Ferry API", description = "A high-availability virtualization cluster for QEMU/KVM."),
-    paths(list_hosts, get_host, list_vms, create_vm, get_vm, delete_vm, start_vm, stop_vm, reset_vm, exec_vm, list_events, stream_events),
-    components(schemas(HostView, VmView, CreateVmRequest, ExecRequest, ExecResponse, EventView, ErrorBody, ErrorDetail)),
+    paths(list_hosts, get_host, list_vms, create_vm, get_vm, delete_vm, start_vm, stop_vm, reset_vm, exec_vm, migrate_vm, move_disk, list_ops, get_op, cancel_op, list_events, stream_events),
+    components(schemas(HostView, VmView, CreateVmRequest, ExecRequest, ExecResponse, EventView, ErrorBody, ErrorDetail, MigrateRequest, MoveDiskRequest, OpView, ProgressView)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

@@ -92,3 +92,75 @@ pub struct ErrorDetail {
     pub code: String,
     pub message: String,
 }
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MigrateRequest {
+    /// Destination host; without it the manager picks the host with the most room.
+    #[serde(default)]
+    pub to: Option<String>,
+    /// `live` (default) or `quick`.
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// Longest pause live migration may end with, ms (default: the VM's policy, 50).
+    #[serde(default)]
+    pub downtime_limit_ms: Option<u64>,
+    /// Bandwidth limit per second, e.g. `100M` (default: the source host's setting).
+    #[serde(default)]
+    pub bandwidth: Option<String>,
+    /// Switch to post-copy when pre-copy has not converged after this many ms.
+    #[serde(default)]
+    pub postcopy_after_ms: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MoveDiskRequest {
+    /// The pool the disk goes to, on the host that runs the VM.
+    pub pool: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ProgressView {
+    pub transferred_bytes: u64,
+    pub total_bytes: u64,
+    pub remaining_bytes: u64,
+    pub dirty_pages_rate: u64,
+    /// Bytes per second over the last interval.
+    pub throughput: u64,
+    pub expected_remaining_ms: Option<u64>,
+}
+
+/// A long operation: a migration or a disk move, with its progress and result.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct OpView {
+    pub id: String,
+    /// `migrate` or `move-disk`.
+    pub kind: String,
+    pub vm: String,
+    /// `queued`, `running`, `completed`, `failed`, `cancelled`.
+    pub status: String,
+    /// What it is doing now.
+    pub phase: String,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    /// `live` or `quick` (migrations).
+    pub mode: Option<String>,
+    /// Disk and target pool (disk moves).
+    pub disk: Option<String>,
+    pub pool: Option<String>,
+    pub created_ms: u64,
+    pub started_ms: Option<u64>,
+    pub finished_ms: Option<u64>,
+    pub progress: Option<ProgressView>,
+    /// The guest's pause as QEMU reports it.
+    pub qemu_downtime_ms: Option<u64>,
+    /// From the op starting to the guest running at the destination.
+    pub total_ms: Option<u64>,
+    pub transferred_bytes: Option<u64>,
+    /// Time Ferry spent outside QEMU's own migration.
+    pub overhead_ms: Option<u64>,
+    /// The part of the overhead inside the guest's pause (completion → running there).
+    pub switchover_ms: Option<u64>,
+    pub postcopy: Option<bool>,
+    pub cancel_requested: bool,
+    pub error: Option<String>,
+}

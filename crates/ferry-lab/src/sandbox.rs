@@ -87,6 +87,7 @@ impl Sandbox {
                 format: DiskFormat::Qcow2,
                 cache: CacheMode::None,
                 read_only: false,
+                size: None,
             }],
             nics: vec![NicSpec {
                 tap: "tap0".into(),

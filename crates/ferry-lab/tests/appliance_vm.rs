@@ -336,6 +336,7 @@ async fn qemu_start_failures_carry_qemus_reason_and_leave_nothing_running() {
             format: ferry_model::DiskFormat::Qcow2,
             cache: ferry_model::CacheMode::Writethrough,
             read_only: false,
+            size: None,
         }],
         nics: vec![],
         boot: ferry_model::Boot::Kernel {

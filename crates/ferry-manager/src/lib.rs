@@ -7,6 +7,8 @@
 //! most free memory (ties by name). Memory is never overcommitted; a VM's vCPUs must not
 //! exceed the host's CPUs. A VM that fits nowhere gets a `CannotPlace` with the reason.
 
+pub mod migration;
+
 use ferry_model::cluster::HostState;
 use ferry_model::{Bytes, HostName, VmName};
 

@@ -11,7 +11,7 @@ use crate::{Bytes, HostName, VmName, VmSpec};
 /// The record format written by this build.
 pub const RECORD_VERSION: u32 = 1;
 
-fn record_version() -> u32 {
+pub(crate) fn record_version() -> u32 {
     RECORD_VERSION
 }
 
@@ -31,12 +31,43 @@ pub struct HostRecord {
     /// QEMU's name for the host CPU model and the features QEMU reports for it.
     pub cpu_model: String,
     pub cpu_features: Vec<String>,
+    /// Named CPU models QEMU knows here, each with the features this host lacks for it
+    /// (empty: runnable).
+    #[serde(default)]
+    pub cpu_models: BTreeMap<String, Vec<String>>,
     pub accel: String,
-    pub pools: Vec<String>,
+    pub pools: Vec<PoolInfo>,
     pub networks: Vec<String>,
     pub state: HostState,
+    /// Migrations this host takes part in at once; more wait in the queue.
+    #[serde(default = "default_migration_limit")]
+    pub migration_limit: u32,
     /// When the agent started (ms since the epoch).
     pub started_ms: u64,
+}
+
+fn default_migration_limit() -> u32 {
+    2
+}
+
+/// A storage pool as a host offers it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolInfo {
+    pub name: String,
+    pub path: std::path::PathBuf,
+    /// Every host sees the same files under `path`.
+    pub shared: bool,
+}
+
+impl HostRecord {
+    pub fn pool(&self, name: &str) -> Option<&PoolInfo> {
+        self.pools.iter().find(|pool| pool.name == name)
+    }
+
+    /// The pool a file lives in here, if any.
+    pub fn pool_of(&self, path: &std::path::Path) -> Option<&PoolInfo> {
+        self.pools.iter().find(|pool| path.starts_with(&pool.path))
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +104,27 @@ pub struct VmRecord {
     /// Bumped on each user request so agents act on every reset/restart.
     #[serde(default)]
     pub reset_serial: u64,
+    #[serde(default)]
+    pub migration: MigrationPolicy,
+}
+
+/// How this VM migrates unless a request says otherwise.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationPolicy {
+    /// The longest pause live migration may end with (QEMU's `downtime-limit`).
+    pub downtime_limit_ms: u64,
+    /// Switch to post-copy when pre-copy has not converged after this long; `None`:
+    /// never (a post-copy migration cannot fall back if a host dies during it).
+    pub postcopy_after_ms: Option<u64>,
+}
+
+impl Default for MigrationPolicy {
+    fn default() -> Self {
+        MigrationPolicy {
+            downtime_limit_ms: 50,
+            postcopy_after_ms: None,
+        }
+    }
 }
 
 /// `vms/{vm}/placement`: the only record of where a VM may run. Changed only by
@@ -84,6 +136,25 @@ pub struct Placement {
     pub host: HostName,
     pub generation: u64,
     pub phase: PlacementPhase,
+    /// While `phase` is `Migrating`: where to and which op.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<PlacementMigration>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementMigration {
+    pub to: HostName,
+    pub op: String,
+}
+
+impl Placement {
+    /// The host a migration in flight is moving it to.
+    pub fn migrating_to(&self) -> Option<&HostName> {
+        match (&self.phase, &self.migration) {
+            (PlacementPhase::Migrating, Some(migration)) => Some(&migration.to),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

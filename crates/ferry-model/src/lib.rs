@@ -5,6 +5,7 @@
 mod bytes;
 pub mod cluster;
 mod names;
+pub mod ops;
 mod vm;
 
 pub use bytes::{Bytes, BytesError};

@@ -59,6 +59,9 @@ pub struct DiskSpec {
     pub cache: CacheMode,
     #[serde(default)]
     pub read_only: bool,
+    /// The size the guest sees (known for disks Ferry created).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<Bytes>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -287,6 +290,7 @@ mod tests {
                 format: DiskFormat::Qcow2,
                 cache: CacheMode::Writethrough,
                 read_only: false,
+                size: None,
             }],
             nics: vec![NicSpec {
                 tap: "tap-web1".into(),

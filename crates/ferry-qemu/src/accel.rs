@@ -277,7 +277,17 @@ fn tempfile_dir() -> Result<PathBuf, QemuError> {
 /// The CPU this host can give guests, as QEMU reports it: the model name and its
 /// enabled features (`query-cpu-model-expansion` of `host` under KVM, `max` under TCG).
 /// Runs a throwaway QEMU with no machine for a fraction of a second.
-pub async fn host_cpu(qemu: &Path, accel: Accel) -> Result<(String, Vec<String>), QemuError> {
+/// What this host's CPU offers guests under `accel`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostCpu {
+    /// `host` (KVM) or `max` (TCG).
+    pub model: String,
+    pub features: Vec<String>,
+    /// Every named model QEMU knows, with the features missing here (empty: runnable).
+    pub models: std::collections::BTreeMap<String, Vec<String>>,
+}
+
+pub async fn host_cpu(qemu: &Path, accel: Accel) -> Result<HostCpu, QemuError> {
     let scratch = tempfile_dir()?;
     let socket = scratch.join("qmp.sock");
     let model = match accel {
@@ -342,7 +352,33 @@ pub async fn host_cpu(qemu: &Path, accel: Accel) -> Result<(String, Vec<String>)
             })
             .unwrap_or_default();
         features.sort();
-        Ok((model.to_string(), features))
+        let definitions = qmp
+            .execute("query-cpu-definitions", None)
+            .await
+            .map_err(|source| QemuError::Qmp {
+                vm: "cpu-query".into(),
+                source,
+            })?;
+        let models = definitions
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|definition| {
+                let name = definition["name"].as_str()?.to_string();
+                let missing = definition["unavailable-features"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|feature| feature.as_str().map(str::to_string))
+                    .collect();
+                Some((name, missing))
+            })
+            .collect();
+        Ok(HostCpu {
+            model: model.to_string(),
+            features,
+            models,
+        })
     }
     .await;
     let _ = child.kill().await;

@@ -176,6 +176,7 @@ mod tests {
                 format: DiskFormat::Qcow2,
                 cache: CacheMode::None,
                 read_only: false,
+                size: None,
             }],
             nics: vec![NicSpec {
                 tap: "tap-db1".into(),

@@ -9,6 +9,7 @@
 //!   agent uses.
 
 pub mod accel;
+pub mod block;
 pub mod cmdline;
 mod error;
 pub mod machine;
@@ -18,6 +19,7 @@ pub mod qmp;
 mod run_dir;
 
 pub use accel::{Accel, AccelReport, ProbeImage};
+pub use block::{BlockJob, OpenDisk};
 pub use error::QemuError;
 pub use machine::{
     Incoming, LaunchOptions, Machine, MigrationInfo, MigrationStatus, RunState, StopOutcome,

@@ -284,7 +284,11 @@ impl Machine {
         self.process.wait_exit().await
     }
 
-    async fn command(&self, command: &str, arguments: Option<Value>) -> Result<Value, QemuError> {
+    pub(crate) async fn command(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QemuError> {
         self.qmp
             .execute(command, arguments)
             .await
@@ -395,6 +399,36 @@ impl Machine {
     pub async fn query_migrate(&self) -> Result<MigrationInfo, QemuError> {
         let reply = self.command("query-migrate", None).await?;
         Ok(MigrationInfo::from_qmp(&reply))
+    }
+
+    /// Destination side: the address `migrate-incoming` with port 0 ended up listening on.
+    pub async fn incoming_address(&self) -> Result<Option<(String, u16)>, QemuError> {
+        let reply = self.command("query-migrate", None).await?;
+        Ok(reply["socket-address"]
+            .as_array()
+            .and_then(|addresses| addresses.first())
+            .and_then(|address| {
+                let host = address["host"].as_str()?.to_string();
+                let port = address["port"].as_str()?.parse().ok()?;
+                Some((host, port))
+            }))
+    }
+
+    /// Switches a running pre-copy migration to post-copy (both sides need the
+    /// `postcopy-ram` capability, set before the migration started).
+    pub async fn migrate_start_postcopy(&self) -> Result<(), QemuError> {
+        self.command("migrate-start-postcopy", None).await.map(drop)
+    }
+
+    /// Makes the guest's NICs announce themselves (RARP, and a guest-sent gratuitous ARP
+    /// where virtio-net supports it), so switches learn where the VM now is.
+    pub async fn announce_self(&self) -> Result<(), QemuError> {
+        self.command(
+            "announce-self",
+            Some(json!({"initial": 50, "max": 550, "rounds": 5, "step": 100})),
+        )
+        .await
+        .map(drop)
     }
 
     pub async fn migrate_cancel(&self) -> Result<(), QemuError> {

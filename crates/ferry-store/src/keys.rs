@@ -75,6 +75,19 @@ impl Keys {
         format!("{}events/{at_ms:015}-{sequence:06}", self.prefix)
     }
 
+    pub fn ops(&self) -> String {
+        format!("{}ops/", self.prefix)
+    }
+
+    pub fn op(&self, id: &str) -> String {
+        format!("{}ops/{id}", self.prefix)
+    }
+
+    /// The destination's answer to a migration being prepared.
+    pub fn incoming(&self, op: &str) -> String {
+        format!("{}incoming/{op}", self.prefix)
+    }
+
     pub fn leader(&self) -> String {
         format!("{}leader", self.prefix)
     }

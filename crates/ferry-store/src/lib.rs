@@ -13,5 +13,5 @@ pub mod watch;
 pub use error::StoreError;
 pub use keys::Keys;
 pub use lease::{Lease, LeaseState};
-pub use store::{Election, Store, Versioned};
+pub use store::{encode, Election, Store, Versioned};
 pub use watch::{PrefixWatch, WatchEvent};

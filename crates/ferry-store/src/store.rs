@@ -209,6 +209,46 @@ impl Store {
             .unwrap_or(0))
     }
 
+    /// Writes several keys at once, each only if unmodified since its revision (0: does
+    /// not exist); all or nothing. The conflict names the first key's.
+    pub async fn compare_and_swap_all(
+        &self,
+        writes: &[(&str, i64, Vec<u8>)],
+    ) -> Result<i64, StoreError> {
+        let compares = writes
+            .iter()
+            .map(|(key, revision, _)| {
+                if *revision == 0 {
+                    Compare::create_revision(*key, CompareOp::Equal, 0)
+                } else {
+                    Compare::mod_revision(*key, CompareOp::Equal, *revision)
+                }
+            })
+            .collect::<Vec<_>>();
+        let puts = writes
+            .iter()
+            .map(|(key, _, value)| TxnOp::put(*key, value.clone(), None))
+            .collect::<Vec<_>>();
+        let response = self
+            .client
+            .clone()
+            .txn(Txn::new().when(compares).and_then(puts))
+            .await
+            .map_err(|error| self.etcd_error(error))?;
+        if !response.succeeded() {
+            return Err(StoreError::Conflict {
+                key: writes
+                    .first()
+                    .map(|(key, _, _)| key.to_string())
+                    .unwrap_or_default(),
+            });
+        }
+        Ok(response
+            .header()
+            .map(|header| header.revision())
+            .unwrap_or(0))
+    }
+
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.client
             .clone()
@@ -271,7 +311,7 @@ pub struct Election {
     pub lease: i64,
 }
 
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // Serializing our own record types cannot fail (no maps with non-string keys).
     serde_json::to_vec(value).unwrap_or_default()
 }

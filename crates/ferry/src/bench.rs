@@ -189,6 +189,7 @@ async fn api_latency(count: u32, requests: u32, lab_name: &str, json: bool) -> a
             ip: None,
             deleting: false,
             reset_serial: 0,
+            migration: Default::default(),
         };
         store
             .create(&store.keys().vm_spec(name), &record, &format!("VM {name}"))

@@ -115,6 +115,41 @@ pub enum VmVerb {
         #[arg(long)]
         json: bool,
     },
+    /// Move a running VM to another host, live (default) or quick.
+    Migrate {
+        name: String,
+        /// Destination host (default: the one with the most room).
+        #[arg(long)]
+        to: Option<String>,
+        /// `live`: memory copied while the guest runs; `quick`: paused, saved, restored.
+        #[arg(long, default_value = "live")]
+        mode: String,
+        /// Longest pause live migration may end with, in ms (default: the VM's, 50).
+        #[arg(long)]
+        downtime_limit: Option<u64>,
+        /// Bandwidth limit per second, e.g. 100M.
+        #[arg(long)]
+        bandwidth: Option<String>,
+        /// Switch to post-copy when pre-copy has not converged after this many ms.
+        #[arg(long)]
+        postcopy_after: Option<u64>,
+        /// Return once the migration is queued.
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move a running VM's disk to another pool (block mirror, then pivot).
+    MoveDisk {
+        name: String,
+        disk: String,
+        #[arg(long)]
+        pool: String,
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a command in the guest through its guest agent: `ferry vm exec NAME -- CMD…`.
     Exec {
         name: String,
@@ -328,6 +363,38 @@ pub async fn run_vm(endpoint: &Endpoint, verb: VmVerb) -> anyhow::Result<()> {
             println!("VM {name} deleted");
             Ok(())
         }
+        VmVerb::Migrate {
+            name,
+            to,
+            mode,
+            downtime_limit,
+            bandwidth,
+            postcopy_after,
+            no_wait,
+            json,
+        } => {
+            crate::ops::migrate(
+                &client,
+                crate::ops::MigrateArgs {
+                    name,
+                    to,
+                    mode,
+                    downtime_limit_ms: downtime_limit,
+                    bandwidth,
+                    postcopy_after_ms: postcopy_after,
+                    no_wait,
+                    json,
+                },
+            )
+            .await
+        }
+        VmVerb::MoveDisk {
+            name,
+            disk,
+            pool,
+            no_wait,
+            json,
+        } => crate::ops::move_disk(&client, &name, &disk, pool, no_wait, json).await,
         VmVerb::Exec {
             name,
             timeout,

@@ -8,6 +8,7 @@ mod cluster;
 mod demo;
 mod image;
 mod lab;
+mod ops;
 mod output;
 
 use clap::{Parser, Subcommand};
@@ -41,6 +42,11 @@ enum Noun {
     Vm {
         #[command(subcommand)]
         verb: cluster::VmVerb,
+    },
+    /// Long operations: migrations and disk moves.
+    Op {
+        #[command(subcommand)]
+        verb: ops::OpVerb,
     },
     /// The event log.
     Events {
@@ -88,6 +94,7 @@ fn main() {
             Noun::Image { verb } => image::run_image(verb).await,
             Noun::Host { verb } => cluster::run_host(&cli.endpoint, verb).await,
             Noun::Vm { verb } => cluster::run_vm(&cli.endpoint, verb).await,
+            Noun::Op { verb } => ops::run_op(&cli.endpoint, verb).await,
             Noun::Events {
                 follow,
                 limit,

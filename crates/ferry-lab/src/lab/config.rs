@@ -75,6 +75,7 @@ pub fn agent_config(
             },
             ..QemuConfig::default()
         },
+        migration: Default::default(),
         pools: vec![
             PoolConfig {
                 name: "shared".into(),

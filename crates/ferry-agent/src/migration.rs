@@ -1,0 +1,1200 @@
+//! Live and quick migration, carried out by the two agents involved.
+//!
+//! # The state machine
+//!
+//! The placement record (`vms/{vm}/placement`) is the only truth about where the VM may
+//! run; the op record (`ops/{id}`) holds the steps and the measurements. The guest runs
+//! in exactly one QEMU at every moment because the destination QEMU is started with its
+//! vCPUs stopped (`-incoming defer -S`) and is resumed only by the agent the placement
+//! names, and the source resumes only while the placement still names it.
+//!
+//! ```text
+//!  op queued ──manager: slot free, CAS placement Assigned(src) → Migrating(src→dst)──▶ running
+//!
+//!  running, on the source agent                    on the destination agent
+//!  ─────────────────────────────                   ────────────────────────
+//!  1 preparing ◀─────────────────────────────────  QEMU -incoming defer -S, NBD export of
+//!    wait for incoming/{op}                        local-disk copies; write incoming/{op}
+//!  2 copying disks (local pools only): mirror to NBD, wait until in sync
+//!  3 copying memory (live): migrate, progress into the op, cancel honoured
+//!    saving state (quick): stop vCPUs, save to the shared pool, kill source QEMU
+//!  4 switch-over: QEMU completed (source paused) ─CAS placement → Assigned(dst), gen+1─▶
+//!                                                  placement names me: load state (quick),
+//!                                                  cont, announce, write resumed_ms
+//!  5 source QEMU killed, source copies of local disks removed, op completed
+//!
+//!  failure or cancel before the switch-over CAS (any of 1-3):
+//!    source: migrate_cancel, vCPUs resumed, op failed|cancelled, then placement back to
+//!    Assigned(src); destination: op final or placement not naming it → kill its QEMU,
+//!    remove its run dir and disk copies.
+//!  after the CAS: there is no way back; the destination runs the guest (a quick restore
+//!    that fails cold-boots from the shared disk rather than lose the VM).
+//! ```
+//!
+//! Each agent can restart at any point: the reconciler sees the placement still
+//! `Migrating` and calls the driver again, which reads where it is from QEMU's own state
+//! (`query-migrate`) and from the records, never from memory. A source host that dies
+//! leaves the placement naming it: its VM is the HA rules' to restart, and the
+//! destination removes its never-resumed QEMU once the op is final.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_api::ops::EventLog;
+use ferry_model::cluster::{
+    now_ms, Placement, PlacementPhase, VmRecord, VmState, VmStatus, RECORD_VERSION,
+};
+use ferry_model::ops::{
+    IncomingRecord, MigrateOp, MigrationMode, MigrationOutcome, OpKind, OpRecord, OpState,
+    Progress,
+};
+use ferry_model::VmName;
+use ferry_qemu::{Machine, MigrationInfo, MigrationStatus, RunState};
+use ferry_store::{Store, StoreError, Versioned};
+
+use crate::runtime::{create_disk, Runtime};
+
+/// How long the destination may take to get its QEMU ready.
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the destination may take to resume after the switch-over.
+const RESUME_TIMEOUT: Duration = Duration::from_secs(120);
+/// How often progress reaches the op record.
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+/// A local-disk copy must converge within this.
+const DISK_COPY_TIMEOUT: Duration = Duration::from_secs(1800);
+
+/// What the drivers need from the agent.
+pub struct Context<'a> {
+    pub store: &'a Store,
+    pub runtime: &'a Arc<Runtime>,
+    pub events: &'a EventLog,
+}
+
+/// Why a migration stopped before its switch-over.
+#[derive(Debug)]
+struct Stopped {
+    cancelled: bool,
+    reason: String,
+}
+
+impl Stopped {
+    fn failed(reason: impl Into<String>) -> Stopped {
+        Stopped {
+            cancelled: false,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Reads and updates one op record by compare-and-swap (the API may set
+/// `cancel_requested` at any time).
+pub struct OpHandle<'a> {
+    store: &'a Store,
+    key: String,
+}
+
+impl<'a> OpHandle<'a> {
+    pub fn new(store: &'a Store, id: &str) -> OpHandle<'a> {
+        OpHandle {
+            store,
+            key: store.keys().op(id),
+        }
+    }
+
+    pub async fn read(&self) -> Result<Option<OpRecord>, StoreError> {
+        Ok(self
+            .store
+            .get::<OpRecord>(&self.key)
+            .await?
+            .map(|op| op.value))
+    }
+
+    /// Applies `change` to the current record; retries while others write.
+    pub async fn update(&self, change: impl Fn(&mut OpRecord)) -> Result<OpRecord, StoreError> {
+        loop {
+            let Some(current) = self.store.get::<OpRecord>(&self.key).await? else {
+                return Err(StoreError::Conflict {
+                    key: self.key.clone(),
+                });
+            };
+            let mut op = current.value;
+            change(&mut op);
+            match self
+                .store
+                .compare_and_swap(&self.key, current.mod_revision, &op)
+                .await
+            {
+                Ok(_) => return Ok(op),
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    /// Updates with retries through an etcd outage: used for steps that must land.
+    async fn update_until_done(&self, change: impl Fn(&mut OpRecord)) -> Option<OpRecord> {
+        for attempt in 0.. {
+            match self.update(&change).await {
+                Ok(op) => return Some(op),
+                Err(StoreError::Conflict { .. }) => return None,
+                Err(error) => {
+                    if attempt % 25 == 0 {
+                        tracing::warn!("cannot update {}: {error}; retrying", self.key);
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        None
+    }
+
+    async fn set_phase(&self, phase: &str) {
+        let phase = phase.to_string();
+        let _ = self.update(|op| op.phase = phase.clone()).await;
+    }
+}
+
+// ----- the source ---------------------------------------------------------------------
+
+/// The source agent's side. Called (again) whenever the placement says `Migrating` away
+/// from this host and no driver holds the VM.
+pub async fn migrate_out(context: &Context<'_>, vm: &VmName, placement: Versioned<Placement>) {
+    let Some(migration) = placement.value.migration.clone() else {
+        return;
+    };
+    let handle = OpHandle::new(context.store, &migration.op);
+    let op = match handle.read().await {
+        Ok(Some(op)) => op,
+        Ok(None) => {
+            // The op record is gone: nothing can finish this migration; stay here.
+            restore_placement(context.store, vm, &migration.op).await;
+            return;
+        }
+        Err(error) => {
+            tracing::warn!("migration of VM {vm}: cannot read op {}: {error}", migration.op);
+            return;
+        }
+    };
+    let OpKind::Migrate(migrate) = op.kind.clone() else {
+        return;
+    };
+    if op.state.is_final() {
+        // A previous run ended the op but not the placement.
+        if op.state != OpState::Completed {
+            restore_placement(context.store, vm, &op.id).await;
+        }
+        return;
+    }
+    let started = op.started_ms.unwrap_or_else(now_ms);
+    let result = match context.runtime.machine(vm).await {
+        Some(machine) if !machine.has_exited() => {
+            write_status(context, vm, VmState::Migrating, Some(machine.pid())).await;
+            match migrate.mode {
+                MigrationMode::Live => live_source(context, &handle, &migrate, &machine).await,
+                MigrationMode::Quick => {
+                    quick_source(context, &handle, &migrate, &machine, &op.phase).await
+                }
+            }
+        }
+        _ if migrate.mode == MigrationMode::Quick && op.phase == SAVED => {
+            // The agent restarted after the state was saved and the source QEMU ended.
+            switch_over(context, &handle, &migrate, &placement.value)
+                .await
+                .map(|switched| (switched, None))
+        }
+        _ => Err(Stopped::failed(format!(
+            "the QEMU of VM {vm} on {} is gone",
+            migrate.from
+        ))),
+    };
+    match result {
+        Ok((switched, info)) => {
+            finish(context, &handle, &migrate, started, switched, info).await;
+        }
+        Err(stopped) => {
+            roll_back(context, &handle, &migrate, stopped).await;
+        }
+    }
+}
+
+/// Live, steps 1-4 on the source. Returns the switch-over's time and QEMU's numbers.
+async fn live_source(
+    context: &Context<'_>,
+    handle: &OpHandle<'_>,
+    migrate: &MigrateOp,
+    machine: &Arc<Machine>,
+) -> Result<(Switched, Option<MigrationInfo>), Stopped> {
+    let vm = &migrate.vm;
+    let qemu_state = machine
+        .query_migrate()
+        .await
+        .map_err(|error| Stopped::failed(error.to_string()))?;
+    let resuming = matches!(
+        qemu_state.status,
+        MigrationStatus::Setup
+            | MigrationStatus::Active
+            | MigrationStatus::PostcopyActive
+            | MigrationStatus::Device
+            | MigrationStatus::Completed
+    );
+    if !resuming {
+        handle
+            .set_phase(&format!("preparing the destination on {}", migrate.to))
+            .await;
+        let incoming = wait_incoming(context.store, handle, PREPARE_TIMEOUT).await?;
+        let uri = incoming
+            .uri
+            .ok_or_else(|| Stopped::failed("the destination gave no migration address"))?;
+        if !migrate.disk_copies.is_empty() {
+            let nbd = incoming
+                .nbd
+                .ok_or_else(|| Stopped::failed("the destination exports no disk copies"))?;
+            copy_disks(handle, migrate, machine, &nbd).await?;
+        }
+        let postcopy = migrate.postcopy_after_ms.is_some();
+        machine
+            .set_migration_capabilities(&[
+                ("auto-converge", true),
+                ("events", true),
+                ("postcopy-ram", postcopy),
+            ])
+            .await
+            .map_err(|error| Stopped::failed(error.to_string()))?;
+        machine
+            .set_migration_parameters(serde_json::json!({
+                "downtime-limit": migrate.downtime_limit_ms,
+                "max-bandwidth": migrate.bandwidth.0,
+            }))
+            .await
+            .map_err(|error| Stopped::failed(error.to_string()))?;
+        handle.set_phase("copying memory").await;
+        machine
+            .migrate(&uri)
+            .await
+            .map_err(|error| Stopped::failed(error.to_string()))?;
+    }
+    let info = follow_migration(handle, migrate, machine).await?;
+    tracing::info!("VM {vm}: QEMU reports the migration {:?}", info.status);
+    let mut switched =
+        switch_over(context, handle, migrate, &current_placement(context, vm).await?).await?;
+    switched.postcopy = info.status == MigrationStatus::PostcopyActive;
+    if switched.postcopy {
+        // The guest runs on the destination; the rest of its memory still flows from here.
+        let _ = machine
+            .wait_migration(Duration::from_millis(100), Duration::from_secs(600))
+            .await;
+    }
+    let info = machine.query_migrate().await.ok().or(Some(info));
+    Ok((switched, info))
+}
+
+/// Polls QEMU (woken early by its MIGRATION events) until the switch-over point:
+/// completed, or post-copy started. Writes progress; honours cancel.
+async fn follow_migration(
+    handle: &OpHandle<'_>,
+    migrate: &MigrateOp,
+    machine: &Arc<Machine>,
+) -> Result<MigrationInfo, Stopped> {
+    let mut events = machine.qmp().subscribe();
+    let began = Instant::now();
+    let mut last_write = Instant::now() - PROGRESS_EVERY;
+    let mut last_bytes = (Instant::now(), 0u64);
+    let mut postcopy_started = false;
+    loop {
+        let info = machine
+            .query_migrate()
+            .await
+            .map_err(|error| Stopped::failed(format!("source QEMU: {error}")))?;
+        match &info.status {
+            MigrationStatus::Completed => return Ok(info),
+            MigrationStatus::PostcopyActive => return Ok(info),
+            MigrationStatus::Failed => {
+                return Err(Stopped::failed(format!(
+                    "QEMU's migration failed: {}",
+                    info.error.clone().unwrap_or_else(|| "no reason given".into())
+                )))
+            }
+            MigrationStatus::Cancelled | MigrationStatus::Cancelling => {
+                return Err(Stopped {
+                    cancelled: true,
+                    reason: "cancelled".into(),
+                })
+            }
+            _ => {}
+        }
+        if last_write.elapsed() >= PROGRESS_EVERY {
+            last_write = Instant::now();
+            let transferred = info.transferred_bytes.unwrap_or(0);
+            let seconds = last_bytes.0.elapsed().as_secs_f64().max(0.001);
+            let throughput = (transferred.saturating_sub(last_bytes.1) as f64 / seconds) as u64;
+            last_bytes = (Instant::now(), transferred);
+            let remaining = info.remaining_bytes.unwrap_or(0);
+            let progress = Progress {
+                transferred_bytes: transferred,
+                total_bytes: info.total_bytes.unwrap_or(0),
+                remaining_bytes: remaining,
+                dirty_pages_rate: info.dirty_pages_rate.unwrap_or(0),
+                throughput,
+                expected_remaining_ms: (throughput > 0).then(|| remaining * 1000 / throughput),
+            };
+            let cancel = handle
+                .update(|op| op.progress = Some(progress.clone()))
+                .await
+                .map(|op| op.cancel_requested)
+                .unwrap_or(false);
+            if cancel {
+                let _ = machine.migrate_cancel().await;
+                let _ = machine
+                    .wait_migration(Duration::from_millis(50), Duration::from_secs(30))
+                    .await;
+                return Err(Stopped {
+                    cancelled: true,
+                    reason: "cancelled on request".into(),
+                });
+            }
+        }
+        if let Some(after) = migrate.postcopy_after_ms {
+            if !postcopy_started
+                && info.status == MigrationStatus::Active
+                && began.elapsed() >= Duration::from_millis(after)
+            {
+                postcopy_started = true;
+                handle.set_phase("switching to post-copy").await;
+                if let Err(error) = machine.migrate_start_postcopy().await {
+                    tracing::warn!("VM {}: cannot start post-copy: {error}", migrate.vm);
+                }
+            }
+        }
+        tokio::select! {
+            _ = events.recv() => {}
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+    }
+}
+
+/// Mirrors every local disk to the destination's NBD export until both are in sync.
+/// The mirrors keep running (and mirroring the guest's writes) through the memory copy;
+/// they end at the switch-over, with the source paused.
+async fn copy_disks(
+    handle: &OpHandle<'_>,
+    migrate: &MigrateOp,
+    machine: &Arc<Machine>,
+    nbd: &str,
+) -> Result<(), Stopped> {
+    let (host, port) = nbd
+        .rsplit_once(':')
+        .and_then(|(host, port)| Some((host.to_string(), port.parse::<u16>().ok()?)))
+        .ok_or_else(|| Stopped::failed(format!("bad NBD address {nbd:?}")))?;
+    handle.set_phase("copying disks").await;
+    for copy in &migrate.disk_copies {
+        let job = mirror_job(&copy.disk);
+        let target = format!("copy-{}", copy.disk);
+        let open = machine
+            .open_disk(&copy.disk)
+            .await
+            .map_err(|error| Stopped::failed(error.to_string()))?;
+        let existing = machine.block_jobs().await.unwrap_or_default();
+        if !existing.iter().any(|running| running.id == job) {
+            let _ = machine.delete_node(&target).await;
+            machine
+                .add_nbd_node(&target, &host, port, &copy.disk)
+                .await
+                .map_err(|error| Stopped::failed(format!("NBD to the destination: {error}")))?;
+            machine
+                .start_mirror(&job, &open.node, &target)
+                .await
+                .map_err(|error| Stopped::failed(error.to_string()))?;
+        }
+        machine
+            .wait_job_ready(&job, DISK_COPY_TIMEOUT, |progress| {
+                tracing::debug!("{job}: {} of {}", progress.offset, progress.length);
+            })
+            .await
+            .map_err(|error| Stopped::failed(error.to_string()))?;
+    }
+    Ok(())
+}
+
+fn mirror_job(disk: &str) -> String {
+    format!("copy-{disk}")
+}
+
+/// Phase name written once a quick migration's state is safely on the shared pool.
+const SAVED: &str = "state saved";
+
+/// Quick, steps 1-4 on the source.
+async fn quick_source(
+    context: &Context<'_>,
+    handle: &OpHandle<'_>,
+    migrate: &MigrateOp,
+    machine: &Arc<Machine>,
+    phase: &str,
+) -> Result<(Switched, Option<MigrationInfo>), Stopped> {
+    let vm = &migrate.vm;
+    let file = state_file(context.runtime, &handle_id(handle));
+    let qemu_state = machine
+        .query_migrate()
+        .await
+        .map_err(|error| Stopped::failed(error.to_string()))?;
+    let paused_at;
+    if qemu_state.status == MigrationStatus::Completed && phase == SAVED {
+        paused_at = None;
+    } else {
+        handle
+            .set_phase(&format!("preparing the destination on {}", migrate.to))
+            .await;
+        wait_incoming(context.store, handle, PREPARE_TIMEOUT).await?;
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir).map_err(|error| {
+                Stopped::failed(format!("cannot create {}: {error}", dir.display()))
+            })?;
+        }
+        handle.set_phase("saving state").await;
+        paused_at = Some(now_ms());
+        machine
+            .pause()
+            .await
+            .map_err(|error| Stopped::failed(error.to_string()))?;
+        machine
+            .set_migration_parameters(serde_json::json!({"max-bandwidth": migrate.bandwidth.0}))
+            .await
+            .map_err(|error| Stopped::failed(error.to_string()))?;
+        // dd with fsync: the state must be on the shared pool before the source ends.
+        let uri = format!(
+            "exec:dd of={} bs=1M conv=fsync status=none",
+            shell_quote(&file)
+        );
+        machine
+            .migrate(&uri)
+            .await
+            .map_err(|error| Stopped::failed(error.to_string()))?;
+        let info = machine
+            .wait_migration(Duration::from_millis(20), Duration::from_secs(600))
+            .await
+            .map_err(|error| Stopped::failed(error.to_string()))?;
+        if info.status != MigrationStatus::Completed {
+            let _ = std::fs::remove_file(&file);
+            return Err(Stopped::failed(format!(
+                "saving the state failed: {}",
+                info.error.unwrap_or_else(|| format!("{:?}", info.status))
+            )));
+        }
+        handle.set_phase(SAVED).await;
+    }
+    let info = machine.query_migrate().await.ok();
+    // The saved state is now the VM; the paused source must never run again.
+    let _ = machine.kill().await;
+    context.runtime.forget(vm).await;
+    let switched = switch_over(context, handle, migrate, &current_placement(context, vm).await?)
+        .await?;
+    let info = info.map(|mut info| {
+        // For a quick migration the guest's pause is the whole save and restore.
+        if let Some(paused_at) = paused_at {
+            info.downtime_ms = Some(switched.resumed_ms.saturating_sub(paused_at));
+        }
+        info
+    });
+    Ok((switched, info))
+}
+
+fn handle_id(handle: &OpHandle<'_>) -> String {
+    handle
+        .key
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Where a quick migration's state goes: on the shared pool, which both hosts see.
+fn state_file(runtime: &Runtime, op: &str) -> PathBuf {
+    let pool = runtime
+        .config
+        .shared_pool()
+        .map(|pool| pool.path.clone())
+        .unwrap_or_else(|| runtime.config.paths.run_dir.join("pool"));
+    pool.join(".ferry").join("migration").join(format!("{op}.state"))
+}
+
+fn shell_quote(path: &Path) -> String {
+    format!("'{}'", path.display().to_string().replace('\'', r"'\''"))
+}
+
+/// The moment the guest moved.
+struct Switched {
+    /// QEMU finished on the source (ms since the epoch).
+    completed_ms: u64,
+    /// The destination resumed the guest.
+    resumed_ms: u64,
+    /// The switch-over happened in post-copy.
+    postcopy: bool,
+}
+
+async fn current_placement(context: &Context<'_>, vm: &VmName) -> Result<Placement, Stopped> {
+    context
+        .store
+        .get::<Placement>(&context.store.keys().vm_placement(vm))
+        .await
+        .ok()
+        .flatten()
+        .map(|placement| placement.value)
+        .ok_or_else(|| Stopped::failed(format!("VM {vm} has no placement")))
+}
+
+/// Step 4: moves the placement to the destination (with the disks' new paths) in one
+/// transaction, then waits for the destination to resume the guest.
+async fn switch_over(
+    context: &Context<'_>,
+    handle: &OpHandle<'_>,
+    migrate: &MigrateOp,
+    placement: &Placement,
+) -> Result<Switched, Stopped> {
+    let completed_ms = now_ms();
+    let vm = &migrate.vm;
+    let moved = Placement {
+        version: RECORD_VERSION,
+        host: migrate.to.clone(),
+        generation: placement.generation + 1,
+        phase: PlacementPhase::Assigned,
+        migration: None,
+    };
+    if placement.host != migrate.to {
+        // Past QEMU's completion there is no way back: retry through etcd outages.
+        let mut attempt = 0u64;
+        loop {
+            attempt += 1;
+            match move_placement(context.store, vm, migrate, &moved).await {
+                Ok(()) => break,
+                Err(MoveError::Changed(reason)) => return Err(Stopped::failed(reason)),
+                Err(MoveError::Store(error)) => {
+                    if attempt % 25 == 1 {
+                        tracing::warn!("VM {vm}: cannot move the placement yet: {error}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    handle.set_phase(&format!("resuming on {}", migrate.to)).await;
+    let incoming = wait_resumed(context.store, handle, RESUME_TIMEOUT).await;
+    Ok(Switched {
+        completed_ms,
+        resumed_ms: incoming
+            .and_then(|incoming| incoming.resumed_ms)
+            .unwrap_or_else(now_ms),
+        postcopy: false,
+    })
+}
+
+enum MoveError {
+    Store(StoreError),
+    Changed(String),
+}
+
+/// One transaction: the placement (still ours, still this migration) moves to the
+/// destination, and the VM's disks point at their copies.
+async fn move_placement(
+    store: &Store,
+    vm: &VmName,
+    migrate: &MigrateOp,
+    moved: &Placement,
+) -> Result<(), MoveError> {
+    let keys = store.keys();
+    let placement_key = keys.vm_placement(vm);
+    let record_key = keys.vm_spec(vm);
+    let current = store
+        .get::<Placement>(&placement_key)
+        .await
+        .map_err(MoveError::Store)?
+        .ok_or_else(|| MoveError::Changed(format!("VM {vm}'s placement vanished")))?;
+    if current.value.host == migrate.to && current.value.migration.is_none() {
+        return Ok(());
+    }
+    if current.value.host != migrate.from || current.value.migrating_to() != Some(&migrate.to) {
+        return Err(MoveError::Changed(format!(
+            "VM {vm}'s placement changed during the migration (now {:?} on {})",
+            current.value.phase, current.value.host
+        )));
+    }
+    let record = store
+        .get::<VmRecord>(&record_key)
+        .await
+        .map_err(MoveError::Store)?
+        .ok_or_else(|| MoveError::Changed(format!("VM {vm} was deleted")))?;
+    let mut writes = vec![(
+        placement_key.as_str(),
+        current.mod_revision,
+        ferry_store::encode(moved),
+    )];
+    if !migrate.disk_copies.is_empty() {
+        let mut updated = record.value.clone();
+        for disk in &mut updated.spec.disks {
+            if let Some(copy) = migrate.disk_copies.iter().find(|copy| copy.disk == disk.id) {
+                disk.path = copy.to.clone();
+            }
+        }
+        writes.push((
+            record_key.as_str(),
+            record.mod_revision,
+            ferry_store::encode(&updated),
+        ));
+    }
+    match store.compare_and_swap_all(&writes).await {
+        Ok(_) => Ok(()),
+        // Someone wrote in between: look again.
+        Err(StoreError::Conflict { .. }) => Err(MoveError::Store(StoreError::Conflict {
+            key: placement_key.clone(),
+        })),
+        Err(error) => Err(MoveError::Store(error)),
+    }
+}
+
+/// Step 5, after a switch-over.
+async fn finish(
+    context: &Context<'_>,
+    handle: &OpHandle<'_>,
+    migrate: &MigrateOp,
+    started_ms: u64,
+    switched: Switched,
+    info: Option<MigrationInfo>,
+) {
+    let vm = &migrate.vm;
+    if let Some(machine) = context.runtime.machine(vm).await {
+        // Paused since the switch-over; the destination runs the guest.
+        let _ = machine.kill().await;
+    }
+    context.runtime.forget(vm).await;
+    for copy in &migrate.disk_copies {
+        remove_vm_file(&copy.from, vm);
+    }
+    let total_ms = switched.resumed_ms.saturating_sub(started_ms);
+    let qemu_total = info.as_ref().and_then(|info| info.total_time_ms);
+    let outcome = MigrationOutcome {
+        qemu_downtime_ms: info.as_ref().and_then(|info| info.downtime_ms),
+        qemu_total_ms: qemu_total,
+        total_ms,
+        overhead_ms: total_ms.saturating_sub(qemu_total.unwrap_or(0)),
+        switchover_ms: switched.resumed_ms.saturating_sub(switched.completed_ms),
+        transferred_bytes: info
+            .as_ref()
+            .and_then(|info| info.transferred_bytes)
+            .unwrap_or(0),
+        postcopy: switched.postcopy,
+    };
+    let done = outcome.clone();
+    handle
+        .update_until_done(|op| {
+            op.state = OpState::Completed;
+            op.phase = format!("running on {}", migrate.to);
+            op.finished_ms = Some(now_ms());
+            op.outcome = Some(done.clone());
+        })
+        .await;
+    let _ = context
+        .store
+        .delete(&context.store.keys().incoming(&handle_id(handle)))
+        .await;
+    context
+        .events
+        .record(
+            &vm.subject(),
+            "migrated",
+            &format!(
+                "VM {vm} {} migrated from {} to {} in {} ms (QEMU downtime {} ms, Ferry overhead {} ms)",
+                migrate.mode.as_str(),
+                migrate.from,
+                migrate.to,
+                outcome.total_ms,
+                outcome
+                    .qemu_downtime_ms
+                    .map(|ms| ms.to_string())
+                    .unwrap_or_else(|| "?".into()),
+                outcome.overhead_ms
+            ),
+        )
+        .await;
+}
+
+/// The way back, before any switch-over: the source keeps (or resumes) the guest.
+async fn roll_back(
+    context: &Context<'_>,
+    handle: &OpHandle<'_>,
+    migrate: &MigrateOp,
+    stopped: Stopped,
+) {
+    let vm = &migrate.vm;
+    let mut pid = None;
+    if let Some(machine) = context.runtime.machine(vm).await {
+        let _ = machine.migrate_cancel().await;
+        for copy in &migrate.disk_copies {
+            let job = mirror_job(&copy.disk);
+            let _ = machine.cancel_job(&job).await;
+            let _ = machine.wait_job_gone(&job, Duration::from_secs(30)).await;
+            let _ = machine.delete_node(&format!("copy-{}", copy.disk)).await;
+        }
+        if matches!(
+            machine.status().await,
+            Ok(RunState::Paused) | Ok(RunState::Postmigrate)
+        ) {
+            let _ = machine.resume().await;
+        }
+        pid = Some(machine.pid());
+    }
+    let state = if stopped.cancelled {
+        OpState::Cancelled
+    } else {
+        OpState::Failed
+    };
+    let reason = stopped.reason.clone();
+    handle
+        .update_until_done(|op| {
+            op.state = state;
+            op.phase = format!("{} stays on {}", vm, migrate.from);
+            op.finished_ms = Some(now_ms());
+            if !stopped.cancelled {
+                op.error = Some(reason.clone());
+            }
+        })
+        .await;
+    restore_placement(context.store, vm, &handle_id(handle)).await;
+    let _ = std::fs::remove_file(state_file(context.runtime, &handle_id(handle)));
+    if pid.is_some() {
+        write_status(context, vm, VmState::Running, pid).await;
+    }
+    context
+        .events
+        .record(
+            &vm.subject(),
+            if stopped.cancelled {
+                "migration-cancelled"
+            } else {
+                "migration-failed"
+            },
+            &format!(
+                "migration of VM {vm} to {} {}; it keeps running on {}",
+                migrate.to,
+                if stopped.cancelled {
+                    "cancelled".to_string()
+                } else {
+                    format!("failed: {}", stopped.reason)
+                },
+                migrate.from
+            ),
+        )
+        .await;
+}
+
+/// Puts a placement still `Migrating` under `op` back to `Assigned` on its source.
+pub async fn restore_placement(store: &Store, vm: &VmName, op: &str) {
+    let key = store.keys().vm_placement(vm);
+    for _ in 0..50 {
+        let current = match store.get::<Placement>(&key).await {
+            Ok(Some(current)) => current,
+            Ok(None) => return,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        if current.value.migration.as_ref().map(|m| m.op.as_str()) != Some(op) {
+            return;
+        }
+        let restored = Placement {
+            phase: PlacementPhase::Assigned,
+            migration: None,
+            generation: current.value.generation + 1,
+            ..current.value.clone()
+        };
+        match store
+            .compare_and_swap(&key, current.mod_revision, &restored)
+            .await
+        {
+            Ok(_) => return,
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// Waits for the destination's answer; fails on its error, a cancel, or the timeout.
+async fn wait_incoming(
+    store: &Store,
+    handle: &OpHandle<'_>,
+    timeout: Duration,
+) -> Result<IncomingRecord, Stopped> {
+    let key = store.keys().incoming(&handle_id(handle));
+    let deadline = Instant::now() + timeout;
+    let mut checked_cancel = Instant::now();
+    loop {
+        if let Ok(Some(incoming)) = store.get::<IncomingRecord>(&key).await {
+            if let Some(error) = incoming.value.error {
+                return Err(Stopped::failed(format!("the destination: {error}")));
+            }
+            return Ok(incoming.value);
+        }
+        if checked_cancel.elapsed() > Duration::from_millis(500) {
+            checked_cancel = Instant::now();
+            if let Ok(Some(op)) = handle.read().await {
+                if op.cancel_requested {
+                    return Err(Stopped {
+                        cancelled: true,
+                        reason: "cancelled on request".into(),
+                    });
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(Stopped::failed(format!(
+                "the destination did not get ready within {timeout:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_resumed(
+    store: &Store,
+    handle: &OpHandle<'_>,
+    timeout: Duration,
+) -> Option<IncomingRecord> {
+    let key = store.keys().incoming(&handle_id(handle));
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(incoming)) = store.get::<IncomingRecord>(&key).await {
+            if incoming.value.resumed_ms.is_some() {
+                return Some(incoming.value);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
+async fn write_status(context: &Context<'_>, vm: &VmName, state: VmState, pid: Option<i32>) {
+    let status = VmStatus {
+        version: RECORD_VERSION,
+        host: Some(context.runtime.config.host.clone()),
+        state,
+        pid,
+        guest_agent: state == VmState::Running,
+        last_error: None,
+        updated_ms: now_ms(),
+    };
+    if let Err(error) = context
+        .store
+        .put(&context.store.keys().vm_status(vm), &status, None)
+        .await
+    {
+        tracing::warn!("cannot write status of VM {vm}: {error}");
+    }
+}
+
+/// Removes a disk file Ferry made, and its directory when that is the VM's own.
+fn remove_vm_file(path: &Path, vm: &VmName) {
+    let _ = std::fs::remove_file(path);
+    if let Some(dir) = path
+        .parent()
+        .filter(|dir| dir.file_name().and_then(|name| name.to_str()) == Some(vm.as_str()))
+    {
+        let _ = std::fs::remove_dir(dir);
+    }
+}
+
+// ----- the destination ----------------------------------------------------------------
+
+/// The destination agent's side. Called (again) whenever the placement says
+/// `Migrating` to this host and no driver holds the VM.
+pub async fn migrate_in(context: &Context<'_>, vm: &VmName, placement: Versioned<Placement>) {
+    let Some(migration) = placement.value.migration.clone() else {
+        return;
+    };
+    let handle = OpHandle::new(context.store, &migration.op);
+    let Ok(Some(op)) = handle.read().await else {
+        return;
+    };
+    let OpKind::Migrate(migrate) = op.kind.clone() else {
+        return;
+    };
+    let incoming_key = context.store.keys().incoming(&op.id);
+    let answered = context
+        .store
+        .get::<IncomingRecord>(&incoming_key)
+        .await
+        .ok()
+        .flatten()
+        .map(|incoming| incoming.value);
+    let machine = match (context.runtime.machine(vm).await, &answered) {
+        (Some(machine), Some(answer)) if answer.error.is_none() && !machine.has_exited() => {
+            machine
+        }
+        (existing, _) => {
+            if existing.is_some() {
+                let _ = context.runtime.kill(vm).await;
+            }
+            if answered.as_ref().is_some_and(|answer| answer.error.is_some()) {
+                return;
+            }
+            match prepare(context, &migrate).await {
+                Ok((machine, answer)) => {
+                    if let Err(error) = context.store.put(&incoming_key, &answer, None).await {
+                        tracing::warn!("VM {vm}: cannot answer the migration: {error}");
+                    }
+                    machine
+                }
+                Err(error) => {
+                    let _ = context.runtime.kill(vm).await;
+                    remove_copies(&migrate);
+                    let answer = IncomingRecord {
+                        version: RECORD_VERSION,
+                        host: context.runtime.config.host.clone(),
+                        uri: None,
+                        nbd: None,
+                        error: Some(error.clone()),
+                        resumed_ms: None,
+                    };
+                    let _ = context.store.put(&incoming_key, &answer, None).await;
+                    context
+                        .events
+                        .record(
+                            &vm.subject(),
+                            "migration-prepare-failed",
+                            &format!("{} cannot receive VM {vm}: {error}", migrate.to),
+                        )
+                        .await;
+                    return;
+                }
+            }
+        }
+    };
+    wait_for_switch(context, &handle, &migrate, &machine).await;
+}
+
+/// Starts the waiting QEMU and, for live migration, its listener and disk exports.
+async fn prepare(
+    context: &Context<'_>,
+    migrate: &MigrateOp,
+) -> Result<(Arc<Machine>, IncomingRecord), String> {
+    let vm = &migrate.vm;
+    let record = context
+        .store
+        .get::<VmRecord>(&context.store.keys().vm_spec(vm))
+        .await
+        .map_err(|error| error.to_string())?
+        .ok_or_else(|| format!("VM {vm} has no record"))?
+        .value;
+    let mut spec = record.spec.clone();
+    for disk in &mut spec.disks {
+        if let Some(copy) = migrate.disk_copies.iter().find(|copy| copy.disk == disk.id) {
+            create_disk(&copy.to, copy.size)?;
+            disk.path = copy.to.clone();
+        }
+    }
+    let machine = context
+        .runtime
+        .launch_incoming(&spec, record.reset_serial)
+        .await?;
+    let fail = |error: ferry_qemu::QemuError| error.to_string();
+    let mut answer = IncomingRecord {
+        version: RECORD_VERSION,
+        host: context.runtime.config.host.clone(),
+        uri: None,
+        nbd: None,
+        error: None,
+        resumed_ms: None,
+    };
+    if migrate.mode == MigrationMode::Live {
+        let address = context
+            .runtime
+            .address_on("migration")
+            .ok_or_else(|| "this host has no migration network address".to_string())?;
+        if migrate.postcopy_after_ms.is_some() {
+            machine
+                .set_migration_capabilities(&[("postcopy-ram", true)])
+                .await
+                .map_err(fail)?;
+        }
+        machine
+            .migrate_incoming(&format!("tcp:{address}:0"))
+            .await
+            .map_err(fail)?;
+        let (_, port) = machine
+            .incoming_address()
+            .await
+            .map_err(fail)?
+            .ok_or_else(|| "QEMU did not say where it listens".to_string())?;
+        answer.uri = Some(format!("tcp:{address}:{port}"));
+        if !migrate.disk_copies.is_empty() {
+            let port = free_port(&address)?;
+            machine.nbd_server_start(&address, port).await.map_err(fail)?;
+            for copy in &migrate.disk_copies {
+                let open = machine.open_disk(&copy.disk).await.map_err(fail)?;
+                machine.nbd_export(&open.node, &copy.disk).await.map_err(fail)?;
+            }
+            answer.nbd = Some(format!("{address}:{port}"));
+        }
+    }
+    Ok((machine, answer))
+}
+
+fn free_port(address: &str) -> Result<u16, String> {
+    std::net::TcpListener::bind((address, 0))
+        .and_then(|listener| listener.local_addr())
+        .map(|local| local.port())
+        .map_err(|error| format!("no free port on {address}: {error}"))
+}
+
+/// Waits until the placement names this host (then resumes the guest) or the migration
+/// ends without it (then removes the waiting QEMU).
+async fn wait_for_switch(
+    context: &Context<'_>,
+    handle: &OpHandle<'_>,
+    migrate: &MigrateOp,
+    machine: &Arc<Machine>,
+) {
+    let vm = &migrate.vm;
+    let me = &context.runtime.config.host;
+    let key = context.store.keys().vm_placement(vm);
+    let mut watch = loop {
+        match ferry_store::PrefixWatch::start(context.store, &key).await {
+            Ok(watch) => break watch,
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    let mut last_op_check = Instant::now();
+    loop {
+        let placement = context
+            .store
+            .get::<Placement>(&key)
+            .await
+            .map(|placement| placement.map(|placement| placement.value));
+        match placement {
+            Ok(Some(placement)) if &placement.host == me => {
+                resume_here(context, handle, migrate, machine).await;
+                return;
+            }
+            Ok(Some(placement)) if placement.migrating_to() == Some(me) => {}
+            Ok(_) => {
+                abandon(context, migrate).await;
+                return;
+            }
+            Err(_) => {}
+        }
+        if machine.has_exited() {
+            // Our QEMU died (or was killed): the source sees its migration fail.
+            context.runtime.forget(vm).await;
+            remove_copies(migrate);
+            return;
+        }
+        if last_op_check.elapsed() > Duration::from_secs(1) {
+            last_op_check = Instant::now();
+            if let Ok(Some(op)) = handle.read().await {
+                if op.state.is_final() && op.state != OpState::Completed {
+                    abandon(context, migrate).await;
+                    return;
+                }
+            }
+        }
+        tokio::select! {
+            _ = watch.next() => {}
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+}
+
+/// The placement names this host: load the state if it is a file, run, announce.
+async fn resume_here(
+    context: &Context<'_>,
+    handle: &OpHandle<'_>,
+    migrate: &MigrateOp,
+    machine: &Arc<Machine>,
+) {
+    let vm = &migrate.vm;
+    let op = handle_id(handle);
+    let incoming_key = context.store.keys().incoming(&op);
+    let mut machine = machine.clone();
+    if migrate.mode == MigrationMode::Quick {
+        let file = state_file(context.runtime, &op);
+        let restored = async {
+            machine
+                .migrate_incoming(&format!("exec:cat {}", shell_quote(&file)))
+                .await
+                .map_err(|error| error.to_string())?;
+            let info = machine
+                .wait_migration(Duration::from_millis(20), Duration::from_secs(600))
+                .await
+                .map_err(|error| error.to_string())?;
+            match info.status {
+                MigrationStatus::Completed => Ok(()),
+                other => Err(info.error.unwrap_or_else(|| format!("{other:?}"))),
+            }
+        }
+        .await;
+        if let Err(error) = restored {
+            // The disk is on the shared pool: boot from it rather than lose the VM.
+            context
+                .events
+                .record(
+                    &vm.subject(),
+                    "restore-failed",
+                    &format!("VM {vm}: restoring the saved state failed ({error}); cold boot on {}", migrate.to),
+                )
+                .await;
+            let _ = context.runtime.kill(vm).await;
+            let record = context
+                .store
+                .get::<VmRecord>(&context.store.keys().vm_spec(vm))
+                .await
+                .ok()
+                .flatten();
+            match record {
+                Some(record) => match context.runtime.start(&record.value, None).await {
+                    Ok(started) => machine = started,
+                    Err(error) => {
+                        tracing::warn!("VM {vm}: cold boot failed: {error}");
+                        return;
+                    }
+                },
+                None => return,
+            }
+        }
+        let _ = std::fs::remove_file(&file);
+    } else if !migrate.disk_copies.is_empty() {
+        let _ = machine.nbd_server_stop().await;
+    }
+    if let Err(error) = machine.resume().await {
+        tracing::warn!("VM {vm}: cannot resume after the migration: {error}");
+    }
+    let resumed_ms = now_ms();
+    let _ = machine.announce_self().await;
+    let answer = IncomingRecord {
+        version: RECORD_VERSION,
+        host: context.runtime.config.host.clone(),
+        uri: None,
+        nbd: None,
+        error: None,
+        resumed_ms: Some(resumed_ms),
+    };
+    let _ = context.store.put(&incoming_key, &answer, None).await;
+    write_status(context, vm, VmState::Running, Some(machine.pid())).await;
+    context
+        .events
+        .record(
+            &vm.subject(),
+            "resumed",
+            &format!("VM {vm} runs on {} after its migration", migrate.to),
+        )
+        .await;
+}
+
+/// The migration ended without coming here: remove what was prepared.
+async fn abandon(context: &Context<'_>, migrate: &MigrateOp) {
+    let _ = context.runtime.kill(&migrate.vm).await;
+    remove_copies(migrate);
+}
+
+fn remove_copies(migrate: &MigrateOp) {
+    for copy in &migrate.disk_copies {
+        remove_vm_file(&copy.to, &migrate.vm);
+    }
+}

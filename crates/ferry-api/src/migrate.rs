@@ -1,0 +1,488 @@
+//! Migrations and disk moves as API operations. The API only checks and records: it
+//! writes a queued op; the manager admits it when the hosts have a free migration slot;
+//! the agents carry it out (ferry-agent's `migration` module) and write its progress
+//! into the op, which is all `op show` and the CLI's progress bar read.
+
+use std::collections::BTreeMap;
+
+use ferry_manager::migration::{check_destination, choose_destination, local_pool, Candidate};
+use ferry_model::cluster::{now_ms, HostRecord, PlacementPhase, VmState, RECORD_VERSION};
+use ferry_model::ops::{
+    DiskCopy, MigrateOp, MigrationMode, MoveDiskOp, OpKind, OpRecord, OpState,
+};
+use ferry_model::{Bytes, HostName};
+
+use crate::ops::{parse_vm_name, vm_view, ClusterApi, VmEntry};
+use crate::types::{MigrateRequest, MoveDiskRequest, OpView, ProgressView};
+use crate::ApiError;
+
+/// The default bandwidth when neither the request nor the host says (QEMU's own default
+/// of 128 MiB/s would make every migration of a big guest slow).
+const DEFAULT_BANDWIDTH: Bytes = Bytes(10 * Bytes::GIB);
+
+impl ClusterApi {
+    pub async fn migrate_vm(&self, name: &str, request: MigrateRequest) -> Result<OpView, ApiError> {
+        let name = parse_vm_name(name)?;
+        let mode: MigrationMode = request
+            .mode
+            .as_deref()
+            .unwrap_or("live")
+            .parse()
+            .map_err(ApiError::BadRequest)?;
+        let bandwidth = match &request.bandwidth {
+            Some(text) => {
+                let bandwidth: Bytes = text
+                    .parse()
+                    .map_err(|error| ApiError::BadRequest(format!("bandwidth: {error}")))?;
+                if bandwidth.0 < Bytes::MIB {
+                    return Err(ApiError::BadRequest(format!(
+                        "bandwidth: {bandwidth} per second is too little; give at least 1M"
+                    )));
+                }
+                Some(bandwidth)
+            }
+            None => None,
+        };
+        if request.downtime_limit_ms == Some(0) {
+            return Err(ApiError::BadRequest(
+                "downtime_limit_ms: must be at least 1".into(),
+            ));
+        }
+        let entry = self.vm_entry(&name).await?;
+        let record = entry
+            .record
+            .as_ref()
+            .map(|record| record.value.clone())
+            .ok_or_else(|| ApiError::NotFound(format!("VM {name} does not exist")))?;
+        let state = vm_view(&entry).map(|view| view.state).unwrap_or_default();
+        let placement = entry
+            .placement
+            .as_ref()
+            .map(|placement| placement.value.clone())
+            .ok_or_else(|| ApiError::Conflict(format!("VM {name} is not placed on any host")))?;
+        if let Some(migration) = &placement.migration {
+            return Err(ApiError::Conflict(format!(
+                "a migration of VM {name} is already in flight (op {})",
+                migration.op
+            )));
+        }
+        let ops = self.op_records().await?;
+        if let Some(pending) = ops
+            .iter()
+            .find(|op| op.kind.vm() == &name && !op.state.is_final())
+        {
+            return Err(ApiError::Conflict(format!(
+                "VM {name} already has a {} op in flight (op {})",
+                pending.kind.name(),
+                pending.id
+            )));
+        }
+        if record.deleting {
+            return Err(ApiError::Conflict(format!("VM {name} is being deleted")));
+        }
+        if state != VmState::Running.as_str() {
+            return Err(ApiError::Conflict(format!(
+                "VM {name} is {state}, not running; only a running VM migrates"
+            )));
+        }
+        let hosts = self.hosts().await?;
+        let source = hosts
+            .iter()
+            .find(|host| host.name == placement.host)
+            .ok_or_else(|| {
+                ApiError::Unavailable(format!(
+                    "VM {name} runs on {}, whose agent is not in the cluster",
+                    placement.host
+                ))
+            })?;
+        let candidate = Candidate {
+            vm: &record,
+            source,
+            mode,
+        };
+        let entries = self.vm_entries().await?;
+        let used = promised_memory(&entries, &ops);
+        let to = match &request.to {
+            Some(to) => {
+                let to: HostName = to
+                    .parse()
+                    .map_err(|error| ApiError::BadRequest(format!("to: {error}")))?;
+                let dest = hosts.iter().find(|host| host.name == to).ok_or_else(|| {
+                    ApiError::Conflict(format!(
+                        "host {to} is not in the cluster (unknown, or its agent is down)"
+                    ))
+                })?;
+                check_destination(
+                    &candidate,
+                    dest,
+                    used.get(&to).copied().unwrap_or_default(),
+                )
+                .map_err(ApiError::Conflict)?;
+                to
+            }
+            None => choose_destination(&candidate, &hosts, &used).map_err(ApiError::Conflict)?,
+        };
+        let dest = hosts
+            .iter()
+            .find(|host| host.name == to)
+            .ok_or_else(|| ApiError::Internal(format!("host {to} vanished")))?;
+        let disk_copies = disk_copies(&record.spec, source, dest)?;
+        let migrate = MigrateOp {
+            vm: name.clone(),
+            from: placement.host.clone(),
+            to: to.clone(),
+            mode,
+            downtime_limit_ms: request
+                .downtime_limit_ms
+                .unwrap_or(record.migration.downtime_limit_ms),
+            bandwidth: bandwidth.unwrap_or(DEFAULT_BANDWIDTH),
+            postcopy_after_ms: request
+                .postcopy_after_ms
+                .or(record.migration.postcopy_after_ms),
+            disk_copies,
+        };
+        let op = self.create_op(OpKind::Migrate(migrate)).await?;
+        self.events()
+            .record(
+                &name.subject(),
+                "migration-requested",
+                &format!(
+                    "{} migration of VM {name} from {} to {to} requested (op {})",
+                    mode.as_str(),
+                    placement.host,
+                    op.id
+                ),
+            )
+            .await;
+        Ok(op_view(&op))
+    }
+
+    pub async fn move_disk(
+        &self,
+        name: &str,
+        disk: &str,
+        request: MoveDiskRequest,
+    ) -> Result<OpView, ApiError> {
+        let name = parse_vm_name(name)?;
+        let entry = self.vm_entry(&name).await?;
+        let record = entry
+            .record
+            .as_ref()
+            .map(|record| record.value.clone())
+            .ok_or_else(|| ApiError::NotFound(format!("VM {name} does not exist")))?;
+        let spec_disk = record
+            .spec
+            .disks
+            .iter()
+            .find(|candidate| candidate.id == disk)
+            .ok_or_else(|| {
+                let ids: Vec<&str> = record.spec.disks.iter().map(|d| d.id.as_str()).collect();
+                ApiError::NotFound(format!(
+                    "VM {name} has no disk {disk:?} (it has: {})",
+                    ids.join(", ")
+                ))
+            })?;
+        let state = vm_view(&entry).map(|view| view.state).unwrap_or_default();
+        if state != VmState::Running.as_str() {
+            return Err(ApiError::Conflict(format!(
+                "VM {name} is {state}, not running; disks move under a running VM"
+            )));
+        }
+        let placement = entry
+            .placement
+            .as_ref()
+            .map(|placement| placement.value.clone())
+            .ok_or_else(|| ApiError::Conflict(format!("VM {name} is not placed on any host")))?;
+        if placement.phase == PlacementPhase::Migrating {
+            return Err(ApiError::Conflict(format!("VM {name} is migrating")));
+        }
+        let ops = self.op_records().await?;
+        if let Some(pending) = ops
+            .iter()
+            .find(|op| op.kind.vm() == &name && !op.state.is_final())
+        {
+            return Err(ApiError::Conflict(format!(
+                "VM {name} already has a {} op in flight (op {})",
+                pending.kind.name(),
+                pending.id
+            )));
+        }
+        let hosts = self.hosts().await?;
+        let host = hosts
+            .iter()
+            .find(|host| host.name == placement.host)
+            .ok_or_else(|| {
+                ApiError::Unavailable(format!(
+                    "VM {name} runs on {}, whose agent is not in the cluster",
+                    placement.host
+                ))
+            })?;
+        let pool = host.pool(&request.pool).ok_or_else(|| {
+            let names: Vec<&str> = host.pools.iter().map(|pool| pool.name.as_str()).collect();
+            ApiError::BadRequest(format!(
+                "pool {:?} is not on host {} (it has: {})",
+                request.pool,
+                host.name,
+                names.join(", ")
+            ))
+        })?;
+        if spec_disk.path.starts_with(&pool.path) {
+            return Err(ApiError::BadRequest(format!(
+                "disk {disk} of VM {name} is already on pool {}",
+                pool.name
+            )));
+        }
+        let to = disk_path(&pool.path, &name, &spec_disk.path, disk);
+        let op = self
+            .create_op(OpKind::MoveDisk(MoveDiskOp {
+                vm: name.clone(),
+                host: placement.host.clone(),
+                disk: disk.to_string(),
+                from: spec_disk.path.clone(),
+                to,
+                to_pool: pool.name.clone(),
+            }))
+            .await?;
+        self.events()
+            .record(
+                &name.subject(),
+                "move-disk-requested",
+                &format!(
+                    "move of disk {disk} of VM {name} to pool {} requested (op {})",
+                    pool.name, op.id
+                ),
+            )
+            .await;
+        Ok(op_view(&op))
+    }
+
+    pub async fn op_records(&self) -> Result<Vec<OpRecord>, ApiError> {
+        let (ops, _) = self
+            .store()
+            .list::<OpRecord>(&self.store().keys().ops())
+            .await?;
+        let mut ops: Vec<OpRecord> = ops.into_iter().map(|(_, op)| op.value).collect();
+        ops.sort_by(|a, b| a.created_ms.cmp(&b.created_ms).then(a.id.cmp(&b.id)));
+        Ok(ops)
+    }
+
+    pub async fn list_ops(&self) -> Result<Vec<OpView>, ApiError> {
+        Ok(self.op_records().await?.iter().map(op_view).collect())
+    }
+
+    pub async fn get_op(&self, id: &str) -> Result<OpView, ApiError> {
+        check_op_id(id)?;
+        self.store()
+            .get::<OpRecord>(&self.store().keys().op(id))
+            .await?
+            .map(|op| op_view(&op.value))
+            .ok_or_else(|| ApiError::NotFound(format!("op {id} does not exist")))
+    }
+
+    /// Asks an op to stop. A queued op is cancelled at once; a running one stops at its
+    /// next safe point (a migration past its switch-over can no longer be cancelled).
+    pub async fn cancel_op(&self, id: &str) -> Result<OpView, ApiError> {
+        check_op_id(id)?;
+        let key = self.store().keys().op(id);
+        loop {
+            let current = self
+                .store()
+                .get::<OpRecord>(&key)
+                .await?
+                .ok_or_else(|| ApiError::NotFound(format!("op {id} does not exist")))?;
+            let mut op = current.value;
+            if op.state.is_final() {
+                return Err(ApiError::Conflict(format!(
+                    "op {id} already ended ({})",
+                    op.state.as_str()
+                )));
+            }
+            op.cancel_requested = true;
+            if op.state == OpState::Queued {
+                op.state = OpState::Cancelled;
+                op.phase = "cancelled before it started".into();
+                op.finished_ms = Some(now_ms());
+            }
+            match self
+                .store()
+                .compare_and_swap(&key, current.mod_revision, &op)
+                .await
+            {
+                Ok(_) => {
+                    self.events()
+                        .record(
+                            &op.kind.vm().subject(),
+                            "cancel-requested",
+                            &format!("cancel of op {id} ({}) requested", op.kind.name()),
+                        )
+                        .await;
+                    return Ok(op_view(&op));
+                }
+                Err(ferry_store::StoreError::Conflict { .. }) => continue,
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+
+    async fn create_op(&self, kind: OpKind) -> Result<OpRecord, ApiError> {
+        let mut at = now_ms();
+        loop {
+            let id = format!("op-{at:x}");
+            let op = OpRecord {
+                version: RECORD_VERSION,
+                id: id.clone(),
+                kind: kind.clone(),
+                state: OpState::Queued,
+                phase: "waiting for a migration slot".into(),
+                created_ms: now_ms(),
+                started_ms: None,
+                finished_ms: None,
+                progress: None,
+                outcome: None,
+                error: None,
+                cancel_requested: false,
+            };
+            match self
+                .store()
+                .create(&self.store().keys().op(&id), &op, "op")
+                .await
+            {
+                Ok(_) => return Ok(op),
+                // Two ops in one millisecond: take the next id.
+                Err(ferry_store::StoreError::Exists { .. }) => at += 1,
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+}
+
+fn check_op_id(id: &str) -> Result<(), ApiError> {
+    let valid = !id.is_empty()
+        && id.len() <= 40
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!("{id:?} is not an op id")))
+    }
+}
+
+/// Memory promised on each host: VMs placed there and migrations heading there.
+pub fn promised_memory(
+    entries: &BTreeMap<String, VmEntry>,
+    ops: &[OpRecord],
+) -> BTreeMap<HostName, Bytes> {
+    let mut used: BTreeMap<HostName, Bytes> = BTreeMap::new();
+    let memory_of = |vm: &str| {
+        entries
+            .get(vm)
+            .and_then(|entry| entry.record.as_ref())
+            .map(|record| record.value.spec.memory)
+            .unwrap_or_default()
+    };
+    for (name, entry) in entries {
+        if let Some(placement) = &entry.placement {
+            used.entry(placement.value.host.clone()).or_default().0 += memory_of(name).0;
+        }
+    }
+    for op in ops.iter().filter(|op| !op.state.is_final()) {
+        if let OpKind::Migrate(migrate) = &op.kind {
+            used.entry(migrate.to.clone()).or_default().0 += memory_of(migrate.vm.as_str()).0;
+        }
+    }
+    used
+}
+
+/// Where a disk file goes in another pool: `{pool}/vms/{vm}/{file name}`.
+fn disk_path(
+    pool: &std::path::Path,
+    vm: &ferry_model::VmName,
+    current: &std::path::Path,
+    disk: &str,
+) -> std::path::PathBuf {
+    let file = current
+        .file_name()
+        .map(|name| name.to_os_string())
+        .unwrap_or_else(|| format!("{disk}.qcow2").into());
+    pool.join("vms").join(vm.as_str()).join(file)
+}
+
+/// The disks on the source's local pools, and where each goes on the destination.
+fn disk_copies(
+    spec: &ferry_model::VmSpec,
+    source: &HostRecord,
+    dest: &HostRecord,
+) -> Result<Vec<DiskCopy>, ApiError> {
+    let mut copies = Vec::new();
+    for disk in &spec.disks {
+        let local = source.pool_of(&disk.path).is_some_and(|pool| !pool.shared);
+        if !local {
+            continue;
+        }
+        let pool = local_pool(dest).ok_or_else(|| {
+            ApiError::Conflict(format!("host {} has no local pool", dest.name))
+        })?;
+        let size = disk.size.ok_or_else(|| {
+            ApiError::Conflict(format!(
+                "disk {} of VM {} has no recorded size; it cannot be copied",
+                disk.id, spec.name
+            ))
+        })?;
+        copies.push(DiskCopy {
+            disk: disk.id.clone(),
+            from: disk.path.clone(),
+            to: disk_path(&pool.path, &spec.name, &disk.path, &disk.id),
+            to_pool: pool.name.clone(),
+            size,
+        });
+    }
+    Ok(copies)
+}
+
+pub fn op_view(op: &OpRecord) -> OpView {
+    let mut view = OpView {
+        id: op.id.clone(),
+        kind: op.kind.name().into(),
+        vm: op.kind.vm().to_string(),
+        status: op.state.as_str().into(),
+        phase: op.phase.clone(),
+        created_ms: op.created_ms,
+        started_ms: op.started_ms,
+        finished_ms: op.finished_ms,
+        progress: op.progress.as_ref().map(|progress| ProgressView {
+            transferred_bytes: progress.transferred_bytes,
+            total_bytes: progress.total_bytes,
+            remaining_bytes: progress.remaining_bytes,
+            dirty_pages_rate: progress.dirty_pages_rate,
+            throughput: progress.throughput,
+            expected_remaining_ms: progress.expected_remaining_ms,
+        }),
+        cancel_requested: op.cancel_requested,
+        error: op.error.clone(),
+        ..OpView::default()
+    };
+    match &op.kind {
+        OpKind::Migrate(migrate) => {
+            view.from = Some(migrate.from.to_string());
+            view.to = Some(migrate.to.to_string());
+            view.mode = Some(migrate.mode.as_str().into());
+        }
+        OpKind::MoveDisk(move_disk) => {
+            view.from = Some(move_disk.from.display().to_string());
+            view.to = Some(move_disk.to.display().to_string());
+            view.disk = Some(move_disk.disk.clone());
+            view.pool = Some(move_disk.to_pool.clone());
+        }
+    }
+    if let Some(outcome) = &op.outcome {
+        view.qemu_downtime_ms = outcome.qemu_downtime_ms;
+        view.total_ms = Some(outcome.total_ms);
+        view.transferred_bytes = Some(outcome.transferred_bytes);
+        view.overhead_ms = Some(outcome.overhead_ms);
+        view.switchover_ms = Some(outcome.switchover_ms);
+        view.postcopy = Some(outcome.postcopy);
+    }
+    view
+}

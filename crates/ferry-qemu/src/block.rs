@@ -1,0 +1,219 @@
+//! Block jobs and NBD: what moving a disk under a running guest needs. A disk is found
+//! by its device (`vdisk-{id}`), never by node name, because a finished mirror leaves
+//! the device on a new node.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::{Machine, QemuError};
+
+/// One disk as QEMU has it open now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenDisk {
+    /// The format node the device reads from.
+    pub node: String,
+    pub file: PathBuf,
+    pub virtual_size: u64,
+}
+
+/// A block job's state (`query-block-jobs`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockJob {
+    pub id: String,
+    /// `running`, `ready`, `concluded`…
+    pub status: String,
+    pub offset: u64,
+    pub length: u64,
+    pub error: Option<String>,
+}
+
+impl Machine {
+    /// The disk behind device `vdisk-{disk}`.
+    pub async fn open_disk(&self, disk: &str) -> Result<OpenDisk, QemuError> {
+        let reply = self.command("query-block", None).await?;
+        let device = format!("/machine/peripheral/vdisk-{disk}/");
+        let entry = reply
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|entry| {
+                entry["qdev"]
+                    .as_str()
+                    .is_some_and(|qdev| qdev.starts_with(&device) || qdev == &device[..device.len() - 1])
+            })
+            .ok_or_else(|| QemuError::Other(format!("VM {}: no disk {disk}", self.spec().name)))?;
+        let inserted = &entry["inserted"];
+        let node = inserted["node-name"].as_str().unwrap_or_default().to_string();
+        let file = inserted["image"]["filename"]
+            .as_str()
+            .unwrap_or_default()
+            .into();
+        let virtual_size = inserted["image"]["virtual-size"].as_u64().unwrap_or(0);
+        Ok(OpenDisk {
+            node,
+            file,
+            virtual_size,
+        })
+    }
+
+    /// Opens `path` (qcow2) as a new pair of nodes, `{name}-file` and `{name}`.
+    pub async fn add_qcow2_node(&self, name: &str, path: &Path, direct: bool) -> Result<(), QemuError> {
+        self.command(
+            "blockdev-add",
+            Some(json!({
+                "driver": "qcow2",
+                "node-name": name,
+                "file": {
+                    "driver": "file",
+                    "node-name": format!("{name}-file"),
+                    "filename": path,
+                    "cache": {"direct": direct},
+                },
+            })),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Opens an NBD export as a raw node (the remote end of a disk copy).
+    pub async fn add_nbd_node(&self, name: &str, host: &str, port: u16, export: &str) -> Result<(), QemuError> {
+        self.command(
+            "blockdev-add",
+            Some(json!({
+                "driver": "raw",
+                "node-name": name,
+                "file": {
+                    "driver": "nbd",
+                    "node-name": format!("{name}-nbd"),
+                    "server": {"type": "inet", "host": host, "port": port.to_string()},
+                    "export": export,
+                },
+            })),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Removes a node and, for our pairs, its file node.
+    pub async fn delete_node(&self, name: &str) -> Result<(), QemuError> {
+        self.command("blockdev-del", Some(json!({"node-name": name})))
+            .await
+            .map(drop)
+    }
+
+    /// Copies everything the guest sees on `source` to `target` and keeps mirroring
+    /// its writes; the job becomes `ready` when both match.
+    pub async fn start_mirror(&self, job: &str, source: &str, target: &str) -> Result<(), QemuError> {
+        self.command(
+            "blockdev-mirror",
+            Some(json!({
+                "job-id": job,
+                "device": source,
+                "target": target,
+                "sync": "full",
+                "auto-finalize": true,
+                "auto-dismiss": true,
+            })),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn block_jobs(&self) -> Result<Vec<BlockJob>, QemuError> {
+        let reply = self.command("query-block-jobs", None).await?;
+        Ok(reply
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|job| BlockJob {
+                id: job["device"].as_str().unwrap_or_default().to_string(),
+                status: job["status"].as_str().unwrap_or_default().to_string(),
+                offset: job["offset"].as_u64().unwrap_or(0),
+                length: job["len"].as_u64().unwrap_or(0),
+                error: job["error"].as_str().map(str::to_string),
+            })
+            .collect())
+    }
+
+    /// Waits until job `id` is ready (source and target in sync), calling `progress`
+    /// on the way. Fails if the job ends or errs first, or `timeout` passes.
+    pub async fn wait_job_ready(
+        &self,
+        id: &str,
+        timeout: Duration,
+        mut progress: impl FnMut(&BlockJob),
+    ) -> Result<(), QemuError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let jobs = self.block_jobs().await?;
+            let Some(job) = jobs.iter().find(|job| job.id == id) else {
+                return Err(QemuError::Other(format!("block job {id} ended before it was ready")));
+            };
+            progress(job);
+            if let Some(error) = &job.error {
+                return Err(QemuError::Other(format!("block job {id}: {error}")));
+            }
+            if job.status == "ready" {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(QemuError::Other(format!(
+                    "block job {id} not ready after {timeout:?} ({} of {} bytes)",
+                    job.offset, job.length
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Ends a ready mirror by switching the device to the target (pivot).
+    pub async fn complete_job(&self, id: &str) -> Result<(), QemuError> {
+        self.command("job-complete", Some(json!({"id": id})))
+            .await
+            .map(drop)
+    }
+
+    /// Ends a job without switching (a ready mirror stops with the target in sync).
+    pub async fn cancel_job(&self, id: &str) -> Result<(), QemuError> {
+        self.command("block-job-cancel", Some(json!({"device": id, "force": false})))
+            .await
+            .map(drop)
+    }
+
+    /// Waits until no job named `id` is left.
+    pub async fn wait_job_gone(&self, id: &str, timeout: Duration) -> Result<(), QemuError> {
+        let deadline = Instant::now() + timeout;
+        while self.block_jobs().await?.iter().any(|job| job.id == id) {
+            if Instant::now() >= deadline {
+                return Err(QemuError::Other(format!("block job {id} still there after {timeout:?}")));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    pub async fn nbd_server_start(&self, host: &str, port: u16) -> Result<(), QemuError> {
+        self.command(
+            "nbd-server-start",
+            Some(json!({"addr": {"type": "inet", "data": {"host": host, "port": port.to_string()}}})),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Exports a node for writing under `name`.
+    pub async fn nbd_export(&self, node: &str, name: &str) -> Result<(), QemuError> {
+        self.command(
+            "block-export-add",
+            Some(json!({"type": "nbd", "id": name, "node-name": node, "name": name, "writable": true})),
+        )
+        .await
+        .map(drop)
+    }
+
+    pub async fn nbd_server_stop(&self) -> Result<(), QemuError> {
+        self.command("nbd-server-stop", None).await.map(drop)
+    }
+}

@@ -191,7 +191,9 @@ pub async fn migrate_out(context: &Context<'_>, vm: &VmName, placement: Versione
         Some(machine) if !machine.has_exited() => {
             write_status(context, vm, VmState::Migrating, Some(machine.pid())).await;
             match migrate.mode {
-                MigrationMode::Live => live_source(context, &handle, &migrate, &machine).await,
+                MigrationMode::Live => {
+                    live_source(context, &handle, &migrate, &machine, &op.phase).await
+                }
                 MigrationMode::Quick => {
                     quick_source(context, &handle, &migrate, &machine, &op.phase).await
                 }
@@ -224,20 +226,28 @@ async fn live_source(
     handle: &OpHandle<'_>,
     migrate: &MigrateOp,
     machine: &Arc<Machine>,
+    phase: &str,
 ) -> Result<(Switched, Option<MigrationInfo>), Stopped> {
     let vm = &migrate.vm;
     let qemu_state = machine
         .query_migrate()
         .await
         .map_err(|error| Stopped::failed(error.to_string()))?;
-    let resuming = matches!(
+    // Only the op says whether this QEMU's migration state is ours: a VM that arrived
+    // by migration reports that incoming migration as `completed` too.
+    let in_flight = matches!(
         qemu_state.status,
         MigrationStatus::Setup
             | MigrationStatus::Active
             | MigrationStatus::PostcopyActive
             | MigrationStatus::Device
-            | MigrationStatus::Completed
     );
+    let sent = qemu_state.status == MigrationStatus::Completed
+        && matches!(
+            machine.status().await,
+            Ok(RunState::Postmigrate) | Ok(RunState::FinishMigrate)
+        );
+    let resuming = phase == COPYING_MEMORY && (in_flight || sent);
     if !resuming {
         handle
             .set_phase(&format!("preparing the destination on {}", migrate.to))
@@ -268,7 +278,7 @@ async fn live_source(
             }))
             .await
             .map_err(|error| Stopped::failed(error.to_string()))?;
-        handle.set_phase("copying memory").await;
+        handle.set_phase(COPYING_MEMORY).await;
         machine
             .migrate(&uri)
             .await
@@ -307,7 +317,14 @@ async fn follow_migration(
             .await
             .map_err(|error| Stopped::failed(format!("source QEMU: {error}")))?;
         match &info.status {
-            MigrationStatus::Completed => return Ok(info),
+            MigrationStatus::Completed => {
+                if matches!(machine.status().await, Ok(RunState::Running)) {
+                    return Err(Stopped::failed(
+                        "QEMU reports the migration completed but the guest still runs here",
+                    ));
+                }
+                return Ok(info);
+            }
             MigrationStatus::PostcopyActive => return Ok(info),
             MigrationStatus::Failed => {
                 return Err(Stopped::failed(format!(
@@ -419,6 +436,9 @@ async fn copy_disks(
 fn mirror_job(disk: &str) -> String {
     format!("copy-{disk}")
 }
+
+/// Phase name written just before `migrate` is sent to the source QEMU.
+const COPYING_MEMORY: &str = "copying memory";
 
 /// Phase name written once a quick migration's state is safely on the shared pool.
 const SAVED: &str = "state saved";

@@ -63,10 +63,8 @@ pub async fn run_ops(
         }
     }
 
-    let open: Vec<&Versioned<OpRecord>> = ops
-        .iter()
-        .filter(|op| !op.value.state.is_final())
-        .collect();
+    let open: Vec<&Versioned<OpRecord>> =
+        ops.iter().filter(|op| !op.value.state.is_final()).collect();
     let slotted: Vec<Slotted> = open
         .iter()
         .map(|op| Slotted {
@@ -93,7 +91,10 @@ pub async fn run_ops(
                 .into_iter()
                 .map(|host| host.to_string())
                 .collect();
-            let phase = format!("queued: waiting for a migration slot on {}", busy.join(" and "));
+            let phase = format!(
+                "queued: waiting for a migration slot on {}",
+                busy.join(" and ")
+            );
             if op.phase != phase {
                 let mut waiting = op.clone();
                 waiting.phase = phase;
@@ -104,7 +105,17 @@ pub async fn run_ops(
             continue;
         }
         let entry = entries.get(op.kind.vm().as_str());
-        match start(store, op, versioned.mod_revision, entry, hosts, entries, &ops).await {
+        match start(
+            store,
+            op,
+            versioned.mod_revision,
+            entry,
+            hosts,
+            entries,
+            &ops,
+        )
+        .await
+        {
             Ok(()) => {
                 events
                     .record(

@@ -13,8 +13,8 @@ use ferry_api::ops::{ClusterApi, EventLog, VmEntry};
 use ferry_api::rest::{self, RestState};
 use ferry_manager::{plan, Action, ClusterView, HostSnapshot, VmSnapshot};
 use ferry_model::cluster::{
-    now_ms, HostRecord, HostState, PoolInfo, ImageRecord, Placement, PlacementPhase, VmRecord, VmState,
-    VmStatus, RECORD_VERSION,
+    now_ms, HostRecord, HostState, ImageRecord, Placement, PlacementPhase, PoolInfo, VmRecord,
+    VmState, VmStatus, RECORD_VERSION,
 };
 use ferry_model::ops::{OpKind, OpRecord, OpState};
 use ferry_model::{Bytes, HostLimits, HostName, VmName};
@@ -25,8 +25,8 @@ use tokio::sync::watch;
 use crate::config::{AccelChoice, AgentConfig};
 use crate::migration::{self, Context};
 use crate::reconcile::{decide, Local, Step};
-use crate::storage;
 use crate::runtime::{LocalExec, Runtime};
+use crate::storage;
 
 /// How often everything is re-checked even without a change in etcd.
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);

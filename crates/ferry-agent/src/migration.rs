@@ -46,8 +46,7 @@ use ferry_model::cluster::{
     now_ms, Placement, PlacementPhase, VmRecord, VmState, VmStatus, RECORD_VERSION,
 };
 use ferry_model::ops::{
-    IncomingRecord, MigrateOp, MigrationMode, MigrationOutcome, OpKind, OpRecord, OpState,
-    Progress,
+    IncomingRecord, MigrateOp, MigrationMode, MigrationOutcome, OpKind, OpRecord, OpState, Progress,
 };
 use ferry_model::VmName;
 use ferry_qemu::{Machine, MigrationInfo, MigrationStatus, RunState};
@@ -172,7 +171,10 @@ pub async fn migrate_out(context: &Context<'_>, vm: &VmName, placement: Versione
             return;
         }
         Err(error) => {
-            tracing::warn!("migration of VM {vm}: cannot read op {}: {error}", migration.op);
+            tracing::warn!(
+                "migration of VM {vm}: cannot read op {}: {error}",
+                migration.op
+            );
             return;
         }
     };
@@ -286,8 +288,13 @@ async fn live_source(
     }
     let info = follow_migration(handle, migrate, machine).await?;
     tracing::info!("VM {vm}: QEMU reports the migration {:?}", info.status);
-    let mut switched =
-        switch_over(context, handle, migrate, &current_placement(context, vm).await?).await?;
+    let mut switched = switch_over(
+        context,
+        handle,
+        migrate,
+        &current_placement(context, vm).await?,
+    )
+    .await?;
     switched.postcopy = info.status == MigrationStatus::PostcopyActive;
     if switched.postcopy {
         // The guest runs on the destination; the rest of its memory still flows from here.
@@ -329,7 +336,9 @@ async fn follow_migration(
             MigrationStatus::Failed => {
                 return Err(Stopped::failed(format!(
                     "QEMU's migration failed: {}",
-                    info.error.clone().unwrap_or_else(|| "no reason given".into())
+                    info.error
+                        .clone()
+                        .unwrap_or_else(|| "no reason given".into())
                 )))
             }
             MigrationStatus::Cancelled | MigrationStatus::Cancelling => {
@@ -506,8 +515,13 @@ async fn quick_source(
     // The saved state is now the VM; the paused source must never run again.
     let _ = machine.kill().await;
     context.runtime.forget(vm).await;
-    let switched = switch_over(context, handle, migrate, &current_placement(context, vm).await?)
-        .await?;
+    let switched = switch_over(
+        context,
+        handle,
+        migrate,
+        &current_placement(context, vm).await?,
+    )
+    .await?;
     let info = info.map(|mut info| {
         // For a quick migration the guest's pause is the whole save and restore.
         if let Some(paused_at) = paused_at {
@@ -534,7 +548,9 @@ fn state_file(runtime: &Runtime, op: &str) -> PathBuf {
         .shared_pool()
         .map(|pool| pool.path.clone())
         .unwrap_or_else(|| runtime.config.paths.run_dir.join("pool"));
-    pool.join(".ferry").join("migration").join(format!("{op}.state"))
+    pool.join(".ferry")
+        .join("migration")
+        .join(format!("{op}.state"))
 }
 
 fn shell_quote(path: &Path) -> String {
@@ -596,7 +612,9 @@ async fn switch_over(
             }
         }
     }
-    handle.set_phase(&format!("resuming on {}", migrate.to)).await;
+    handle
+        .set_phase(&format!("resuming on {}", migrate.to))
+        .await;
     let incoming = wait_resumed(context.store, handle, RESUME_TIMEOUT).await;
     Ok(Switched {
         completed_ms,
@@ -945,14 +963,15 @@ pub async fn migrate_in(context: &Context<'_>, vm: &VmName, placement: Versioned
         .flatten()
         .map(|incoming| incoming.value);
     let machine = match (context.runtime.machine(vm).await, &answered) {
-        (Some(machine), Some(answer)) if answer.error.is_none() && !machine.has_exited() => {
-            machine
-        }
+        (Some(machine), Some(answer)) if answer.error.is_none() && !machine.has_exited() => machine,
         (existing, _) => {
             if existing.is_some() {
                 let _ = context.runtime.kill(vm).await;
             }
-            if answered.as_ref().is_some_and(|answer| answer.error.is_some()) {
+            if answered
+                .as_ref()
+                .is_some_and(|answer| answer.error.is_some())
+            {
                 return;
             }
             match prepare(context, &migrate).await {
@@ -1046,10 +1065,16 @@ async fn prepare(
         answer.uri = Some(format!("tcp:{address}:{port}"));
         if !migrate.disk_copies.is_empty() {
             let port = free_port(&address)?;
-            machine.nbd_server_start(&address, port).await.map_err(fail)?;
+            machine
+                .nbd_server_start(&address, port)
+                .await
+                .map_err(fail)?;
             for copy in &migrate.disk_copies {
                 let open = machine.open_disk(&copy.disk).await.map_err(fail)?;
-                machine.nbd_export(&open.node, &copy.disk).await.map_err(fail)?;
+                machine
+                    .nbd_export(&open.node, &copy.disk)
+                    .await
+                    .map_err(fail)?;
             }
             answer.nbd = Some(format!("{address}:{port}"));
         }
@@ -1157,7 +1182,10 @@ async fn resume_here(
                 .record(
                     &vm.subject(),
                     "restore-failed",
-                    &format!("VM {vm}: restoring the saved state failed ({error}); cold boot on {}", migrate.to),
+                    &format!(
+                        "VM {vm}: restoring the saved state failed ({error}); cold boot on {}",
+                        migrate.to
+                    ),
                 )
                 .await;
             let _ = context.runtime.kill(vm).await;

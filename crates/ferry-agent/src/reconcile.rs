@@ -143,7 +143,9 @@ mod tests {
                 Some(&record(PowerState::Running)),
                 Some(&on("host1")),
                 Local::Absent,
-                0, false),
+                0,
+                false
+            ),
             Step::Start
         );
     }
@@ -152,11 +154,25 @@ mod tests {
     fn a_vm_placed_elsewhere_is_never_run_here() {
         let running = record(PowerState::Running);
         assert_eq!(
-            decide(&me(), Some(&running), Some(&on("host2")), Local::Absent, 0, false),
+            decide(
+                &me(),
+                Some(&running),
+                Some(&on("host2")),
+                Local::Absent,
+                0,
+                false
+            ),
             Step::Nothing
         );
         assert_eq!(
-            decide(&me(), Some(&running), Some(&on("host2")), Local::Running, 0, false),
+            decide(
+                &me(),
+                Some(&running),
+                Some(&on("host2")),
+                Local::Running,
+                0,
+                false
+            ),
             Step::KillStray
         );
         assert_eq!(
@@ -173,11 +189,25 @@ mod tests {
     fn desired_state_drives_start_and_stop() {
         let stopped = record(PowerState::Stopped);
         assert_eq!(
-            decide(&me(), Some(&stopped), Some(&on("host1")), Local::Running, 0, false),
+            decide(
+                &me(),
+                Some(&stopped),
+                Some(&on("host1")),
+                Local::Running,
+                0,
+                false
+            ),
             Step::Stop
         );
         assert_eq!(
-            decide(&me(), Some(&stopped), Some(&on("host1")), Local::Absent, 0, false),
+            decide(
+                &me(),
+                Some(&stopped),
+                Some(&on("host1")),
+                Local::Absent,
+                0,
+                false
+            ),
             Step::Nothing
         );
     }
@@ -187,11 +217,25 @@ mod tests {
         let mut running = record(PowerState::Running);
         running.reset_serial = 3;
         assert_eq!(
-            decide(&me(), Some(&running), Some(&on("host1")), Local::Running, 2, false),
+            decide(
+                &me(),
+                Some(&running),
+                Some(&on("host1")),
+                Local::Running,
+                2,
+                false
+            ),
             Step::Reset
         );
         assert_eq!(
-            decide(&me(), Some(&running), Some(&on("host1")), Local::Running, 3, false),
+            decide(
+                &me(),
+                Some(&running),
+                Some(&on("host1")),
+                Local::Running,
+                3,
+                false
+            ),
             Step::Nothing
         );
     }
@@ -216,7 +260,9 @@ mod tests {
                 Some(&record(PowerState::Running)),
                 Some(&on("host1")),
                 Local::Exited,
-                0, false),
+                0,
+                false
+            ),
             Step::ReapExited
         );
     }
@@ -257,15 +303,44 @@ mod migration_tests {
         let out = migrating("host1", "host2");
         let into = migrating("host2", "host1");
         let elsewhere = migrating("host2", "host3");
-        assert_eq!(decide(&me, Some(&record), Some(&out), Local::Running, 0, false), Step::MigrateOut);
+        assert_eq!(
+            decide(&me, Some(&record), Some(&out), Local::Running, 0, false),
+            Step::MigrateOut
+        );
         // Even with the source QEMU gone, the driver must end the op and restore the placement.
-        assert_eq!(decide(&me, Some(&record), Some(&out), Local::Absent, 0, false), Step::MigrateOut);
+        assert_eq!(
+            decide(&me, Some(&record), Some(&out), Local::Absent, 0, false),
+            Step::MigrateOut
+        );
         // The waiting destination QEMU is never a stray, and never reset or stopped.
         for local in [Local::Absent, Local::Running, Local::Exited] {
-            assert_eq!(decide(&me, Some(&record), Some(&into), local, 0, false), Step::MigrateIn);
+            assert_eq!(
+                decide(&me, Some(&record), Some(&into), local, 0, false),
+                Step::MigrateIn
+            );
         }
-        assert_eq!(decide(&me, Some(&record), Some(&elsewhere), Local::Running, 0, false), Step::KillStray);
-        assert_eq!(decide(&me, Some(&record), Some(&elsewhere), Local::Absent, 0, false), Step::Nothing);
+        assert_eq!(
+            decide(
+                &me,
+                Some(&record),
+                Some(&elsewhere),
+                Local::Running,
+                0,
+                false
+            ),
+            Step::KillStray
+        );
+        assert_eq!(
+            decide(
+                &me,
+                Some(&record),
+                Some(&elsewhere),
+                Local::Absent,
+                0,
+                false
+            ),
+            Step::Nothing
+        );
     }
 
     #[test]
@@ -279,7 +354,13 @@ mod migration_tests {
             migration: None,
         };
         let record = running();
-        assert_eq!(decide(&me, Some(&record), Some(&here), Local::Running, 0, true), Step::MoveDisk);
-        assert_eq!(decide(&me, Some(&record), Some(&here), Local::Absent, 0, true), Step::Start);
+        assert_eq!(
+            decide(&me, Some(&record), Some(&here), Local::Running, 0, true),
+            Step::MoveDisk
+        );
+        assert_eq!(
+            decide(&me, Some(&record), Some(&here), Local::Absent, 0, true),
+            Step::Start
+        );
     }
 }

@@ -29,7 +29,10 @@ pub async fn move_disk(context: &Context<'_>, op: &OpRecord) {
         Some(machine) if !machine.has_exited() => {
             mirror_and_pivot(context, &handle, op, move_disk, &machine).await
         }
-        _ => Err((false, format!("VM {vm} is not running on {}", move_disk.host))),
+        _ => Err((
+            false,
+            format!("VM {vm} is not running on {}", move_disk.host),
+        )),
     };
     let (state, error, phase) = match &outcome {
         Ok(()) => (
@@ -157,9 +160,11 @@ async fn mirror_and_pivot(
     point_record_at(context, move_disk).await?;
     rewrite_run_spec(machine, move_disk);
     let _ = std::fs::remove_file(&move_disk.from);
-    if let Some(dir) = move_disk.from.parent().filter(|dir| {
-        dir.file_name().and_then(|name| name.to_str()) == Some(move_disk.vm.as_str())
-    }) {
+    if let Some(dir) = move_disk
+        .from
+        .parent()
+        .filter(|dir| dir.file_name().and_then(|name| name.to_str()) == Some(move_disk.vm.as_str()))
+    {
         let _ = std::fs::remove_dir(dir);
     }
     Ok(())
@@ -181,7 +186,9 @@ async fn wait_ready(
             )));
         };
         if let Some(error) = &state.error {
-            return Err(ferry_qemu::QemuError::Other(format!("block job {job}: {error}")));
+            return Err(ferry_qemu::QemuError::Other(format!(
+                "block job {job}: {error}"
+            )));
         }
         if state.status == "ready" {
             return Ok(());

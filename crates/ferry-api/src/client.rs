@@ -163,7 +163,11 @@ impl ApiClient {
             .await
     }
 
-    pub async fn migrate_vm(&self, name: &str, request: &MigrateRequest) -> Result<OpView, ApiError> {
+    pub async fn migrate_vm(
+        &self,
+        name: &str,
+        request: &MigrateRequest,
+    ) -> Result<OpView, ApiError> {
         self.post(
             &format!("/vms/{name}/migrate"),
             Some(request),

@@ -7,9 +7,7 @@ use std::collections::BTreeMap;
 
 use ferry_manager::migration::{check_destination, choose_destination, local_pool, Candidate};
 use ferry_model::cluster::{now_ms, HostRecord, PlacementPhase, VmState, RECORD_VERSION};
-use ferry_model::ops::{
-    DiskCopy, MigrateOp, MigrationMode, MoveDiskOp, OpKind, OpRecord, OpState,
-};
+use ferry_model::ops::{DiskCopy, MigrateOp, MigrationMode, MoveDiskOp, OpKind, OpRecord, OpState};
 use ferry_model::{Bytes, HostName};
 
 use crate::ops::{parse_vm_name, vm_view, ClusterApi, VmEntry};
@@ -21,7 +19,11 @@ use crate::ApiError;
 const DEFAULT_BANDWIDTH: Bytes = Bytes(10 * Bytes::GIB);
 
 impl ClusterApi {
-    pub async fn migrate_vm(&self, name: &str, request: MigrateRequest) -> Result<OpView, ApiError> {
+    pub async fn migrate_vm(
+        &self,
+        name: &str,
+        request: MigrateRequest,
+    ) -> Result<OpView, ApiError> {
         let name = parse_vm_name(name)?;
         let mode: MigrationMode = request
             .mode
@@ -112,12 +114,8 @@ impl ClusterApi {
                         "host {to} is not in the cluster (unknown, or its agent is down)"
                     ))
                 })?;
-                check_destination(
-                    &candidate,
-                    dest,
-                    used.get(&to).copied().unwrap_or_default(),
-                )
-                .map_err(ApiError::Conflict)?;
+                check_destination(&candidate, dest, used.get(&to).copied().unwrap_or_default())
+                    .map_err(ApiError::Conflict)?;
                 to
             }
             None => choose_destination(&candidate, &hosts, &used).map_err(ApiError::Conflict)?,
@@ -421,9 +419,8 @@ fn disk_copies(
         if !local {
             continue;
         }
-        let pool = local_pool(dest).ok_or_else(|| {
-            ApiError::Conflict(format!("host {} has no local pool", dest.name))
-        })?;
+        let pool = local_pool(dest)
+            .ok_or_else(|| ApiError::Conflict(format!("host {} has no local pool", dest.name)))?;
         let size = disk.size.ok_or_else(|| {
             ApiError::Conflict(format!(
                 "disk {} of VM {} has no recorded size; it cannot be copied",

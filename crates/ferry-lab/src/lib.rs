@@ -9,3 +9,4 @@ pub mod defaults;
 pub mod lab;
 pub mod netns;
 pub mod sandbox;
+pub mod workload;

@@ -283,7 +283,12 @@ mod tests {
         }
     }
 
-    fn check(vm: &VmRecord, dest: &HostRecord, used: u64, mode: MigrationMode) -> Result<(), String> {
+    fn check(
+        vm: &VmRecord,
+        dest: &HostRecord,
+        used: u64,
+        mode: MigrationMode,
+    ) -> Result<(), String> {
         let source = host("host1");
         let candidate = Candidate {
             vm,
@@ -296,8 +301,14 @@ mod tests {
     #[test]
     fn a_host_with_everything_takes_the_vm() {
         let shared = vm("/pools/shared/vms/web/data.qcow2");
-        assert_eq!(check(&shared, &host("host2"), 0, MigrationMode::Live), Ok(()));
-        assert_eq!(check(&shared, &host("host2"), 0, MigrationMode::Quick), Ok(()));
+        assert_eq!(
+            check(&shared, &host("host2"), 0, MigrationMode::Live),
+            Ok(())
+        );
+        assert_eq!(
+            check(&shared, &host("host2"), 0, MigrationMode::Quick),
+            Ok(())
+        );
     }
 
     #[test]
@@ -312,7 +323,7 @@ mod tests {
         assert_eq!(refusal(maintenance, 0), "host host2 is in maintenance");
         assert_eq!(
             refusal(host("host2"), 3900),
-            "host host2 has 196M of memory free, VM web needs 256M"
+            "host host2 has 196 MiB of memory free, VM web needs 256 MiB"
         );
         let mut no_business = host("host2");
         no_business.networks.retain(|network| network != "business");
@@ -355,7 +366,10 @@ mod tests {
     #[test]
     fn a_local_disk_needs_live_migration_and_a_local_pool_there() {
         let local = vm("/pools/local-host1/vms/web/data.qcow2");
-        assert_eq!(check(&local, &host("host2"), 0, MigrationMode::Live), Ok(()));
+        assert_eq!(
+            check(&local, &host("host2"), 0, MigrationMode::Live),
+            Ok(())
+        );
         assert!(check(&local, &host("host2"), 0, MigrationMode::Quick)
             .unwrap_err()
             .contains("quick migration needs shared disks"));
@@ -383,7 +397,9 @@ mod tests {
         ]
         .into();
         assert_eq!(
-            choose_destination(&candidate, &hosts, &used).unwrap().as_str(),
+            choose_destination(&candidate, &hosts, &used)
+                .unwrap()
+                .as_str(),
             "host3"
         );
         let full: BTreeMap<HostName, Bytes> = [
@@ -392,7 +408,10 @@ mod tests {
         ]
         .into();
         let refusal = choose_destination(&candidate, &hosts, &full).unwrap_err();
-        assert!(refusal.starts_with("no host can take VM web: host host2 has 0B"), "{refusal}");
+        assert!(
+            refusal.starts_with("no host can take VM web: host host2 has 0 B"),
+            "{refusal}"
+        );
     }
 
     fn slotted(id: &str, hosts: &[&str], created_ms: u64, running: bool) -> Slotted {

@@ -39,13 +39,16 @@ impl Machine {
             .into_iter()
             .flatten()
             .find(|entry| {
-                entry["qdev"]
-                    .as_str()
-                    .is_some_and(|qdev| qdev.starts_with(&device) || qdev == &device[..device.len() - 1])
+                entry["qdev"].as_str().is_some_and(|qdev| {
+                    qdev.starts_with(&device) || qdev == &device[..device.len() - 1]
+                })
             })
             .ok_or_else(|| QemuError::Other(format!("VM {}: no disk {disk}", self.spec().name)))?;
         let inserted = &entry["inserted"];
-        let node = inserted["node-name"].as_str().unwrap_or_default().to_string();
+        let node = inserted["node-name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         let file = inserted["image"]["filename"]
             .as_str()
             .unwrap_or_default()
@@ -59,7 +62,12 @@ impl Machine {
     }
 
     /// Opens `path` (qcow2) as a new pair of nodes, `{name}-file` and `{name}`.
-    pub async fn add_qcow2_node(&self, name: &str, path: &Path, direct: bool) -> Result<(), QemuError> {
+    pub async fn add_qcow2_node(
+        &self,
+        name: &str,
+        path: &Path,
+        direct: bool,
+    ) -> Result<(), QemuError> {
         self.command(
             "blockdev-add",
             Some(json!({
@@ -78,7 +86,13 @@ impl Machine {
     }
 
     /// Opens an NBD export as a raw node (the remote end of a disk copy).
-    pub async fn add_nbd_node(&self, name: &str, host: &str, port: u16, export: &str) -> Result<(), QemuError> {
+    pub async fn add_nbd_node(
+        &self,
+        name: &str,
+        host: &str,
+        port: u16,
+        export: &str,
+    ) -> Result<(), QemuError> {
         self.command(
             "blockdev-add",
             Some(json!({
@@ -105,7 +119,12 @@ impl Machine {
 
     /// Copies everything the guest sees on `source` to `target` and keeps mirroring
     /// its writes; the job becomes `ready` when both match.
-    pub async fn start_mirror(&self, job: &str, source: &str, target: &str) -> Result<(), QemuError> {
+    pub async fn start_mirror(
+        &self,
+        job: &str,
+        source: &str,
+        target: &str,
+    ) -> Result<(), QemuError> {
         self.command(
             "blockdev-mirror",
             Some(json!({
@@ -149,7 +168,9 @@ impl Machine {
         loop {
             let jobs = self.block_jobs().await?;
             let Some(job) = jobs.iter().find(|job| job.id == id) else {
-                return Err(QemuError::Other(format!("block job {id} ended before it was ready")));
+                return Err(QemuError::Other(format!(
+                    "block job {id} ended before it was ready"
+                )));
             };
             progress(job);
             if let Some(error) = &job.error {
@@ -177,9 +198,12 @@ impl Machine {
 
     /// Ends a job without switching (a ready mirror stops with the target in sync).
     pub async fn cancel_job(&self, id: &str) -> Result<(), QemuError> {
-        self.command("block-job-cancel", Some(json!({"device": id, "force": false})))
-            .await
-            .map(drop)
+        self.command(
+            "block-job-cancel",
+            Some(json!({"device": id, "force": false})),
+        )
+        .await
+        .map(drop)
     }
 
     /// Waits until no job named `id` is left.
@@ -187,7 +211,9 @@ impl Machine {
         let deadline = Instant::now() + timeout;
         while self.block_jobs().await?.iter().any(|job| job.id == id) {
             if Instant::now() >= deadline {
-                return Err(QemuError::Other(format!("block job {id} still there after {timeout:?}")));
+                return Err(QemuError::Other(format!(
+                    "block job {id} still there after {timeout:?}"
+                )));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -197,7 +223,9 @@ impl Machine {
     pub async fn nbd_server_start(&self, host: &str, port: u16) -> Result<(), QemuError> {
         self.command(
             "nbd-server-start",
-            Some(json!({"addr": {"type": "inet", "data": {"host": host, "port": port.to_string()}}})),
+            Some(
+                json!({"addr": {"type": "inet", "data": {"host": host, "port": port.to_string()}}}),
+            ),
         )
         .await
         .map(drop)

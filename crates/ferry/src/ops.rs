@@ -137,7 +137,8 @@ async fn follow(client: &ApiClient, id: &str, quiet: bool) -> anyhow::Result<OpV
                     bar.set_position(progress.transferred_bytes);
                     let mut message = op.phase.clone();
                     if progress.dirty_pages_rate > 0 {
-                        message.push_str(&format!(", {} pages/s dirtied", progress.dirty_pages_rate));
+                        message
+                            .push_str(&format!(", {} pages/s dirtied", progress.dirty_pages_rate));
                     }
                     if let Some(left) = progress.expected_remaining_ms {
                         message.push_str(&format!(", ~{:.1} s left", left as f64 / 1000.0));
@@ -190,7 +191,15 @@ pub async fn run_op(endpoint: &Endpoint, verb: OpVerb) -> anyhow::Result<()> {
 pub fn op_table(ops: &[OpView]) -> Table {
     let mut table = Table::new();
     table.load_preset(UTF8_BORDERS_ONLY);
-    table.set_header(["OP", "KIND", "VM", "FROM → TO", "STATUS", "PHASE", "PROGRESS"]);
+    table.set_header([
+        "OP",
+        "KIND",
+        "VM",
+        "FROM → TO",
+        "STATUS",
+        "PHASE",
+        "PROGRESS",
+    ]);
     for op in ops {
         let route = match (&op.disk, &op.pool) {
             (Some(disk), Some(pool)) => format!("disk {disk} → pool {pool}"),
@@ -224,7 +233,9 @@ pub fn op_table(ops: &[OpView]) -> Table {
 }
 
 fn shown(value: Option<u64>) -> String {
-    value.map(|value| value.to_string()).unwrap_or_else(|| "?".into())
+    value
+        .map(|value| value.to_string())
+        .unwrap_or_else(|| "?".into())
 }
 
 fn mib(bytes: u64) -> String {

@@ -4,36 +4,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly by design
 
+mod common;
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use common::{alive, running, LabGuard};
 use ferry_api::client::ApiClient;
-use ferry_api::types::{CreateVmRequest, VmView};
+use ferry_api::types::CreateVmRequest;
 use ferry_lab::appliance::Appliance;
 use ferry_lab::lab::{Fault, Lab, LabSpec};
-
-/// Removes the lab when the test ends, however it ends.
-struct LabGuard(PathBuf);
-
-impl Drop for LabGuard {
-    fn drop(&mut self) {
-        if let Ok(lab) = Lab::load(&self.0) {
-            let _ = lab.down();
-        }
-    }
-}
-
-async fn running(client: &ApiClient, name: &str) -> VmView {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let vm = client.get_vm(name).await.unwrap();
-        if vm.state == "running" && vm.guest_agent {
-            return vm;
-        }
-        assert!(Instant::now() < deadline, "VM {name}: {vm:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 async fn workload(
     http: &reqwest::Client,
@@ -57,18 +37,6 @@ async fn workload(
             Err(error) => panic!("{url}: {error}"),
         }
     }
-}
-
-/// Alive and not a zombie (a killed QEMU whose first agent died is reaped by init, later).
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z')
-    })
 }
 
 #[tokio::test]

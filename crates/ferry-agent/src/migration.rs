@@ -1047,6 +1047,18 @@ async fn prepare(
             .runtime
             .address_on("migration")
             .ok_or_else(|| "this host has no migration network address".to_string())?;
+        // The destination QEMU announces the guest (RARP) as soon as the state is in,
+        // even before it runs: switches then queue the guest's traffic here instead of
+        // sending it to the stopped source, where it would be lost.
+        machine
+            .set_migration_parameters(serde_json::json!({
+                "announce-initial": 1,
+                "announce-step": 50,
+                "announce-rounds": 5,
+                "announce-max": 200,
+            }))
+            .await
+            .map_err(fail)?;
         if migrate.postcopy_after_ms.is_some() {
             machine
                 .set_migration_capabilities(&[("postcopy-ram", true)])

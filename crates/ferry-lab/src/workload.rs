@@ -37,9 +37,18 @@ impl Writer {
     /// Writes `{prefix}{n}` = `n` to `http://{ip}:8080/kv/…` every `interval`, each
     /// request giving up after `timeout`.
     pub fn start(ip: &str, prefix: &str, interval: Duration, timeout: Duration) -> Writer {
+        Writer::run(ip, Some(prefix.to_string()), interval, timeout)
+    }
+
+    /// Reads `/health` every `interval`: a probe that barely touches the guest's memory,
+    /// for measuring the pause of an otherwise idle guest.
+    pub fn probe(ip: &str, interval: Duration, timeout: Duration) -> Writer {
+        Writer::run(ip, None, interval, timeout)
+    }
+
+    fn run(ip: &str, prefix: Option<String>, interval: Duration, timeout: Duration) -> Writer {
         let stop = Arc::new(AtomicBool::new(false));
-        let base = format!("http://{ip}:8080/kv/");
-        let prefix = prefix.to_string();
+        let base = format!("http://{ip}:8080");
         let flag = stop.clone();
         let task = tokio::spawn(async move {
             let http = reqwest::Client::builder()
@@ -57,23 +66,26 @@ impl Writer {
             while !flag.load(Ordering::Relaxed) {
                 ticker.tick().await;
                 n += 1;
-                let key = format!("{prefix}{n}");
-                let value = n.to_string();
-                let outcome = http
-                    .put(format!("{base}{key}"))
-                    .body(value.clone())
-                    .send()
-                    .await;
-                match outcome {
+                let (key, request) = match &prefix {
+                    Some(prefix) => {
+                        let key = format!("{prefix}{n}");
+                        let request = http.put(format!("{base}/kv/{key}")).body(n.to_string());
+                        (key, request)
+                    }
+                    None => (format!("health-{n}"), http.get(format!("{base}/health"))),
+                };
+                match request.send().await {
                     Ok(response) if response.status().is_success() => {
                         log.longest_gap = log.longest_gap.max(last_success.elapsed());
                         last_success = Instant::now();
-                        log.acked.push((key, value));
+                        if prefix.is_some() {
+                            log.acked.push((key, n.to_string()));
+                        }
                     }
                     Ok(response) => log
                         .failures
                         .push(format!("{key}: HTTP {}", response.status())),
-                    Err(error) => log.failures.push(format!("{key}: {error}")),
+                    Err(error) => log.failures.push(format!("{key}: {}", error_chain(&error))),
                 }
             }
             log
@@ -85,6 +97,17 @@ impl Writer {
         self.stop.store(true, Ordering::Relaxed);
         self.task.await.unwrap_or_default()
     }
+}
+
+/// An error with its causes, e.g. `error sending request: connection refused`.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
 }
 
 #[derive(Deserialize)]

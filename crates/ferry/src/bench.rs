@@ -26,6 +26,22 @@ pub enum BenchVerb {
         #[arg(long)]
         json: bool,
     },
+    /// Migrate one VM back and forth between two lab hosts, idle and under writes:
+    /// QEMU downtime, client-observed pause, total time, Ferry's overhead (min/median/max).
+    Migrate {
+        #[arg(long, default_value_t = 10)]
+        runs: u32,
+        /// Comma-separated: live, quick.
+        #[arg(long, value_delimiter = ',', default_value = "live,quick")]
+        modes: Vec<String>,
+        #[arg(long, default_value = ferry_lab::lab::DEFAULT_NAME)]
+        lab: String,
+        /// Also write every sample to this file.
+        #[arg(long = "json-file")]
+        json_file: Option<std::path::PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Boot the appliance repeatedly and report QEMU start → guest ready.
     Boot {
         /// Boots after the first (the first also formats the data disk).
@@ -53,6 +69,13 @@ struct BootReport {
 pub async fn run(verb: BenchVerb) -> anyhow::Result<()> {
     match verb {
         BenchVerb::Boot { runs, memory, json } => boot(runs, memory, json).await,
+        BenchVerb::Migrate {
+            runs,
+            modes,
+            lab,
+            json_file,
+            json,
+        } => crate::bench_migrate::run(runs, &modes, &lab, json_file, json).await,
         BenchVerb::Api {
             vms,
             requests,

@@ -161,7 +161,7 @@ async fn wait_for_workload(http: &reqwest::Client, ip: &str) -> anyhow::Result<(
 }
 
 /// Waits until the VM runs and its guest agent answers.
-async fn wait_answering(client: &ApiClient, name: &str) -> anyhow::Result<VmView> {
+pub async fn wait_answering(client: &ApiClient, name: &str) -> anyhow::Result<VmView> {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let vm = client.get_vm(name).await?;

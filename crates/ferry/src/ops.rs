@@ -211,7 +211,13 @@ pub fn op_table(ops: &[OpView]) -> Table {
             ),
         };
         let progress = match (&op.progress, op.status.as_str()) {
-            (_, "completed") => format!("{} ms", shown(op.total_ms)),
+            (_, "completed") => format!(
+                "{} ms",
+                shown(
+                    op.total_ms
+                        .or_else(|| { Some(op.finished_ms?.saturating_sub(op.started_ms?)) })
+                )
+            ),
             (Some(progress), _) if progress.total_bytes > 0 => format!(
                 "{} / {}",
                 mib(progress.transferred_bytes),

@@ -1,0 +1,266 @@
+//! `ferry bench migrate`: one VM moved back and forth between two lab hosts, idle and
+//! under writes, live and quick; for every run QEMU's downtime, the pause a client
+//! outside the VM saw, the total time and Ferry's overhead, failed requests, lost
+//! writes and reboots; then min/median/max per case.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
+use ferry_api::client::ApiClient;
+use ferry_api::types::{CreateVmRequest, MigrateRequest};
+use ferry_lab::defaults;
+use ferry_lab::lab::Lab;
+use ferry_lab::workload::{boot_id, lost_writes, Writer};
+use serde::Serialize;
+
+use crate::output::print_json;
+
+const VM: &str = "bench-mig";
+/// The idle probe's period: the resolution of the measured pause.
+const PROBE_EVERY: Duration = Duration::from_millis(20);
+const WRITE_EVERY: Duration = Duration::from_millis(50);
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Sample {
+    pub mode: String,
+    pub workload: String,
+    pub run: u32,
+    pub from: String,
+    pub to: String,
+    pub status: String,
+    pub qemu_downtime_ms: Option<u64>,
+    /// Longest time without a successful probe, minus the probe's period.
+    pub client_pause_ms: u64,
+    pub total_ms: Option<u64>,
+    pub overhead_ms: Option<u64>,
+    pub switchover_ms: Option<u64>,
+    pub failed_requests: usize,
+    pub lost_writes: usize,
+    pub rebooted: bool,
+}
+
+#[derive(Serialize)]
+struct Report {
+    accel: String,
+    memory: String,
+    runs: u32,
+    samples: Vec<Sample>,
+}
+
+pub async fn run(
+    runs: u32,
+    modes: &[String],
+    lab_name: &str,
+    json_file: Option<PathBuf>,
+    json: bool,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(runs >= 1, "--runs must be at least 1");
+    for mode in modes {
+        anyhow::ensure!(
+            mode == "live" || mode == "quick",
+            "--modes: {mode:?} is not live or quick"
+        );
+    }
+    let lab = Lab::load(&defaults::lab_dir().join(lab_name))
+        .with_context(|| format!("lab {lab_name} (start it with `ferry lab up`)"))?;
+    anyhow::ensure!(lab.spec().hosts >= 2, "lab {lab_name} needs two hosts");
+    let token = lab
+        .token()
+        .ok_or_else(|| anyhow::anyhow!("lab {lab_name} has no token"))?;
+    let client = ApiClient::new(&lab.spec().api_url(1), token);
+    if client.get_vm(VM).await.is_ok() {
+        client.delete_vm(VM).await?;
+    }
+    let vm = client
+        .create_vm(&CreateVmRequest {
+            name: VM.into(),
+            image: "appliance".into(),
+            cpus: 1,
+            memory: "256M".into(),
+            host: Some("host1".into()),
+        })
+        .await?;
+    let result = measure(&client, runs, modes, json).await;
+    let _ = client.delete_vm(VM).await;
+    let samples = result?;
+    let hosts = client.list_hosts().await?;
+    let report = Report {
+        accel: hosts
+            .first()
+            .map(|host| host.accel.clone())
+            .unwrap_or_default(),
+        memory: format!("{} MiB", vm.memory_mib),
+        runs,
+        samples,
+    };
+    if let Some(path) = json_file {
+        std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if json {
+        return print_json(&report);
+    }
+    println!("{}", summary_table(&report.samples));
+    Ok(())
+}
+
+async fn measure(
+    client: &ApiClient,
+    runs: u32,
+    modes: &[String],
+    quiet: bool,
+) -> anyhow::Result<Vec<Sample>> {
+    let vm = crate::demo::wait_answering(client, VM).await?;
+    let ip = vm
+        .ip
+        .ok_or_else(|| anyhow::anyhow!("VM {VM} has no address"))?;
+    let boot = boot_id(&ip).await.map_err(anyhow::Error::msg)?;
+    let mut samples = Vec::new();
+    for mode in modes {
+        for workload in ["idle", "writes"] {
+            for run in 1..=runs {
+                let here = client.get_vm(VM).await?.host.unwrap_or_default();
+                let there = if here == "host1" { "host2" } else { "host1" };
+                let probe = Writer::probe(&ip, PROBE_EVERY, CLIENT_TIMEOUT);
+                let writer = (workload == "writes").then(|| {
+                    Writer::start(&ip, &format!("{mode}-{run}-"), WRITE_EVERY, CLIENT_TIMEOUT)
+                });
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let started = client
+                    .migrate_vm(
+                        VM,
+                        &MigrateRequest {
+                            to: Some(there.into()),
+                            mode: Some(mode.clone()),
+                            ..MigrateRequest::default()
+                        },
+                    )
+                    .await?;
+                let op = client
+                    .wait_op(&started.id, Duration::from_millis(100), |_| {})
+                    .await?;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let probed = probe.stop().await;
+                let (written_failures, lost) = match writer {
+                    Some(writer) => {
+                        let log = writer.stop().await;
+                        let lost = lost_writes(&ip, &log).await.map_err(anyhow::Error::msg)?;
+                        (log.failures.len(), lost.len())
+                    }
+                    None => (0, 0),
+                };
+                let sample = Sample {
+                    mode: mode.clone(),
+                    workload: workload.into(),
+                    run,
+                    from: here.clone(),
+                    to: there.into(),
+                    status: op.status.clone(),
+                    qemu_downtime_ms: op.qemu_downtime_ms,
+                    client_pause_ms: probed.pause().as_millis() as u64,
+                    total_ms: op.total_ms,
+                    overhead_ms: op.overhead_ms,
+                    switchover_ms: op.switchover_ms,
+                    failed_requests: probed.failures.len() + written_failures,
+                    lost_writes: lost,
+                    rebooted: boot_id(&ip).await.map_err(anyhow::Error::msg)? != boot,
+                };
+                if !quiet {
+                    eprintln!(
+                        "{mode:<5} {workload:<6} run {run:>2}: {here} → {there} {}, QEMU downtime {} ms, client pause {} ms, total {} ms, overhead {} ms, {} failed, {} lost",
+                        sample.status,
+                        shown(sample.qemu_downtime_ms),
+                        sample.client_pause_ms,
+                        shown(sample.total_ms),
+                        shown(sample.overhead_ms),
+                        sample.failed_requests,
+                        sample.lost_writes
+                    );
+                }
+                anyhow::ensure!(
+                    op.status == "completed",
+                    "migration {} {}: {}",
+                    op.id,
+                    op.status,
+                    op.error.unwrap_or_default()
+                );
+                samples.push(sample);
+            }
+        }
+    }
+    Ok(samples)
+}
+
+fn shown(value: Option<u64>) -> String {
+    value
+        .map(|value| value.to_string())
+        .unwrap_or_else(|| "?".into())
+}
+
+/// `min / median / max` of the values present.
+fn spread(values: impl Iterator<Item = Option<u64>>) -> String {
+    let mut values: Vec<u64> = values.flatten().collect();
+    if values.is_empty() {
+        return "-".into();
+    }
+    values.sort_unstable();
+    format!(
+        "{} / {} / {}",
+        values[0],
+        values[values.len() / 2],
+        values[values.len() - 1]
+    )
+}
+
+pub fn summary_table(samples: &[Sample]) -> Table {
+    let mut table = Table::new();
+    table.load_preset(UTF8_BORDERS_ONLY);
+    table.set_header([
+        "MODE",
+        "WORKLOAD",
+        "RUNS",
+        "QEMU DOWNTIME ms",
+        "CLIENT PAUSE ms",
+        "TOTAL ms",
+        "FERRY OVERHEAD ms",
+        "FAILED",
+        "LOST",
+        "REBOOTS",
+    ]);
+    let mut cases: Vec<(&str, &str)> = samples
+        .iter()
+        .map(|sample| (sample.mode.as_str(), sample.workload.as_str()))
+        .collect();
+    cases.dedup();
+    for (mode, workload) in cases {
+        let case: Vec<&Sample> = samples
+            .iter()
+            .filter(|sample| sample.mode == mode && sample.workload == workload)
+            .collect();
+        table.add_row([
+            mode.to_string(),
+            workload.to_string(),
+            case.len().to_string(),
+            spread(case.iter().map(|sample| sample.qemu_downtime_ms)),
+            spread(case.iter().map(|sample| Some(sample.client_pause_ms))),
+            spread(case.iter().map(|sample| sample.total_ms)),
+            spread(case.iter().map(|sample| sample.overhead_ms)),
+            case.iter()
+                .map(|sample| sample.failed_requests)
+                .sum::<usize>()
+                .to_string(),
+            case.iter()
+                .map(|sample| sample.lost_writes)
+                .sum::<usize>()
+                .to_string(),
+            case.iter()
+                .filter(|sample| sample.rebooted)
+                .count()
+                .to_string(),
+        ]);
+    }
+    table
+}

@@ -201,13 +201,26 @@ impl GuestAgent {
         arguments: Option<Value>,
     ) -> Result<Value, QgaError> {
         if slot.is_none() {
-            let stream =
-                UnixStream::connect(&self.path)
-                    .await
-                    .map_err(|error| QgaError::Connect {
-                        path: self.path.clone(),
-                        reason: error.to_string(),
-                    })?;
+            // QEMU accepts one client at a time and re-arms its listener a moment after
+            // the previous one (a restarted agent, a timed-out session) hung up.
+            let refused_until = Instant::now() + Duration::from_secs(2);
+            let stream = loop {
+                match UnixStream::connect(&self.path).await {
+                    Ok(stream) => break stream,
+                    Err(error)
+                        if error.kind() == std::io::ErrorKind::ConnectionRefused
+                            && Instant::now() < refused_until =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(50)).await
+                    }
+                    Err(error) => {
+                        return Err(QgaError::Connect {
+                            path: self.path.clone(),
+                            reason: error.to_string(),
+                        })
+                    }
+                }
+            };
             let (read_half, write_half) = stream.into_split();
             *slot = Some(Connection {
                 reader: BufReader::new(read_half),

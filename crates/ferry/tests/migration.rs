@@ -75,7 +75,7 @@ async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
 
 #[tokio::test]
 async fn live_and_quick_migration_lose_no_write_and_refusals_move_nothing() {
-    let (lab, _guard, client) = common::lab(21, 2).await;
+    let (lab, _guard, client) = common::lab(11, 2).await;
     let spec = lab.spec().clone();
     let vm = vm_on(&client, "web", "host1").await;
     let ip = vm.ip.clone().unwrap();
@@ -211,7 +211,7 @@ async fn slow_migration(client: &ApiClient) -> OpView {
 
 #[tokio::test]
 async fn a_cancelled_migration_or_a_dead_destination_leaves_the_guest_where_it_was() {
-    let (lab, _guard, client) = common::lab(22, 2).await;
+    let (lab, _guard, client) = common::lab(12, 2).await;
     let spec = lab.spec().clone();
     let vm = vm_on(&client, "web", "host1").await;
     let ip = vm.ip.clone().unwrap();
@@ -287,7 +287,7 @@ async fn a_cancelled_migration_or_a_dead_destination_leaves_the_guest_where_it_w
 
 #[tokio::test]
 async fn a_disk_moves_under_writes_and_a_local_disk_migrates_live() {
-    let (lab, _guard, client) = common::lab(23, 2).await;
+    let (lab, _guard, client) = common::lab(13, 2).await;
     let spec = lab.spec().clone();
     let vm = vm_on(&client, "web", "host1").await;
     let ip = vm.ip.clone().unwrap();

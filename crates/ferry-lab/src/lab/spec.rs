@@ -147,7 +147,13 @@ impl LabSpec {
     /// on this machine is skipped). The client config goes to a temporary file.
     pub fn for_test(index: u32) -> LabSpec {
         let seed = std::process::id().wrapping_mul(16).wrapping_add(index);
-        let name = format!("t{}", base36(seed % 36u32.pow(3), 3));
+        // The pid and the index each get their own digits: two test processes running
+        // at once never share a name.
+        let name = format!(
+            "t{}{}",
+            base36(std::process::id() % 36u32.pow(3), 3),
+            base36(index % 36, 1)
+        );
         // 100–199: clear of the default lab's 213.
         let start = seed % 100;
         let subnet_base = (0..100)
@@ -435,7 +441,7 @@ mod tests {
         first.validate().unwrap();
         second.validate().unwrap();
         assert_ne!(first.name, second.name);
-        assert!(first.name.len() <= 4);
+        assert!(first.name.len() <= 5);
         assert_ne!(first.state_dir, second.state_dir);
         assert_ne!(first.subnet_base, DEFAULT_SUBNET_BASE);
         assert_ne!(first.client_config, LabSpec::default().client_config);

@@ -437,17 +437,23 @@ impl Lab {
         let spec = &state.spec;
         let mut problems = Vec::new();
 
-        // Agents first, so none restarts a VM while its QEMUs are being killed.
-        let mut pids: Vec<i32> = state
+        // Agents first and alone, so that none is still starting a QEMU when the run
+        // directories are read for the QEMUs to kill.
+        let agents: Vec<i32> = state
             .agents
             .values()
             .filter(|agent| process::is_running(agent))
             .map(|agent| agent.pid)
             .collect();
-        pids.extend(
-            spec.host_numbers()
-                .flat_map(|host| process::host_qemus(&spec.host_run_dir(host))),
-        );
+        for pid in process::kill_all(&agents) {
+            problems.push(format!("agent {pid} survived SIGKILL"));
+        }
+        // A QEMU spawned just before its agent died writes its pidfile a moment later.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let mut pids: Vec<i32> = spec
+            .host_numbers()
+            .flat_map(|host| process::host_qemus(&spec.host_run_dir(host)))
+            .collect();
         if let Some(etcd) = state.etcd.as_ref().filter(|etcd| process::is_running(etcd)) {
             pids.push(etcd.pid);
         }

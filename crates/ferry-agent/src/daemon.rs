@@ -540,6 +540,12 @@ async fn reconcile_forever(
     };
     let mut view: BTreeMap<String, VmEntry> = BTreeMap::new();
     let mut ops: BTreeMap<String, OpRecord> = BTreeMap::new();
+    // Nothing is decided before both snapshots are in: with an empty view every
+    // reattached QEMU would look like a stray.
+    let snapshot = watch.next().await.ok_or(AgentError::WatchEnded)?;
+    apply_change(&mut view, &store, &snapshot);
+    let snapshot = op_watch.next().await.ok_or(AgentError::WatchEnded)?;
+    apply_op_change(&mut ops, &snapshot);
     let mut tick = tokio::time::interval(RECONCILE_EVERY);
     let mut last_status = Instant::now() - STATUS_EVERY;
     let mut reporter = Reporter {

@@ -182,13 +182,13 @@ async fn live_and_quick_migration_lose_no_write_and_refusals_move_nothing() {
 }
 
 /// Starts a slow migration (the bandwidth capped) and waits until memory is flowing.
-async fn slow_migration(client: &ApiClient) -> OpView {
+async fn slow_migration(client: &ApiClient, to: &str, bandwidth: &str) -> OpView {
     let op = client
         .migrate_vm(
             "web",
             &MigrateRequest {
-                bandwidth: Some("4M".into()),
-                ..request("host2", "live")
+                bandwidth: Some(bandwidth.into()),
+                ..request(to, "live")
             },
         )
         .await
@@ -219,7 +219,7 @@ async fn a_cancelled_migration_or_a_dead_destination_leaves_the_guest_where_it_w
     let dest_run_dir = spec.host_run_dir(2).join("vms").join("web");
 
     let writer = Writer::start(&ip, "cancel-", EVERY, CLIENT_TIMEOUT);
-    let op = slow_migration(&client).await;
+    let op = slow_migration(&client, "host2", "4M").await;
     let second = client
         .migrate_vm("web", &request("host2", "live"))
         .await
@@ -248,7 +248,7 @@ async fn a_cancelled_migration_or_a_dead_destination_leaves_the_guest_where_it_w
 
     // The destination QEMU dies mid-copy: the op fails, the source carries on.
     let writer = Writer::start(&ip, "dead-", EVERY, CLIENT_TIMEOUT);
-    let op = slow_migration(&client).await;
+    let op = slow_migration(&client, "host2", "4M").await;
     let pid: i32 = std::fs::read_to_string(dest_run_dir.join("qemu.pid"))
         .unwrap()
         .trim()
@@ -283,6 +283,11 @@ async fn a_cancelled_migration_or_a_dead_destination_leaves_the_guest_where_it_w
         .await
         .unwrap();
     assert_eq!(wait(&client, &op).await.status, "completed");
+    assert_eq!(
+        boot_id(&ip).await.unwrap(),
+        boot,
+        "the guest did not reboot"
+    );
 }
 
 #[tokio::test]

@@ -69,16 +69,7 @@ impl ClusterApi {
             )));
         }
         let ops = self.op_records().await?;
-        if let Some(pending) = ops
-            .iter()
-            .find(|op| op.kind.vm() == &name && !op.state.is_final())
-        {
-            return Err(ApiError::Conflict(format!(
-                "VM {name} already has a {} op in flight (op {})",
-                pending.kind.name(),
-                pending.id
-            )));
-        }
+        refuse_if_busy(&ops, &name)?;
         if record.deleting {
             return Err(ApiError::Conflict(format!("VM {name} is being deleted")));
         }
@@ -88,15 +79,7 @@ impl ClusterApi {
             )));
         }
         let hosts = self.hosts().await?;
-        let source = hosts
-            .iter()
-            .find(|host| host.name == placement.host)
-            .ok_or_else(|| {
-                ApiError::Unavailable(format!(
-                    "VM {name} runs on {}, whose agent is not in the cluster",
-                    placement.host
-                ))
-            })?;
+        let source = host_of(&hosts, &name, &placement.host)?;
         let candidate = Candidate {
             vm: &record,
             source,
@@ -195,26 +178,9 @@ impl ClusterApi {
             return Err(ApiError::Conflict(format!("VM {name} is migrating")));
         }
         let ops = self.op_records().await?;
-        if let Some(pending) = ops
-            .iter()
-            .find(|op| op.kind.vm() == &name && !op.state.is_final())
-        {
-            return Err(ApiError::Conflict(format!(
-                "VM {name} already has a {} op in flight (op {})",
-                pending.kind.name(),
-                pending.id
-            )));
-        }
+        refuse_if_busy(&ops, &name)?;
         let hosts = self.hosts().await?;
-        let host = hosts
-            .iter()
-            .find(|host| host.name == placement.host)
-            .ok_or_else(|| {
-                ApiError::Unavailable(format!(
-                    "VM {name} runs on {}, whose agent is not in the cluster",
-                    placement.host
-                ))
-            })?;
+        let host = host_of(&hosts, &name, &placement.host)?;
         let pool = host.pool(&request.pool).ok_or_else(|| {
             let names: Vec<&str> = host.pools.iter().map(|pool| pool.name.as_str()).collect();
             ApiError::BadRequest(format!(
@@ -352,6 +318,37 @@ impl ClusterApi {
             }
         }
     }
+}
+
+/// Refuses when another op of the VM is still open.
+fn refuse_if_busy(ops: &[OpRecord], name: &ferry_model::VmName) -> Result<(), ApiError> {
+    match ops
+        .iter()
+        .find(|op| op.kind.vm() == name && !op.state.is_final())
+    {
+        Some(pending) => Err(ApiError::Conflict(format!(
+            "VM {name} already has a {} op in flight (op {})",
+            pending.kind.name(),
+            pending.id
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// The host a VM runs on, which must be in the cluster.
+fn host_of<'a>(
+    hosts: &'a [HostRecord],
+    name: &ferry_model::VmName,
+    host: &HostName,
+) -> Result<&'a HostRecord, ApiError> {
+    hosts
+        .iter()
+        .find(|candidate| &candidate.name == host)
+        .ok_or_else(|| {
+            ApiError::Unavailable(format!(
+                "VM {name} runs on {host}, whose agent is not in the cluster"
+            ))
+        })
 }
 
 fn check_op_id(id: &str) -> Result<(), ApiError> {

@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly by design
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -265,17 +267,6 @@ async fn boot_id(client: &ApiClient, name: &str) -> String {
     output.stdout.trim().to_string()
 }
 
-fn process_alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z')
-    })
-}
-
 #[tokio::test]
 async fn every_route_but_the_openapi_document_needs_a_valid_token() {
     let cluster = Cluster::start(1).await;
@@ -409,7 +400,7 @@ async fn a_vm_is_created_placed_run_stopped_started_and_deleted_without_leftover
     let vm = wait_state(&client, "life", "running", true).await;
     let host = vm.host.clone().unwrap();
     let pid = vm.pid.unwrap();
-    assert!(process_alive(pid));
+    assert!(common::alive(pid));
 
     // Any host answers: exec through the API of a host that does not run the VM.
     let other = 1 - cluster.agent_index(&host);
@@ -425,7 +416,7 @@ async fn a_vm_is_created_placed_run_stopped_started_and_deleted_without_leftover
 
     client.stop_vm("life").await.unwrap();
     wait_state(&client, "life", "stopped", false).await;
-    assert!(!process_alive(pid), "the QEMU is gone after a stop");
+    assert!(!common::alive(pid), "the QEMU is gone after a stop");
     client.start_vm("life").await.unwrap();
     let restarted = wait_state(&client, "life", "running", true).await;
     assert_eq!(
@@ -437,7 +428,7 @@ async fn a_vm_is_created_placed_run_stopped_started_and_deleted_without_leftover
     let disk_dir = cluster.dir.path().join("shared/vms/life");
     assert!(disk_dir.join("data.qcow2").exists());
     client.delete_vm("life").await.unwrap();
-    assert!(!process_alive(restarted.pid.unwrap()), "QEMU gone");
+    assert!(!common::alive(restarted.pid.unwrap()), "QEMU gone");
     assert!(!disk_dir.exists(), "disk gone");
     assert!(matches!(
         client.get_vm("life").await,
@@ -468,7 +459,7 @@ async fn an_agent_restart_never_stops_its_vms() {
 
     cluster.agents[0].kill();
     assert!(
-        process_alive(before.pid.unwrap()),
+        common::alive(before.pid.unwrap()),
         "QEMU outlives its agent"
     );
     let dir = cluster.dir.path().to_path_buf();

@@ -264,13 +264,12 @@ async fn live_source(
                 .ok_or_else(|| Stopped::failed("the destination exports no disk copies"))?;
             copy_disks(handle, migrate, machine, &nbd).await?;
         }
-        let postcopy = migrate.postcopy_after_ms.is_some();
+        let mut capabilities = vec![("auto-converge", true), ("events", true)];
+        if migrate.postcopy_after_ms.is_some() {
+            capabilities.push(("postcopy-ram", true));
+        }
         machine
-            .set_migration_capabilities(&[
-                ("auto-converge", true),
-                ("events", true),
-                ("postcopy-ram", postcopy),
-            ])
+            .set_migration_capabilities(&capabilities)
             .await
             .map_err(|error| Stopped::failed(error.to_string()))?;
         machine

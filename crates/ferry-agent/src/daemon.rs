@@ -674,21 +674,7 @@ async fn carry_out(
     let events = api.events();
     let subject = vm.subject();
     let write_status = |state: VmState, pid: Option<i32>, error: Option<String>| {
-        let status = VmStatus {
-            version: RECORD_VERSION,
-            host: Some(me.clone()),
-            state,
-            pid,
-            guest_agent: false,
-            last_error: error,
-            updated_ms: now_ms(),
-        };
-        let key = keys.vm_status(vm);
-        async move {
-            if let Err(problem) = store.put(&key, &status, None).await {
-                tracing::warn!("cannot write status of VM {vm}: {problem}");
-            }
-        }
+        migration::record_status(store, &me, vm, state, pid, false, error)
     };
     match (step, record) {
         (Step::Start, Some(record)) => {

@@ -77,6 +77,12 @@ struct Stopped {
     reason: String,
 }
 
+impl From<ferry_qemu::QemuError> for Stopped {
+    fn from(error: ferry_qemu::QemuError) -> Stopped {
+        Stopped::failed(error.to_string())
+    }
+}
+
 impl Stopped {
     fn failed(reason: impl Into<String>) -> Stopped {
         Stopped {
@@ -90,6 +96,7 @@ impl Stopped {
 /// `cancel_requested` at any time).
 pub struct OpHandle<'a> {
     store: &'a Store,
+    id: String,
     key: String,
 }
 
@@ -97,8 +104,13 @@ impl<'a> OpHandle<'a> {
     pub fn new(store: &'a Store, id: &str) -> OpHandle<'a> {
         OpHandle {
             store,
+            id: id.to_string(),
             key: store.keys().op(id),
         }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     pub async fn read(&self) -> Result<Option<OpRecord>, StoreError> {
@@ -203,7 +215,7 @@ pub async fn migrate_out(context: &Context<'_>, vm: &VmName, placement: Versione
         }
         _ if migrate.mode == MigrationMode::Quick && op.phase == SAVED => {
             // The agent restarted after the state was saved and the source QEMU ended.
-            switch_over(context, &handle, &migrate, &placement.value)
+            switch_over(context, &handle, &migrate)
                 .await
                 .map(|switched| (switched, None))
         }
@@ -231,10 +243,7 @@ async fn live_source(
     phase: &str,
 ) -> Result<(Switched, Option<MigrationInfo>), Stopped> {
     let vm = &migrate.vm;
-    let qemu_state = machine
-        .query_migrate()
-        .await
-        .map_err(|error| Stopped::failed(error.to_string()))?;
+    let qemu_state = machine.query_migrate().await?;
     // Only the op says whether this QEMU's migration state is ours: a VM that arrived
     // by migration reports that incoming migration as `completed` too.
     let in_flight = matches!(
@@ -268,32 +277,19 @@ async fn live_source(
         if migrate.postcopy_after_ms.is_some() {
             capabilities.push(("postcopy-ram", true));
         }
-        machine
-            .set_migration_capabilities(&capabilities)
-            .await
-            .map_err(|error| Stopped::failed(error.to_string()))?;
+        machine.set_migration_capabilities(&capabilities).await?;
         machine
             .set_migration_parameters(serde_json::json!({
                 "downtime-limit": migrate.downtime_limit_ms,
                 "max-bandwidth": migrate.bandwidth.0,
             }))
-            .await
-            .map_err(|error| Stopped::failed(error.to_string()))?;
+            .await?;
         handle.set_phase(COPYING_MEMORY).await;
-        machine
-            .migrate(&uri)
-            .await
-            .map_err(|error| Stopped::failed(error.to_string()))?;
+        machine.migrate(&uri).await?;
     }
     let info = follow_migration(handle, migrate, machine).await?;
     tracing::info!("VM {vm}: QEMU reports the migration {:?}", info.status);
-    let mut switched = switch_over(
-        context,
-        handle,
-        migrate,
-        &current_placement(context, vm).await?,
-    )
-    .await?;
+    let mut switched = switch_over(context, handle, migrate).await?;
     switched.postcopy = info.status == MigrationStatus::PostcopyActive;
     if switched.postcopy {
         // The guest runs on the destination; the rest of its memory still flows from here.
@@ -415,10 +411,7 @@ async fn copy_disks(
     for copy in &migrate.disk_copies {
         let job = mirror_job(&copy.disk);
         let target = format!("copy-{}", copy.disk);
-        let open = machine
-            .open_disk(&copy.disk)
-            .await
-            .map_err(|error| Stopped::failed(error.to_string()))?;
+        let open = machine.open_disk(&copy.disk).await?;
         let existing = machine.block_jobs().await.unwrap_or_default();
         if !existing.iter().any(|running| running.id == job) {
             let _ = machine.delete_node(&target).await;
@@ -426,17 +419,9 @@ async fn copy_disks(
                 .add_nbd_node(&target, &host, port, &copy.disk)
                 .await
                 .map_err(|error| Stopped::failed(format!("NBD to the destination: {error}")))?;
-            machine
-                .start_mirror(&job, &open.node, &target)
-                .await
-                .map_err(|error| Stopped::failed(error.to_string()))?;
+            machine.start_mirror(&job, &open.node, &target).await?;
         }
-        machine
-            .wait_job_ready(&job, DISK_COPY_TIMEOUT, |progress| {
-                tracing::debug!("{job}: {} of {}", progress.offset, progress.length);
-            })
-            .await
-            .map_err(|error| Stopped::failed(error.to_string()))?;
+        machine.wait_job_ready(&job, DISK_COPY_TIMEOUT).await?;
     }
     Ok(())
 }
@@ -460,11 +445,8 @@ async fn quick_source(
     phase: &str,
 ) -> Result<(Switched, Option<MigrationInfo>), Stopped> {
     let vm = &migrate.vm;
-    let file = state_file(context.runtime, &handle_id(handle));
-    let qemu_state = machine
-        .query_migrate()
-        .await
-        .map_err(|error| Stopped::failed(error.to_string()))?;
+    let file = state_file(context.runtime, handle.id());
+    let qemu_state = machine.query_migrate().await?;
     let paused_at;
     if qemu_state.status == MigrationStatus::Completed && phase == SAVED {
         paused_at = None;
@@ -480,27 +462,19 @@ async fn quick_source(
         }
         handle.set_phase("saving state").await;
         paused_at = Some(now_ms());
-        machine
-            .pause()
-            .await
-            .map_err(|error| Stopped::failed(error.to_string()))?;
+        machine.pause().await?;
         machine
             .set_migration_parameters(serde_json::json!({"max-bandwidth": migrate.bandwidth.0}))
-            .await
-            .map_err(|error| Stopped::failed(error.to_string()))?;
+            .await?;
         // dd with fsync: the state must be on the shared pool before the source ends.
         let uri = format!(
             "exec:dd of={} bs=1M conv=fsync status=none",
             shell_quote(&file)
         );
-        machine
-            .migrate(&uri)
-            .await
-            .map_err(|error| Stopped::failed(error.to_string()))?;
+        machine.migrate(&uri).await?;
         let info = machine
             .wait_migration(Duration::from_millis(20), Duration::from_secs(600))
-            .await
-            .map_err(|error| Stopped::failed(error.to_string()))?;
+            .await?;
         if info.status != MigrationStatus::Completed {
             let _ = std::fs::remove_file(&file);
             return Err(Stopped::failed(format!(
@@ -514,13 +488,7 @@ async fn quick_source(
     // The saved state is now the VM; the paused source must never run again.
     let _ = machine.kill().await;
     context.runtime.forget(vm).await;
-    let switched = switch_over(
-        context,
-        handle,
-        migrate,
-        &current_placement(context, vm).await?,
-    )
-    .await?;
+    let switched = switch_over(context, handle, migrate).await?;
     let info = info.map(|mut info| {
         // For a quick migration the guest's pause is the whole save and restore.
         if let Some(paused_at) = paused_at {
@@ -529,15 +497,6 @@ async fn quick_source(
         info
     });
     Ok((switched, info))
-}
-
-fn handle_id(handle: &OpHandle<'_>) -> String {
-    handle
-        .key
-        .rsplit('/')
-        .next()
-        .unwrap_or_default()
-        .to_string()
 }
 
 /// Where a quick migration's state goes: on the shared pool, which both hosts see.
@@ -566,48 +525,27 @@ struct Switched {
     postcopy: bool,
 }
 
-async fn current_placement(context: &Context<'_>, vm: &VmName) -> Result<Placement, Stopped> {
-    context
-        .store
-        .get::<Placement>(&context.store.keys().vm_placement(vm))
-        .await
-        .ok()
-        .flatten()
-        .map(|placement| placement.value)
-        .ok_or_else(|| Stopped::failed(format!("VM {vm} has no placement")))
-}
-
 /// Step 4: moves the placement to the destination (with the disks' new paths) in one
 /// transaction, then waits for the destination to resume the guest.
 async fn switch_over(
     context: &Context<'_>,
     handle: &OpHandle<'_>,
     migrate: &MigrateOp,
-    placement: &Placement,
 ) -> Result<Switched, Stopped> {
     let completed_ms = now_ms();
     let vm = &migrate.vm;
-    let moved = Placement {
-        version: RECORD_VERSION,
-        host: migrate.to.clone(),
-        generation: placement.generation + 1,
-        phase: PlacementPhase::Assigned,
-        migration: None,
-    };
-    if placement.host != migrate.to {
-        // Past QEMU's completion there is no way back: retry through etcd outages.
-        let mut attempt = 0u64;
-        loop {
-            attempt += 1;
-            match move_placement(context.store, vm, migrate, &moved).await {
-                Ok(()) => break,
-                Err(MoveError::Changed(reason)) => return Err(Stopped::failed(reason)),
-                Err(MoveError::Store(error)) => {
-                    if attempt % 25 == 1 {
-                        tracing::warn!("VM {vm}: cannot move the placement yet: {error}");
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Past QEMU's completion there is no way back: retry through etcd outages.
+    let mut attempt = 0u64;
+    loop {
+        attempt += 1;
+        match move_placement(context.store, vm, migrate).await {
+            Ok(()) => break,
+            Err(MoveError::Changed(reason)) => return Err(Stopped::failed(reason)),
+            Err(MoveError::Store(error)) => {
+                if attempt % 25 == 1 {
+                    tracing::warn!("VM {vm}: cannot move the placement yet: {error}");
                 }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
@@ -630,13 +568,9 @@ enum MoveError {
 }
 
 /// One transaction: the placement (still ours, still this migration) moves to the
-/// destination, and the VM's disks point at their copies.
-async fn move_placement(
-    store: &Store,
-    vm: &VmName,
-    migrate: &MigrateOp,
-    moved: &Placement,
-) -> Result<(), MoveError> {
+/// destination, one generation on, and the VM's disks point at their copies. Already
+/// moved (a retry after a lost answer) counts as done.
+async fn move_placement(store: &Store, vm: &VmName, migrate: &MigrateOp) -> Result<(), MoveError> {
     let keys = store.keys();
     let placement_key = keys.vm_placement(vm);
     let record_key = keys.vm_spec(vm);
@@ -659,10 +593,17 @@ async fn move_placement(
         .await
         .map_err(MoveError::Store)?
         .ok_or_else(|| MoveError::Changed(format!("VM {vm} was deleted")))?;
+    let moved = Placement {
+        version: RECORD_VERSION,
+        host: migrate.to.clone(),
+        generation: current.value.generation + 1,
+        phase: PlacementPhase::Assigned,
+        migration: None,
+    };
     let mut writes = vec![(
         placement_key.as_str(),
         current.mod_revision,
-        ferry_store::encode(moved),
+        ferry_store::encode(&moved),
     )];
     if !migrate.disk_copies.is_empty() {
         let mut updated = record.value.clone();
@@ -730,7 +671,7 @@ async fn finish(
         .await;
     let _ = context
         .store
-        .delete(&context.store.keys().incoming(&handle_id(handle)))
+        .delete(&context.store.keys().incoming(handle.id()))
         .await;
     context
         .events
@@ -794,8 +735,8 @@ async fn roll_back(
             }
         })
         .await;
-    restore_placement(context.store, vm, &handle_id(handle)).await;
-    let _ = std::fs::remove_file(state_file(context.runtime, &handle_id(handle)));
+    restore_placement(context.store, vm, handle.id()).await;
+    let _ = std::fs::remove_file(state_file(context.runtime, handle.id()));
     if pid.is_some() {
         write_status(context, vm, VmState::Running, pid).await;
     }
@@ -860,7 +801,7 @@ async fn wait_incoming(
     handle: &OpHandle<'_>,
     timeout: Duration,
 ) -> Result<IncomingRecord, Stopped> {
-    let key = store.keys().incoming(&handle_id(handle));
+    let key = store.keys().incoming(handle.id());
     let deadline = Instant::now() + timeout;
     let mut checked_cancel = Instant::now();
     loop {
@@ -895,7 +836,7 @@ async fn wait_resumed(
     handle: &OpHandle<'_>,
     timeout: Duration,
 ) -> Option<IncomingRecord> {
-    let key = store.keys().incoming(&handle_id(handle));
+    let key = store.keys().incoming(handle.id());
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if let Ok(Some(incoming)) = store.get::<IncomingRecord>(&key).await {
@@ -909,20 +850,31 @@ async fn wait_resumed(
 }
 
 async fn write_status(context: &Context<'_>, vm: &VmName, state: VmState, pid: Option<i32>) {
+    let host = &context.runtime.config.host;
+    let guest_agent = state == VmState::Running;
+    record_status(context.store, host, vm, state, pid, guest_agent, None).await;
+}
+
+/// Writes `vms/{vm}/status` as this host sees the VM; a failure is logged, not raised.
+pub(crate) async fn record_status(
+    store: &Store,
+    host: &ferry_model::HostName,
+    vm: &VmName,
+    state: VmState,
+    pid: Option<i32>,
+    guest_agent: bool,
+    last_error: Option<String>,
+) {
     let status = VmStatus {
         version: RECORD_VERSION,
-        host: Some(context.runtime.config.host.clone()),
+        host: Some(host.clone()),
         state,
         pid,
-        guest_agent: state == VmState::Running,
-        last_error: None,
+        guest_agent,
+        last_error,
         updated_ms: now_ms(),
     };
-    if let Err(error) = context
-        .store
-        .put(&context.store.keys().vm_status(vm), &status, None)
-        .await
-    {
+    if let Err(error) = store.put(&store.keys().vm_status(vm), &status, None).await {
         tracing::warn!("cannot write status of VM {vm}: {error}");
     }
 }
@@ -1166,7 +1118,7 @@ async fn resume_here(
     machine: &Arc<Machine>,
 ) {
     let vm = &migrate.vm;
-    let op = handle_id(handle);
+    let op = handle.id().to_string();
     let incoming_key = context.store.keys().incoming(&op);
     let mut machine = machine.clone();
     if migrate.mode == MigrationMode::Quick {

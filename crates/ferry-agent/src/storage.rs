@@ -179,18 +179,8 @@ async fn wait_ready(
 ) -> Result<(), ferry_qemu::QemuError> {
     let deadline = std::time::Instant::now() + MIRROR_TIMEOUT;
     loop {
-        let jobs = machine.block_jobs().await?;
-        let Some(state) = jobs.iter().find(|candidate| candidate.id == job) else {
-            return Err(ferry_qemu::QemuError::Other(format!(
-                "block job {job} ended before it was ready"
-            )));
-        };
-        if let Some(error) = &state.error {
-            return Err(ferry_qemu::QemuError::Other(format!(
-                "block job {job}: {error}"
-            )));
-        }
-        if state.status == "ready" {
+        let state = machine.block_job(job).await?;
+        if state.is_ready() {
             return Ok(());
         }
         let progress = Progress {

@@ -29,6 +29,13 @@ pub struct BlockJob {
     pub error: Option<String>,
 }
 
+impl BlockJob {
+    /// Source and target are in sync (a mirror may now pivot or stop).
+    pub fn is_ready(&self) -> bool {
+        self.status == "ready"
+    }
+}
+
 impl Machine {
     /// The disk behind device `vdisk-{disk}`.
     pub async fn open_disk(&self, disk: &str) -> Result<OpenDisk, QemuError> {
@@ -156,27 +163,28 @@ impl Machine {
             .collect())
     }
 
-    /// Waits until job `id` is ready (source and target in sync), calling `progress`
-    /// on the way. Fails if the job ends or errs first, or `timeout` passes.
-    pub async fn wait_job_ready(
-        &self,
-        id: &str,
-        timeout: Duration,
-        mut progress: impl FnMut(&BlockJob),
-    ) -> Result<(), QemuError> {
+    /// Where job `id` stands; an error if it ended (it was meant to wait for a pivot or
+    /// a cancel) or failed.
+    pub async fn block_job(&self, id: &str) -> Result<BlockJob, QemuError> {
+        let job = self
+            .block_jobs()
+            .await?
+            .into_iter()
+            .find(|job| job.id == id)
+            .ok_or_else(|| QemuError::Other(format!("block job {id} ended before it was ready")))?;
+        match &job.error {
+            Some(error) => Err(QemuError::Other(format!("block job {id}: {error}"))),
+            None => Ok(job),
+        }
+    }
+
+    /// Waits until job `id` is ready (source and target in sync). Fails if the job ends
+    /// or errs first, or `timeout` passes.
+    pub async fn wait_job_ready(&self, id: &str, timeout: Duration) -> Result<(), QemuError> {
         let deadline = Instant::now() + timeout;
         loop {
-            let jobs = self.block_jobs().await?;
-            let Some(job) = jobs.iter().find(|job| job.id == id) else {
-                return Err(QemuError::Other(format!(
-                    "block job {id} ended before it was ready"
-                )));
-            };
-            progress(job);
-            if let Some(error) = &job.error {
-                return Err(QemuError::Other(format!("block job {id}: {error}")));
-            }
-            if job.status == "ready" {
+            let job = self.block_job(id).await?;
+            if job.is_ready() {
                 return Ok(());
             }
             if Instant::now() >= deadline {

@@ -782,6 +782,7 @@ async fn carry_out(
                 .await;
         }
         (Step::ReapExited, record) => {
+            let last_words = runtime.run_dir(vm).last_words();
             runtime.forget(vm).await;
             let unexpected = record
                 .is_some_and(|record| record.desired == ferry_model::cluster::PowerState::Running);
@@ -799,7 +800,14 @@ async fn carry_out(
                     .record(
                         &subject,
                         "qemu-exited",
-                        &format!("QEMU of VM {vm} exited unexpectedly on {me}; restarting"),
+                        &format!(
+                            "QEMU of VM {vm} exited unexpectedly on {me}; restarting{}",
+                            if last_words.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" ({last_words})")
+                            }
+                        ),
                     )
                     .await;
             } else {

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ferry_model::{Boot, HostLimits, VmSpec};
+use ferry_model::{Boot, Bytes, HostLimits, VmSpec};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -426,6 +426,17 @@ impl Machine {
         self.command(
             "announce-self",
             Some(json!({"initial": 50, "max": 550, "rounds": 5, "step": 100})),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Writes the guest's physical memory from address 0 to a file (`pmemsave`): the
+    /// evidence when a migrated guest and its source must hold the same bytes.
+    pub async fn save_memory(&self, path: &Path, bytes: Bytes) -> Result<(), QemuError> {
+        self.command(
+            "pmemsave",
+            Some(json!({ "val": 0, "size": bytes.0, "filename": path.to_string_lossy() })),
         )
         .await
         .map(drop)

@@ -73,7 +73,10 @@ impl QemuProcess {
         let (exited_tx, exited) = watch::channel(false);
         // We are QEMU's parent: reap it, and tell everyone it is gone.
         tokio::spawn(async move {
-            let _ = child.wait().await;
+            match child.wait().await {
+                Ok(status) => tracing::info!("QEMU pid {pid} ended: {status}"),
+                Err(error) => tracing::warn!("QEMU pid {pid}: cannot wait for it: {error}"),
+            }
             let _ = exited_tx.send(true);
         });
         Ok(QemuProcess { pid, exited })

@@ -22,6 +22,8 @@ pub struct AgentConfig {
     #[serde(default)]
     pub lease: LeaseConfig,
     #[serde(default)]
+    pub ha: HaConfig,
+    #[serde(default)]
     pub capacity: CapacityConfig,
     #[serde(default)]
     pub paths: PathsConfig,
@@ -89,6 +91,37 @@ impl ApiConfig {
 pub struct LeaseConfig {
     /// Lease time-to-live, seconds: a host whose agent stops renewing for this long is gone.
     pub ttl_seconds: u64,
+}
+
+/// Self-fencing and the storage heartbeat.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HaConfig {
+    /// Lease renewal and storage heartbeat interval, milliseconds.
+    pub heartbeat_ms: u64,
+    /// Kill this host's HA VMs when the lease has not been renewed for this long
+    /// (milliseconds, below the lease TTL), unless most hosts lost etcd too.
+    pub fence_after_ms: u64,
+}
+
+impl Default for HaConfig {
+    fn default() -> Self {
+        let timing = ferry_manager::ha::HaTiming::default();
+        HaConfig {
+            heartbeat_ms: timing.heartbeat_ms,
+            fence_after_ms: timing.fence_after_ms,
+        }
+    }
+}
+
+impl AgentConfig {
+    pub fn ha_timing(&self) -> ferry_manager::ha::HaTiming {
+        ferry_manager::ha::HaTiming {
+            heartbeat_ms: self.ha.heartbeat_ms,
+            fence_after_ms: self.ha.fence_after_ms,
+            lease_ttl_ms: self.lease.ttl_seconds * 1000,
+        }
+    }
 }
 
 impl Default for LeaseConfig {
@@ -244,6 +277,7 @@ impl AgentConfig {
                 self.lease.ttl_seconds
             ));
         }
+        self.ha_timing().check()?;
         if self.migration.max_concurrent == 0 {
             return Err("migration.max_concurrent: must be at least 1".into());
         }
@@ -297,6 +331,13 @@ listen = "127.0.0.1:8700"
 [lease]
 # Seconds without a renewal after which this host counts as gone.
 ttl_seconds = 6
+
+[ha]
+# Lease renewal and storage heartbeat interval.
+heartbeat_ms = 1000
+# Kill this host's HA VMs when the lease is this old (below the TTL), unless most
+# hosts lost etcd too (then nobody restarts anything and everything keeps running).
+fence_after_ms = 4000
 
 [capacity]
 # vCPUs and memory VMs may use here (default: all CPUs, 80% of memory).
@@ -371,6 +412,13 @@ mod tests {
     fn an_illegal_host_name_is_refused() {
         let problem = AgentConfig::parse("host = \"Host_1\"").unwrap_err();
         assert!(problem.starts_with("host: "), "{problem}");
+    }
+
+    #[test]
+    fn a_fence_deadline_past_the_lease_ttl_is_refused() {
+        let problem =
+            AgentConfig::parse("host = \"h\"\n[ha]\nfence_after_ms = 7000\n").unwrap_err();
+        assert!(problem.contains("must be below the lease TTL"), "{problem}");
     }
 
     #[test]

@@ -148,14 +148,21 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         store.clone(),
         record,
         Duration::from_secs(config.lease.ttl_seconds),
+        runtime.clone(),
         lease_tx,
         api.clone(),
+    ));
+    tokio::spawn(crate::fencing::guard_forever(
+        runtime.clone(),
+        host.clone(),
+        config.shared_pool().map(|pool| pool.path.clone()),
     ));
     tokio::spawn(lead_when_elected(
         store.clone(),
         host.clone(),
         lease_rx,
         api.clone(),
+        runtime.clone(),
     ));
     reconcile_forever(store, runtime, api).await
 }
@@ -239,12 +246,15 @@ async fn hold_lease(
     store: Store,
     record: HostRecord,
     ttl: Duration,
+    runtime: Arc<Runtime>,
     current: watch::Sender<Option<i64>>,
     api: Arc<ClusterApi>,
 ) {
     let key = store.keys().host(&record.name);
+    let renew_every = Duration::from_millis(runtime.ha.timing.heartbeat_ms);
     loop {
-        let lease = match Lease::grant(&store, ttl).await {
+        let granted = Lease::grant_with(&store, ttl, renew_every, runtime.ha.clock.clone()).await;
+        let lease = match granted {
             Ok(lease) => lease,
             Err(error) => {
                 tracing::warn!("cannot take a lease: {error}");
@@ -277,7 +287,9 @@ async fn lead_when_elected(
     host: HostName,
     mut lease: watch::Receiver<Option<i64>>,
     api: Arc<ClusterApi>,
+    runtime: Arc<Runtime>,
 ) {
+    let mut memory = ManagerMemory::default();
     loop {
         let Some(lease_id) = *lease.borrow_and_update() else {
             let _ = lease.changed().await;
@@ -300,7 +312,7 @@ async fn lead_when_elected(
             )
             .await;
         loop {
-            if let Err(error) = manage_once(&store, api.events()).await {
+            if let Err(error) = manage_once(&store, api.events(), &runtime, &mut memory).await {
                 tracing::warn!("manager: {error}");
             }
             tokio::select! {
@@ -315,12 +327,21 @@ async fn lead_when_elected(
     }
 }
 
+use crate::recovery::ManagerMemory;
+
 /// One pass of the manager: read the cluster, plan, apply.
-async fn manage_once(store: &Store, events: &EventLog) -> Result<(), ferry_store::StoreError> {
+async fn manage_once(
+    store: &Store,
+    events: &EventLog,
+    runtime: &Arc<Runtime>,
+    memory: &mut ManagerMemory,
+) -> Result<(), ferry_store::StoreError> {
     let keys = store.keys().clone();
     let (hosts, _) = store.list::<HostRecord>(&keys.hosts()).await?;
     let entries = read_vm_entries(store).await?;
     crate::admission::run_ops(store, events, &hosts, &entries).await?;
+    // HA VMs of dead or fenced hosts count as unplaced: the planner restarts them.
+    let restarts = crate::recovery::restartable(runtime, &hosts, &entries, events, memory).await;
     let view = ClusterView {
         hosts: hosts
             .iter()
@@ -343,8 +364,10 @@ async fn manage_once(store: &Store, events: &EventLog) -> Result<(), ferry_store
                     placed_on: entry
                         .placement
                         .as_ref()
+                        .filter(|_| !restarts.contains_key(&record.spec.name))
                         .map(|placement| placement.value.host.clone()),
                     deleting: record.deleting,
+                    priority: record.ha.priority,
                 })
             })
             .collect(),
@@ -352,13 +375,34 @@ async fn manage_once(store: &Store, events: &EventLog) -> Result<(), ferry_store
     for action in plan(&view) {
         match action {
             Action::Place { vm, host } => {
+                let restart = restarts.get(&vm);
                 let placement = Placement {
                     version: RECORD_VERSION,
                     host: host.clone(),
-                    generation: 1,
+                    generation: restart.map_or(1, |restart| restart.generation + 1),
                     phase: PlacementPhase::Assigned,
                     migration: None,
                 };
+                if let Some(restart) = restart {
+                    // Against the placement judged: if anything moved it since, no restart.
+                    if store
+                        .compare_and_swap(&keys.vm_placement(&vm), restart.mod_revision, &placement)
+                        .await
+                        .is_ok()
+                    {
+                        events
+                            .record(
+                                &vm.subject(),
+                                "ha-restart",
+                                &format!(
+                                    "VM {vm} restarts on {host}: {} (it ran on {})",
+                                    restart.reason, restart.from
+                                ),
+                            )
+                            .await;
+                    }
+                    continue;
+                }
                 // Create-only: a stale leader racing us cannot place it twice.
                 if store
                     .compare_and_swap(&keys.vm_placement(&vm), 0, &placement)
@@ -564,6 +608,27 @@ async fn reconcile_forever(
             }
             _ = tick.tick() => {}
         }
+        if runtime.ha.take_stale_view() {
+            // Back from a lease loss: what the watch held may be long out of date.
+            match read_vm_entries(&store).await {
+                Ok(fresh) => view = fresh,
+                Err(error) => {
+                    tracing::warn!("cannot re-read the cluster after a lease loss: {error}");
+                    runtime.ha.mark_stale_view();
+                    continue;
+                }
+            }
+        }
+        runtime.ha.set_fence_list(
+            view.values()
+                .filter_map(|entry| entry.record.as_ref().map(|record| &record.value))
+                .filter(|record| {
+                    record.ha.enabled
+                        && record.ha.isolation == ferry_model::ha::IsolationResponse::PowerOff
+                })
+                .map(|record| record.spec.name.clone())
+                .collect(),
+        );
         reconcile_all(&store, &runtime, &api, &view, &ops, &failures).await;
         if last_status.elapsed() >= STATUS_EVERY {
             last_status = Instant::now();
@@ -615,6 +680,11 @@ async fn reconcile_all(
             disk_move.is_some(),
         );
         if step == Step::Nothing {
+            continue;
+        }
+        if matches!(step, Step::Start | Step::MigrateIn) && !runtime.ha.may_start() {
+            // Without a fresh lease (or before re-reading the cluster after losing one)
+            // another host may already run this VM.
             continue;
         }
         if step == Step::Start {

@@ -3,7 +3,9 @@
 pub mod admission;
 pub mod config;
 pub mod daemon;
+pub mod fencing;
 pub mod migration;
 pub mod reconcile;
+pub mod recovery;
 pub mod runtime;
 pub mod storage;

@@ -122,6 +122,7 @@ mod tests {
             deleting: false,
             reset_serial: 0,
             migration: Default::default(),
+            ha: Default::default(),
         }
     }
 

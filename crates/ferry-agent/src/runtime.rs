@@ -30,11 +30,13 @@ pub struct Runtime {
     vms: Mutex<BTreeMap<VmName, LocalVm>>,
     /// VMs with an operation in flight; the reconciler skips them.
     busy: std::sync::Mutex<BTreeSet<VmName>>,
+    pub ha: crate::fencing::HaGuard,
 }
 
 impl Runtime {
     pub fn new(config: AgentConfig, accel: Accel, limits: HostLimits) -> Runtime {
         Runtime {
+            ha: crate::fencing::HaGuard::new(config.ha_timing()),
             config,
             accel,
             limits,

@@ -207,6 +207,19 @@ impl ClusterApi {
                 ApiError::BadRequest(format!("image {:?} does not exist", request.image))
             })?
             .value;
+        let ha = ferry_model::ha::HaPolicy {
+            enabled: request.ha,
+            priority: request.ha_priority,
+            isolation: match &request.isolation {
+                Some(text) => text.parse().map_err(ApiError::BadRequest)?,
+                None => Default::default(),
+            },
+        };
+        if !request.ha && (request.ha_priority != 0 || request.isolation.is_some()) {
+            return Err(ApiError::BadRequest(
+                "ha_priority and isolation apply only to an HA VM (set ha)".into(),
+            ));
+        }
         let hosts = self.hosts().await?;
         let preferred_host = match &request.host {
             Some(host) => {
@@ -276,6 +289,7 @@ impl ClusterApi {
             deleting: false,
             reset_serial: 0,
             migration: Default::default(),
+            ha,
         };
         if let Err(error) = self
             .store
@@ -731,6 +745,7 @@ pub fn vm_view(entry: &VmEntry) -> Option<VmView> {
         pid: status.and_then(|status| status.pid),
         guest_agent: status.is_some_and(|status| status.guest_agent),
         error: status.and_then(|status| status.last_error.clone()),
+        ha: record.ha.enabled,
     })
 }
 

@@ -40,9 +40,12 @@ pub struct VmView {
     /// The guest agent answered its last heartbeat.
     pub guest_agent: bool,
     pub error: Option<String>,
+    /// Restarted on another host when its host dies.
+    #[serde(default)]
+    pub ha: bool,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct CreateVmRequest {
     pub name: String,
     /// An image registered in the cluster, e.g. `appliance`.
@@ -53,6 +56,15 @@ pub struct CreateVmRequest {
     pub memory: String,
     /// Run on this host if it has room.
     pub host: Option<String>,
+    /// Restart the VM on another host when its host dies.
+    #[serde(default)]
+    pub ha: bool,
+    /// With `ha`: higher restarts first when there is not room for all.
+    #[serde(default)]
+    pub ha_priority: i32,
+    /// With `ha`: `power-off` (default) or `keep-running` when its host alone is cut off.
+    #[serde(default)]
+    pub isolation: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]

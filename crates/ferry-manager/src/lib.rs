@@ -2,11 +2,12 @@
 //! `plan(view) -> actions`. No I/O here, so every rule is tested by simulation (at
 //! thousands of hosts, without QEMU or etcd); the agent that leads applies the actions.
 //!
-//! Placement rule (for now): VMs without a placement, in name order, go to the preferred
-//! host if it is alive, active and has room, else to the alive, active host with the
-//! most free memory (ties by name). Memory is never overcommitted; a VM's vCPUs must not
+//! Placement rule: VMs without a placement, highest priority first, then in name
+//! order, go to the preferred host if it is alive, active and has room, else to the
+//! alive, active host with the most free memory (ties by name). Memory is never overcommitted; a VM's vCPUs must not
 //! exceed the host's CPUs. A VM that fits nowhere gets a `CannotPlace` with the reason.
 
+pub mod ha;
 pub mod migration;
 
 use ferry_model::cluster::HostState;
@@ -29,6 +30,8 @@ pub struct VmSnapshot {
     /// The host it is placed on, if any.
     pub placed_on: Option<HostName>,
     pub deleting: bool,
+    /// Higher is placed first when there is not room for all.
+    pub priority: i32,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -69,7 +72,7 @@ pub fn plan(view: &ClusterView) -> Vec<Action> {
         .iter()
         .filter(|vm| vm.placed_on.is_none() && !vm.deleting)
         .collect();
-    pending.sort_by(|a, b| a.name.cmp(&b.name));
+    pending.sort_by(|a, b| b.priority.cmp(&a.priority).then_with(|| a.name.cmp(&b.name)));
 
     let mut actions = Vec::new();
     for vm in pending {
@@ -143,7 +146,23 @@ mod tests {
             preferred_host: None,
             placed_on: None,
             deleting: false,
+            priority: 0,
         }
+    }
+
+    #[test]
+    fn when_room_is_short_higher_priority_is_placed_first() {
+        let mut low = vm("a-low", 768);
+        low.priority = 0;
+        let mut high = vm("z-high", 768);
+        high.priority = 10;
+        let view = ClusterView {
+            hosts: vec![host("host1", 1024)],
+            vms: vec![low, high],
+        };
+        let actions = plan(&view);
+        assert!(matches!(&actions[0], Action::Place { vm, .. } if vm.as_str() == "z-high"));
+        assert!(matches!(&actions[1], Action::CannotPlace { vm, .. } if vm.as_str() == "a-low"));
     }
 
     #[test]

@@ -280,6 +280,7 @@ mod tests {
             deleting: false,
             reset_serial: 0,
             migration: MigrationPolicy::default(),
+            ha: Default::default(),
         }
     }
 

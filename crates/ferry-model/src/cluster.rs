@@ -106,6 +106,8 @@ pub struct VmRecord {
     pub reset_serial: u64,
     #[serde(default)]
     pub migration: MigrationPolicy,
+    #[serde(default)]
+    pub ha: crate::ha::HaPolicy,
 }
 
 /// How this VM migrates unless a request says otherwise.

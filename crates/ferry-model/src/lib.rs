@@ -4,6 +4,7 @@
 
 mod bytes;
 pub mod cluster;
+pub mod ha;
 mod names;
 pub mod ops;
 mod vm;

@@ -12,6 +12,6 @@ pub mod watch;
 
 pub use error::StoreError;
 pub use keys::Keys;
-pub use lease::{Lease, LeaseState};
+pub use lease::{Lease, LeaseState, RenewalClock};
 pub use store::{encode, Election, Store, Versioned};
 pub use watch::{PrefixWatch, WatchEvent};

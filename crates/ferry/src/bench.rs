@@ -213,6 +213,7 @@ async fn api_latency(count: u32, requests: u32, lab_name: &str, json: bool) -> a
             deleting: false,
             reset_serial: 0,
             migration: Default::default(),
+            ha: Default::default(),
         };
         store
             .create(&store.keys().vm_spec(name), &record, &format!("VM {name}"))

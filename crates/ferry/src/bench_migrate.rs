@@ -81,6 +81,7 @@ pub async fn run(
             cpus: 1,
             memory: "256M".into(),
             host: Some("host1".into()),
+            ..Default::default()
         })
         .await?;
     let result = measure(&client, runs, modes, json).await;

@@ -75,6 +75,15 @@ pub enum VmVerb {
         /// Preferred host.
         #[arg(long)]
         host: Option<String>,
+        /// Restart it on another host when its host dies.
+        #[arg(long)]
+        ha: bool,
+        /// With --ha: higher restarts first when there is not room for all.
+        #[arg(long, default_value_t = 0, requires = "ha")]
+        priority: i32,
+        /// With --ha: power-off (default) or keep-running when its host alone is cut off.
+        #[arg(long, requires = "ha")]
+        isolation: Option<String>,
         /// Return once placed, without waiting for the guest.
         #[arg(long)]
         no_wait: bool,
@@ -319,6 +328,9 @@ pub async fn run_vm(endpoint: &Endpoint, verb: VmVerb) -> anyhow::Result<()> {
             cpus,
             memory,
             host,
+            ha,
+            priority,
+            isolation,
             no_wait,
             json,
         } => {
@@ -328,6 +340,9 @@ pub async fn run_vm(endpoint: &Endpoint, verb: VmVerb) -> anyhow::Result<()> {
                 cpus,
                 memory,
                 host,
+                ha,
+                ha_priority: priority,
+                isolation,
             };
             let mut vm = client.create_vm(&request).await?;
             if !no_wait {

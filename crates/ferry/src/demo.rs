@@ -72,6 +72,7 @@ pub async fn demo() -> anyhow::Result<()> {
             cpus: 1,
             memory: "256M".into(),
             host: None,
+            ..Default::default()
         };
         match client.create_vm(&request).await {
             Ok(_) => {}

@@ -233,6 +233,7 @@ fn request(name: &str) -> CreateVmRequest {
         cpus: 1,
         memory: "256M".into(),
         host: None,
+        ..Default::default()
     }
 }
 

@@ -56,6 +56,7 @@ async fn a_lab_vm_answers_on_the_business_network_survives_its_agent_and_goes_wi
         cpus: 1,
         memory: "256M".into(),
         host: Some("host2".into()),
+        ..Default::default()
     };
     client.create_vm(&request).await.unwrap();
     let vm = running(&client, "web").await;

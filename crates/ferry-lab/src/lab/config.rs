@@ -76,6 +76,7 @@ pub fn agent_config(
             ..QemuConfig::default()
         },
         migration: Default::default(),
+        ha: Default::default(),
         pools: vec![
             PoolConfig {
                 name: "shared".into(),

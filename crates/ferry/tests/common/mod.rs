@@ -57,6 +57,7 @@ pub async fn vm_on(client: &ApiClient, name: &str, host: &str) -> VmView {
             cpus: 1,
             memory: "256M".into(),
             host: Some(host.into()),
+            ..Default::default()
         })
         .await
         .unwrap();

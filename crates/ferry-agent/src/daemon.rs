@@ -856,7 +856,15 @@ async fn carry_out(
             runtime.forget(vm).await;
             let unexpected = record
                 .is_some_and(|record| record.desired == ferry_model::cluster::PowerState::Running);
-            if unexpected {
+            if runtime.ha.is_fenced() {
+                events
+                    .record(
+                        &subject,
+                        "fenced",
+                        &format!("VM {vm} was killed on {me}: the host fenced itself"),
+                    )
+                    .await;
+            } else if unexpected {
                 if let Ok(mut failures) = failures.lock() {
                     failures.insert(vm.clone(), Instant::now() - START_BACKOFF / 2);
                 }

@@ -185,7 +185,10 @@ pub async fn guard_forever(runtime: Arc<Runtime>, me: HostName, pool: Option<Pat
             running,
         };
         if !write_heartbeat(dir, &beat, interval).await {
-            tracing::warn!("host {me}: cannot write the storage heartbeat in {}", dir.display());
+            tracing::warn!(
+                "host {me}: cannot write the storage heartbeat in {}",
+                dir.display()
+            );
         }
     }
 }

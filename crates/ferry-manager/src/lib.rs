@@ -72,7 +72,11 @@ pub fn plan(view: &ClusterView) -> Vec<Action> {
         .iter()
         .filter(|vm| vm.placed_on.is_none() && !vm.deleting)
         .collect();
-    pending.sort_by(|a, b| b.priority.cmp(&a.priority).then_with(|| a.name.cmp(&b.name)));
+    pending.sort_by(|a, b| {
+        b.priority
+            .cmp(&a.priority)
+            .then_with(|| a.name.cmp(&b.name))
+    });
 
     let mut actions = Vec::new();
     for vm in pending {

@@ -157,6 +157,7 @@ async fn live_and_quick_migration_lose_no_write_and_refusals_move_nothing() {
             cpus: 1,
             memory: "3900M".into(),
             host: Some("host2".into()),
+            ..Default::default()
         })
         .await
         .unwrap();

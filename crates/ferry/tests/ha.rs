@@ -1,0 +1,167 @@
+//! HA in the lab, with real etcd, agents and QEMU under TCG. Throughout every test a
+//! watcher fails it if any VM ever has two live QEMUs at once.
+//! - a host powers off → its HA VMs run elsewhere, highest priority placed first, with
+//!   every write acknowledged before the fault;
+//! - one host's management link is cut → it kills its HA VM itself before the VM starts
+//!   elsewhere; with the link back it rejoins and nothing runs twice;
+//! - etcd stops for 30 s (a control-plane outage for every host) → no VM stops,
+//!   restarts or moves, then or after.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly by design
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{ha_vm_on, lab_qemus, running, DoubleRunWatch};
+use ferry_api::client::ApiClient;
+use ferry_api::types::VmView;
+use ferry_lab::lab::{Fault, LabNet};
+use ferry_lab::workload::{lost_writes, Writer};
+
+/// Waits until `name` runs (guest agent answering) on a host other than `not_on`.
+async fn running_elsewhere(client: &ApiClient, name: &str, not_on: &str) -> VmView {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(vm) = client.get_vm(name).await {
+            if vm.host.as_deref().is_some_and(|host| host != not_on)
+                && vm.state == "running"
+                && vm.guest_agent
+            {
+                return vm;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "VM {name} never left {not_on}: {vm:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_powered_off_hosts_ha_vms_restart_elsewhere_with_every_acknowledged_write() {
+    let (mut lab, _guard, client) = common::lab(14, 3).await;
+    let survivor = ApiClient::new(&lab.spec().api_url(2), lab.token().unwrap());
+    let watch = DoubleRunWatch::start(lab.spec().run_dir.clone());
+    let (db, web) = tokio::join!(
+        ha_vm_on(&client, "db", "host1", 10),
+        ha_vm_on(&client, "web", "host1", 0)
+    );
+    let ip = db.ip.clone().unwrap();
+    let writer = Writer::start(&ip, "k", Duration::from_millis(50), Duration::from_secs(2));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = writer.stop().await;
+    assert!(before.acked.len() > 10, "{:?}", before.failures);
+
+    let faulted = Instant::now();
+    lab.fault(1, Fault::PowerOff).unwrap();
+    let db_after = running_elsewhere(&survivor, "db", "host1").await;
+    let web_after = running_elsewhere(&survivor, "web", "host1").await;
+    eprintln!(
+        "both HA VMs answer elsewhere {:.1} s after the power-off",
+        faulted.elapsed().as_secs_f64()
+    );
+    assert_eq!(db_after.ip, db.ip);
+    assert_eq!(web_after.ip, web.ip);
+    assert_eq!(
+        lost_writes(&ip, &before).await.unwrap(),
+        Vec::<String>::new()
+    );
+    let events = survivor.list_events(500).await.unwrap();
+    let restarts: Vec<&str> = events
+        .iter()
+        .filter(|event| event.kind == "ha-restart")
+        .map(|event| event.subject.as_str())
+        .collect();
+    assert_eq!(restarts, ["vm/db", "vm/web"], "priority decides the order");
+    watch.assert_never_twice().await;
+}
+
+#[tokio::test]
+async fn an_isolated_host_fences_its_vm_before_it_starts_elsewhere_and_rejoins_cleanly() {
+    let (mut lab, _guard, client) = common::lab(15, 3).await;
+    let survivor = ApiClient::new(&lab.spec().api_url(2), lab.token().unwrap());
+    let watch = DoubleRunWatch::start(lab.spec().run_dir.clone());
+    ha_vm_on(&client, "app", "host1", 0).await;
+    let host1_run = lab.spec().host_run_dir(1);
+    assert_eq!(lab_qemus(&host1_run).get("app").map(Vec::len), Some(1));
+
+    lab.fault(1, Fault::LinkDown(LabNet::Management)).unwrap();
+    let moved = running_elsewhere(&survivor, "app", "host1").await;
+    assert!(
+        !lab_qemus(&host1_run).contains_key("app"),
+        "host1 fenced its copy"
+    );
+    let events = survivor.list_events(500).await.unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|event| event.kind == "host-fate" && event.message.contains("fenced itself")),
+        "the manager restarted it because host1 fenced itself: {events:?}"
+    );
+
+    lab.fault(1, Fault::LinkUp(LabNet::Management)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !survivor
+        .list_hosts()
+        .await
+        .unwrap()
+        .iter()
+        .any(|host| host.name == "host1")
+    {
+        assert!(Instant::now() < deadline, "host1 never rejoined");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = running(&survivor, "app").await;
+    assert_eq!(after.host, moved.host, "nothing moved again");
+    assert_eq!(after.pid, moved.pid, "nothing restarted twice");
+    let all = lab_qemus(&lab.spec().run_dir);
+    assert_eq!(all.get("app").map(Vec::len), Some(1), "{all:?}");
+    watch.assert_never_twice().await;
+}
+
+#[tokio::test]
+async fn a_control_plane_outage_stops_restarts_and_moves_nothing() {
+    let (lab, _guard, client) = common::lab(16, 3).await;
+    let watch = DoubleRunWatch::start(lab.spec().run_dir.clone());
+    let (one, two) = tokio::join!(
+        ha_vm_on(&client, "one", "host1", 0),
+        ha_vm_on(&client, "two", "host2", 0)
+    );
+    let before = lab_qemus(&lab.spec().run_dir);
+    let etcd = lab.state().etcd.as_ref().unwrap().pid;
+    let probe = Writer::probe(
+        one.ip.as_deref().unwrap(),
+        Duration::from_millis(200),
+        Duration::from_secs(2),
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(etcd),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let during = lab_qemus(&lab.spec().run_dir);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(etcd),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .unwrap();
+    assert_eq!(
+        during, before,
+        "no QEMU stopped or started during the outage"
+    );
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(lab_qemus(&lab.spec().run_dir), before, "nor after it");
+    let log = probe.stop().await;
+    assert!(
+        log.failures.is_empty(),
+        "the guest served throughout: {:?}",
+        log.failures
+    );
+    assert_eq!(running(&client, "one").await.host, one.host);
+    assert_eq!(running(&client, "two").await.host, two.host);
+    watch.assert_never_twice().await;
+}

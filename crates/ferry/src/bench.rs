@@ -42,6 +42,19 @@ pub enum BenchVerb {
         #[arg(long)]
         json: bool,
     },
+    /// Power off the host of an HA VM again and again: fault → lease expired → host
+    /// declared down → QEMU started elsewhere → ferry-guest answering (min/median/max).
+    Ha {
+        #[arg(long, default_value_t = 10)]
+        runs: u32,
+        #[arg(long, default_value = ferry_lab::lab::DEFAULT_NAME)]
+        lab: String,
+        /// Also write every sample to this file.
+        #[arg(long = "json-file")]
+        json_file: Option<std::path::PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Boot the appliance repeatedly and report QEMU start → guest ready.
     Boot {
         /// Boots after the first (the first also formats the data disk).
@@ -76,6 +89,12 @@ pub async fn run(verb: BenchVerb) -> anyhow::Result<()> {
             json_file,
             json,
         } => crate::bench_migrate::run(runs, &modes, &lab, json_file, json).await,
+        BenchVerb::Ha {
+            runs,
+            lab,
+            json_file,
+            json,
+        } => crate::bench_ha::run(runs, &lab, json_file, json).await,
         BenchVerb::Api {
             vms,
             requests,

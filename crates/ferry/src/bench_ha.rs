@@ -1,0 +1,235 @@
+//! `ferry bench ha`: one HA VM, its host powered off again and again. For every run the
+//! time from the fault to the host's lease expiring, to the manager's verdict that the
+//! host is down (its storage heartbeat silent past the self-fence deadline: our fence
+//! confirmation), to QEMU started elsewhere, to ferry-guest answering; with failed and
+//! lost writes. The host is mended after each run and the next run powers off the
+//! VM's new host.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
+use ferry_api::client::ApiClient;
+use ferry_api::types::CreateVmRequest;
+use ferry_lab::defaults;
+use ferry_lab::lab::{Fault, Lab};
+use ferry_lab::workload::{boot_id, lost_writes, Writer};
+use ferry_model::cluster::now_ms;
+use serde::Serialize;
+
+use crate::output::print_json;
+
+const VM: &str = "bench-ha";
+const WRITE_EVERY: Duration = Duration::from_millis(50);
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Sample {
+    pub run: u32,
+    pub from: String,
+    pub to: String,
+    /// Milliseconds after the power-off.
+    pub lease_expired_ms: u64,
+    pub declared_down_ms: u64,
+    pub qemu_started_ms: u64,
+    pub answering_ms: u64,
+    pub failed_writes: usize,
+    pub lost_writes: usize,
+}
+
+pub async fn run(
+    runs: u32,
+    lab_name: &str,
+    json_file: Option<PathBuf>,
+    json: bool,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(runs >= 1, "--runs must be at least 1");
+    let mut lab = Lab::load(&defaults::lab_dir().join(lab_name))
+        .with_context(|| format!("lab {lab_name} (start it with `ferry lab up`)"))?;
+    anyhow::ensure!(lab.spec().hosts >= 2, "lab {lab_name} needs two hosts");
+    let token = lab
+        .token()
+        .ok_or_else(|| anyhow::anyhow!("lab {lab_name} has no token"))?
+        .to_string();
+    let urls: Vec<String> = (1..=lab.spec().hosts)
+        .map(|host| lab.spec().api_url(host))
+        .collect();
+    let client_of = |host: u32| ApiClient::new(&urls[host as usize - 1], &token);
+    let client = client_of(1);
+    if client.get_vm(VM).await.is_ok() {
+        client.delete_vm(VM).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    client
+        .create_vm(&CreateVmRequest {
+            name: VM.into(),
+            image: "appliance".into(),
+            cpus: 1,
+            memory: "256M".into(),
+            host: Some("host1".into()),
+            ha: true,
+            ..Default::default()
+        })
+        .await?;
+    let mut samples = Vec::new();
+    for run in 1..=runs {
+        let sample = measure_one(&mut lab, &token, run).await;
+        match sample {
+            Ok(sample) => {
+                if !json {
+                    eprintln!(
+                        "run {run}: {} → {}: lease {} ms, declared down {} ms, QEMU {} ms, answering {} ms",
+                        sample.from,
+                        sample.to,
+                        sample.lease_expired_ms,
+                        sample.declared_down_ms,
+                        sample.qemu_started_ms,
+                        sample.answering_ms
+                    );
+                }
+                samples.push(sample);
+            }
+            Err(error) => {
+                let _ = client_of(2).delete_vm(VM).await;
+                return Err(error.context(format!("run {run}")));
+            }
+        }
+    }
+    let survivor = client_of(2);
+    let _ = survivor.delete_vm(VM).await;
+    if let Some(path) = json_file {
+        std::fs::write(&path, serde_json::to_vec_pretty(&samples)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if json {
+        return print_json(&samples);
+    }
+    println!("{}", summary_table(&samples));
+    Ok(())
+}
+
+async fn measure_one(lab: &mut Lab, token: &str, run: u32) -> anyhow::Result<Sample> {
+    let any = ApiClient::new(&lab.spec().api_url(1), token);
+    let any = if any.list_hosts().await.is_ok() {
+        any
+    } else {
+        ApiClient::new(&lab.spec().api_url(2), token)
+    };
+    let vm = crate::demo::wait_answering(&any, VM).await?;
+    let from = vm.host.clone().unwrap_or_default();
+    let from_number = lab.spec().parse_host(&from).map_err(anyhow::Error::msg)?;
+    let watcher_host = lab
+        .spec()
+        .host_numbers()
+        .find(|host| *host != from_number)
+        .unwrap_or(1);
+    let client = ApiClient::new(&lab.spec().api_url(watcher_host), token);
+    let ip = vm
+        .ip
+        .ok_or_else(|| anyhow::anyhow!("VM {VM} has no address"))?;
+    let writer = Writer::start(&ip, &format!("ha{run}-"), WRITE_EVERY, CLIENT_TIMEOUT);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let fault_ms = now_ms();
+    lab.fault(from_number, Fault::PowerOff)?;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut lease_expired_ms = None;
+    let answering_ms = loop {
+        anyhow::ensure!(Instant::now() < deadline, "VM {VM} never came back");
+        if lease_expired_ms.is_none()
+            && client
+                .list_hosts()
+                .await
+                .is_ok_and(|hosts| !hosts.iter().any(|host| host.name == from))
+        {
+            lease_expired_ms = Some(now_ms() - fault_ms);
+        }
+        let moved = client
+            .get_vm(VM)
+            .await
+            .is_ok_and(|vm| vm.host.as_deref().is_some_and(|host| host != from));
+        if moved && boot_id(&ip).await.is_ok() {
+            break now_ms() - fault_ms;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let log = writer.stop().await;
+    let lost = lost_writes(&ip, &log).await.map_err(anyhow::Error::msg)?;
+    let events = client.list_events(500).await?;
+    let after = |kind: &str, subject: &str| {
+        events
+            .iter()
+            .find(|event| event.kind == kind && event.subject == subject && event.at_ms >= fault_ms)
+            .map(|event| event.at_ms - fault_ms)
+    };
+    let declared = after("host-fate", &format!("host/{from}"))
+        .ok_or_else(|| anyhow::anyhow!("no verdict on {from} in the event log"))?;
+    let started = after("started", &format!("vm/{VM}"))
+        .ok_or_else(|| anyhow::anyhow!("no start of {VM} in the event log"))?;
+    let to = client.get_vm(VM).await?.host.unwrap_or_default();
+    lab.heal(from_number)?;
+    let rejoin = Instant::now() + Duration::from_secs(60);
+    while !client
+        .list_hosts()
+        .await
+        .is_ok_and(|hosts| hosts.iter().any(|host| host.name == from))
+    {
+        anyhow::ensure!(
+            Instant::now() < rejoin,
+            "{from} did not rejoin after the heal"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(Sample {
+        run,
+        from,
+        to,
+        lease_expired_ms: lease_expired_ms.unwrap_or(declared),
+        declared_down_ms: declared,
+        qemu_started_ms: started,
+        answering_ms,
+        failed_writes: log.failures.len(),
+        lost_writes: lost.len(),
+    })
+}
+
+fn spread(values: impl Iterator<Item = u64>) -> String {
+    let mut values: Vec<u64> = values.collect();
+    if values.is_empty() {
+        return "-".into();
+    }
+    values.sort_unstable();
+    format!(
+        "{} / {} / {}",
+        values[0],
+        values[values.len() / 2],
+        values[values.len() - 1]
+    )
+}
+
+pub fn summary_table(samples: &[Sample]) -> Table {
+    let mut table = Table::new();
+    table.load_preset(UTF8_BORDERS_ONLY);
+    table.set_header([
+        "RUNS",
+        "LEASE EXPIRED ms",
+        "DECLARED DOWN ms",
+        "QEMU STARTED ms",
+        "ANSWERING ms",
+        "LOST WRITES",
+    ]);
+    table.add_row([
+        samples.len().to_string(),
+        spread(samples.iter().map(|sample| sample.lease_expired_ms)),
+        spread(samples.iter().map(|sample| sample.declared_down_ms)),
+        spread(samples.iter().map(|sample| sample.qemu_started_ms)),
+        spread(samples.iter().map(|sample| sample.answering_ms)),
+        samples
+            .iter()
+            .map(|sample| sample.lost_writes)
+            .sum::<usize>()
+            .to_string(),
+    ]);
+    table
+}

@@ -18,6 +18,7 @@ use ferry_lab::workload::{boot_id, lost_writes, Writer};
 use ferry_model::cluster::now_ms;
 use serde::Serialize;
 
+use crate::bench_migrate::spread;
 use crate::output::print_json;
 
 const VM: &str = "bench-ha";
@@ -194,20 +195,6 @@ async fn measure_one(lab: &mut Lab, token: &str, run: u32) -> anyhow::Result<Sam
     })
 }
 
-fn spread(values: impl Iterator<Item = u64>) -> String {
-    let mut values: Vec<u64> = values.collect();
-    if values.is_empty() {
-        return "-".into();
-    }
-    values.sort_unstable();
-    format!(
-        "{} / {} / {}",
-        values[0],
-        values[values.len() / 2],
-        values[values.len() - 1]
-    )
-}
-
 pub fn summary_table(samples: &[Sample]) -> Table {
     let mut table = Table::new();
     table.load_preset(UTF8_BORDERS_ONLY);
@@ -221,10 +208,10 @@ pub fn summary_table(samples: &[Sample]) -> Table {
     ]);
     table.add_row([
         samples.len().to_string(),
-        spread(samples.iter().map(|sample| sample.lease_expired_ms)),
-        spread(samples.iter().map(|sample| sample.declared_down_ms)),
-        spread(samples.iter().map(|sample| sample.qemu_started_ms)),
-        spread(samples.iter().map(|sample| sample.answering_ms)),
+        spread(samples.iter().map(|sample| Some(sample.lease_expired_ms))),
+        spread(samples.iter().map(|sample| Some(sample.declared_down_ms))),
+        spread(samples.iter().map(|sample| Some(sample.qemu_started_ms))),
+        spread(samples.iter().map(|sample| Some(sample.answering_ms))),
         samples
             .iter()
             .map(|sample| sample.lost_writes)

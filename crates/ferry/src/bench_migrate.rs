@@ -202,7 +202,7 @@ fn shown(value: Option<u64>) -> String {
 }
 
 /// `min / median / max` of the values present.
-fn spread(values: impl Iterator<Item = Option<u64>>) -> String {
+pub(crate) fn spread(values: impl Iterator<Item = Option<u64>>) -> String {
     let mut values: Vec<u64> = values.flatten().collect();
     if values.is_empty() {
         return "-".into();

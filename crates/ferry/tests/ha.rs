@@ -17,17 +17,18 @@ use common::{ha_vm_on, lab_qemus, running, DoubleRunWatch};
 use ferry_api::client::ApiClient;
 use ferry_api::types::VmView;
 use ferry_lab::lab::{Fault, LabNet};
-use ferry_lab::workload::{lost_writes, Writer};
+use ferry_lab::workload::{boot_id, lost_writes, Writer};
 
-/// Waits until `name` runs (guest agent answering) on a host other than `not_on`.
+/// Waits until `name` runs on a host other than `not_on` and ferry-guest answers.
 async fn running_elsewhere(client: &ApiClient, name: &str, not_on: &str) -> VmView {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         if let Ok(vm) = client.get_vm(name).await {
-            if vm.host.as_deref().is_some_and(|host| host != not_on)
+            let moved = vm.host.as_deref().is_some_and(|host| host != not_on)
                 && vm.state == "running"
-                && vm.guest_agent
-            {
+                && vm.guest_agent;
+            // The guest agent answers a little before ferry-guest does.
+            if moved && boot_id(vm.ip.as_deref().unwrap_or_default()).await.is_ok() {
                 return vm;
             }
             assert!(

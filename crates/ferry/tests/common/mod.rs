@@ -50,6 +50,28 @@ pub async fn running(client: &ApiClient, name: &str) -> VmView {
 
 /// Creates a 256 MiB appliance VM on `host` and waits until ferry-guest answers.
 pub async fn vm_on(client: &ApiClient, name: &str, host: &str) -> VmView {
+    create_on(client, name, host, CreateVmRequest::default()).await
+}
+
+/// Creates an HA VM (256 MiB appliance) on `host` and waits until ferry-guest answers.
+pub async fn ha_vm_on(client: &ApiClient, name: &str, host: &str, priority: i32) -> VmView {
+    let vm = create_on(
+        client,
+        name,
+        host,
+        CreateVmRequest {
+            ha: true,
+            ha_priority: priority,
+            ..CreateVmRequest::default()
+        },
+    )
+    .await;
+    assert!(vm.ha);
+    vm
+}
+
+/// Creates the appliance VM `extra` describes, named `name`, on `host`; waits for it.
+async fn create_on(client: &ApiClient, name: &str, host: &str, extra: CreateVmRequest) -> VmView {
     client
         .create_vm(&CreateVmRequest {
             name: name.into(),
@@ -57,7 +79,7 @@ pub async fn vm_on(client: &ApiClient, name: &str, host: &str) -> VmView {
             cpus: 1,
             memory: "256M".into(),
             host: Some(host.into()),
-            ..Default::default()
+            ..extra
         })
         .await
         .unwrap();
@@ -79,30 +101,6 @@ pub fn alive(pid: i32) -> bool {
             .trim_start()
             .starts_with('Z')
     })
-}
-
-/// Creates an HA VM (256 MiB appliance) on `host` and waits until ferry-guest answers.
-pub async fn ha_vm_on(client: &ApiClient, name: &str, host: &str, priority: i32) -> VmView {
-    client
-        .create_vm(&CreateVmRequest {
-            name: name.into(),
-            image: "appliance".into(),
-            cpus: 1,
-            memory: "256M".into(),
-            host: Some(host.into()),
-            ha: true,
-            ha_priority: priority,
-            isolation: None,
-        })
-        .await
-        .unwrap();
-    let vm = running(client, name).await;
-    assert_eq!(vm.host.as_deref(), Some(host));
-    assert!(vm.ha);
-    ferry_lab::workload::boot_id(vm.ip.as_deref().unwrap())
-        .await
-        .unwrap();
-    vm
 }
 
 /// Live QEMUs of this lab by VM name, from the process list.

@@ -14,7 +14,11 @@ use crate::ApiError;
 
 #[derive(Clone)]
 pub struct ApiClient {
-    base: String,
+    /// Agents' API URLs: any of them answers any request. A request that cannot
+    /// connect to one goes to the next (it never reached a server, so it is safe to
+    /// send again); the one that answered is tried first next time.
+    bases: Vec<String>,
+    current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     token: String,
     http: reqwest::Client,
 }
@@ -44,10 +48,54 @@ pub async fn decode_response<T: DeserializeOwned>(
 impl ApiClient {
     pub fn new(base: &str, token: &str) -> ApiClient {
         ApiClient {
-            base: base.trim_end_matches('/').to_string(),
+            bases: vec![base.trim_end_matches('/').to_string()],
+            current: Default::default(),
             token: token.to_string(),
             http: reqwest::Client::new(),
         }
+    }
+
+    /// Also tries these agents, in order, when the ones before cannot be reached.
+    pub fn with_fallbacks(mut self, others: &[String]) -> ApiClient {
+        self.bases.extend(
+            others
+                .iter()
+                .map(|base| base.trim_end_matches('/').to_string()),
+        );
+        self
+    }
+
+    /// Sends what `build` makes for a base URL, trying the next agent on connect errors.
+    async fn send(
+        &self,
+        build: impl Fn(&str) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ApiError> {
+        use std::sync::atomic::Ordering;
+        let first = self.current.load(Ordering::Relaxed);
+        let mut causes = Vec::new();
+        for offset in 0..self.bases.len() {
+            let index = (first + offset) % self.bases.len();
+            let base = &self.bases[index];
+            match build(base).send().await {
+                Ok(response) => {
+                    self.current.store(index, Ordering::Relaxed);
+                    return Ok(response);
+                }
+                Err(error) if error.is_connect() => {
+                    causes.push(format!("{base}: {}", root_cause(&error)));
+                }
+                Err(error) => {
+                    return Err(ApiError::Unavailable(format!(
+                        "cannot reach the Ferry API at {base}: {}",
+                        root_cause(&error)
+                    )))
+                }
+            }
+        }
+        Err(ApiError::Unavailable(format!(
+            "cannot reach the Ferry API at {}",
+            causes.join("; ")
+        )))
     }
 
     async fn call<T: DeserializeOwned>(
@@ -57,22 +105,19 @@ impl ApiClient {
         body: Option<&impl Serialize>,
         timeout: Duration,
     ) -> Result<T, ApiError> {
-        let url = format!("{}/api/v1{path}", self.base);
-        let mut request = self
-            .http
-            .request(method, &url)
-            .bearer_auth(&self.token)
-            .timeout(timeout);
-        if let Some(body) = body {
-            request = request.json(body);
-        }
-        let response = request.send().await.map_err(|error| {
-            ApiError::Unavailable(format!(
-                "cannot reach the Ferry API at {}: {}",
-                self.base,
-                root_cause(&error)
-            ))
-        })?;
+        let response = self
+            .send(|base| {
+                let request = self
+                    .http
+                    .request(method.clone(), format!("{base}/api/v1{path}"))
+                    .bearer_auth(&self.token)
+                    .timeout(timeout);
+                match body {
+                    Some(body) => request.json(body),
+                    None => request,
+                }
+            })
+            .await?;
         decode_response(response).await
     }
 
@@ -230,20 +275,13 @@ impl ApiClient {
 
     /// Follows the event stream (server-sent events), calling `on_event` for each.
     pub async fn follow_events(&self, mut on_event: impl FnMut(EventView)) -> Result<(), ApiError> {
-        let url = format!("{}/api/v1/events/stream", self.base);
         let mut response = self
-            .http
-            .get(&url)
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .map_err(|error| {
-                ApiError::Unavailable(format!(
-                    "cannot reach the Ferry API at {}: {}",
-                    self.base,
-                    root_cause(&error)
-                ))
-            })?;
+            .send(|base| {
+                self.http
+                    .get(format!("{base}/api/v1/events/stream"))
+                    .bearer_auth(&self.token)
+            })
+            .await?;
         if !response.status().is_success() {
             return decode_response::<()>(response).await;
         }
@@ -275,4 +313,50 @@ fn root_cause(error: &dyn std::error::Error) -> String {
         cause = next;
     }
     cause.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An address nothing listens on: bound, then released.
+    fn dead_address() -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    }
+
+    /// Answers every request with an empty JSON list.
+    async fn empty_list_server() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut buffer = [0u8; 4096];
+                let _ = stream.read(&mut buffer).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n[]")
+                    .await;
+            }
+        });
+        address
+    }
+
+    #[tokio::test]
+    async fn a_request_goes_to_the_next_agent_when_one_cannot_be_reached() {
+        let live = empty_list_server().await;
+        let client = ApiClient::new(&dead_address(), "t").with_fallbacks(&[live]);
+        assert!(client.list_hosts().await.unwrap().is_empty());
+        // The agent that answered is asked first from now on.
+        assert_eq!(client.current.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert!(client.list_vms().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn when_no_agent_answers_the_error_names_each_of_them() {
+        let (one, two) = (dead_address(), dead_address());
+        let client = ApiClient::new(&one, "t").with_fallbacks(std::slice::from_ref(&two));
+        let error = client.list_hosts().await.unwrap_err().to_string();
+        assert!(error.contains(&one) && error.contains(&two), "{error}");
+    }
 }

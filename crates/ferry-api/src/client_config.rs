@@ -12,6 +12,9 @@ pub struct ClientConfig {
     /// Base URL of any agent's API, e.g. `http://10.213.0.11:8700`.
     pub api: String,
     pub token: String,
+    /// Other agents' API URLs, tried in order when `api` cannot be reached.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallback: Vec<String>,
 }
 
 pub fn default_path() -> PathBuf {

@@ -24,20 +24,27 @@ pub struct Endpoint {
 
 impl Endpoint {
     pub fn client(&self) -> anyhow::Result<ApiClient> {
-        let (api, token) = match (&self.api, &self.token) {
-            (Some(api), Some(token)) => (api.clone(), token.clone()),
+        let (api, token, fallback) = match (&self.api, &self.token) {
+            (Some(api), Some(token)) => (api.clone(), token.clone(), Vec::new()),
             _ => {
                 let path = client_config::default_path();
                 let file = ClientConfig::load(&path).map_err(|problem| {
                     anyhow::anyhow!("no API endpoint: pass --api and --token, set FERRY_API and FERRY_TOKEN, or run `ferry lab up` ({problem})")
                 })?;
+                // The file's other agents stand in only for its own `api`.
+                let fallback = if self.api.is_none() {
+                    file.fallback
+                } else {
+                    Vec::new()
+                };
                 (
                     self.api.clone().unwrap_or(file.api),
                     self.token.clone().unwrap_or(file.token),
+                    fallback,
                 )
             }
         };
-        Ok(ApiClient::new(&api, &token))
+        Ok(ApiClient::new(&api, &token).with_fallbacks(&fallback))
     }
 }
 

@@ -98,6 +98,11 @@ pub fn client_config(spec: &LabSpec, token: &str) -> ClientConfig {
     ClientConfig {
         api: spec.api_url(1),
         token: token.to_string(),
+        fallback: spec
+            .host_numbers()
+            .skip(1)
+            .map(|host| spec.api_url(host))
+            .collect(),
     }
 }
 
@@ -135,5 +140,9 @@ mod tests {
         let client = client_config(&LabSpec::default(), "t0k");
         assert_eq!(client.api, "http://10.213.0.11:8700");
         assert_eq!(client.token, "t0k");
+        assert_eq!(
+            client.fallback,
+            ["http://10.213.0.12:8700", "http://10.213.0.13:8700"]
+        );
     }
 }

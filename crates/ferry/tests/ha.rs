@@ -4,6 +4,7 @@
 //!   every write acknowledged before the fault;
 //! - one host's management link is cut → it kills its HA VM itself before the VM starts
 //!   elsewhere; with the link back it rejoins and nothing runs twice;
+//! - the leader's own host powers off → the new leader restarts its VM;
 //! - etcd stops for 30 s (a control-plane outage for every host) → no VM stops,
 //!   restarts or moves, then or after.
 
@@ -164,5 +165,35 @@ async fn a_control_plane_outage_stops_restarts_and_moves_nothing() {
     );
     assert_eq!(running(&client, "one").await.host, one.host);
     assert_eq!(running(&client, "two").await.host, two.host);
+    watch.assert_never_twice().await;
+}
+
+#[tokio::test]
+async fn when_the_leaders_host_powers_off_the_new_leader_restarts_its_vm() {
+    let (mut lab, _guard, client) = common::lab(17, 3).await;
+    let watch = DoubleRunWatch::start(lab.spec().run_dir.clone());
+    let leader = client
+        .list_hosts()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|host| host.leader)
+        .expect("a leader")
+        .name;
+    let number = lab.spec().parse_host(&leader).unwrap();
+    let other = lab
+        .spec()
+        .host_numbers()
+        .find(|host| *host != number)
+        .unwrap();
+    let survivor = ApiClient::new(&lab.spec().api_url(other), lab.token().unwrap());
+    let before = ha_vm_on(&client, "svc", &leader, 0).await;
+
+    lab.fault(number, Fault::PowerOff).unwrap();
+    let after = running_elsewhere(&survivor, "svc", &leader).await;
+    assert_eq!(after.ip, before.ip);
+    let hosts = survivor.list_hosts().await.unwrap();
+    let new_leader = hosts.iter().find(|host| host.leader).expect("a new leader");
+    assert_ne!(new_leader.name, leader);
     watch.assert_never_twice().await;
 }

@@ -390,6 +390,7 @@ async fn manage_once(
                         .await
                         .is_ok()
                     {
+                        crate::recovery::fail_orphaned_migration(store, restart).await;
                         events
                             .record(
                                 &vm.subject(),

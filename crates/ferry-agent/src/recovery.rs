@@ -29,6 +29,8 @@ pub struct Restart {
     pub generation: u64,
     pub from: HostName,
     pub reason: String,
+    /// The migration the VM was in when its host died, if any: it ends with the restart.
+    pub migration_op: Option<String>,
 }
 
 pub async fn restartable(
@@ -96,9 +98,35 @@ pub async fn restartable(
                     generation: placement.value.generation,
                     from: host.clone(),
                     reason: verdict,
+                    migration_op: placement
+                        .value
+                        .migration
+                        .as_ref()
+                        .map(|migration| migration.op.clone()),
                 },
             );
         }
     }
     restarts
+}
+
+/// Ends the migration a restarted VM was in: its source host died before the switch-over.
+pub async fn fail_orphaned_migration(store: &ferry_store::Store, restart: &Restart) {
+    let Some(op) = &restart.migration_op else {
+        return;
+    };
+    let reason = format!("the source host {} died: {}", restart.from, restart.reason);
+    let ended = crate::migration::OpHandle::new(store, op)
+        .update(|record| {
+            if !record.state.is_final() {
+                record.state = ferry_model::ops::OpState::Failed;
+                record.phase = "source host died; VM restarted by HA".into();
+                record.error = Some(reason.clone());
+                record.finished_ms = Some(now_ms());
+            }
+        })
+        .await;
+    if let Err(error) = ended {
+        tracing::warn!("cannot end op {op} of a restarted VM: {error}");
+    }
 }

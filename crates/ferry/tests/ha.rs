@@ -3,7 +3,8 @@
 //! - a host powers off → its HA VMs run elsewhere, highest priority placed first, with
 //!   every write acknowledged before the fault;
 //! - one host's management link is cut → it kills its HA VM itself before the VM starts
-//!   elsewhere; with the link back it rejoins and nothing runs twice;
+//!   elsewhere, and keeps the one whose isolation response is keep-running; with the
+//!   link back it rejoins and nothing runs twice;
 //! - the leader's own host powers off → the new leader restarts its VM;
 //! - etcd stops for 30 s (a control-plane outage for every host) → no VM stops,
 //!   restarts or moves, then or after.
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::{ha_vm_on, lab_qemus, running, DoubleRunWatch};
 use ferry_api::client::ApiClient;
-use ferry_api::types::VmView;
+use ferry_api::types::{CreateVmRequest, VmView};
 use ferry_lab::lab::{Fault, LabNet};
 use ferry_lab::workload::{boot_id, lost_writes, Writer};
 
@@ -85,7 +86,19 @@ async fn an_isolated_host_fences_its_vm_before_it_starts_elsewhere_and_rejoins_c
     let (mut lab, _guard, client) = common::lab(15, 3).await;
     let survivor = ApiClient::new(&lab.spec().api_url(2), lab.token().unwrap());
     let watch = DoubleRunWatch::start(lab.spec().run_dir.clone());
+    let keeper_request = CreateVmRequest {
+        name: "keeper".into(),
+        image: "appliance".into(),
+        cpus: 1,
+        memory: "256M".into(),
+        host: Some("host1".into()),
+        ha: true,
+        ha_priority: 0,
+        isolation: Some("keep-running".into()),
+    };
+    client.create_vm(&keeper_request).await.unwrap();
     ha_vm_on(&client, "app", "host1", 0).await;
+    let keeper = running(&client, "keeper").await;
     let host1_run = lab.spec().host_run_dir(1);
     assert_eq!(lab_qemus(&host1_run).get("app").map(Vec::len), Some(1));
 
@@ -101,6 +114,12 @@ async fn an_isolated_host_fences_its_vm_before_it_starts_elsewhere_and_rejoins_c
             .iter()
             .any(|event| event.kind == "host-fate" && event.message.contains("fenced itself")),
         "the manager restarted it because host1 fenced itself: {events:?}"
+    );
+
+    // The keep-running VM stayed where it was, in the same QEMU.
+    assert_eq!(
+        lab_qemus(&host1_run).get("keeper"),
+        Some(&vec![keeper.pid.unwrap()])
     );
 
     lab.fault(1, Fault::LinkUp(LabNet::Management)).unwrap();
@@ -121,6 +140,12 @@ async fn an_isolated_host_fences_its_vm_before_it_starts_elsewhere_and_rejoins_c
     assert_eq!(after.pid, moved.pid, "nothing restarted twice");
     let all = lab_qemus(&lab.spec().run_dir);
     assert_eq!(all.get("app").map(Vec::len), Some(1), "{all:?}");
+    let kept = running(&survivor, "keeper").await;
+    assert_eq!(
+        (kept.host, kept.pid),
+        (keeper.host, keeper.pid),
+        "never moved"
+    );
     watch.assert_never_twice().await;
 }
 

@@ -136,6 +136,20 @@ async fn an_isolated_host_fences_its_vm_before_it_starts_elsewhere_and_rejoins_c
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
     let after = running(&survivor, "app").await;
+    if (&after.host, after.pid) != (&moved.host, moved.pid) {
+        for event in survivor.list_events(500).await.unwrap() {
+            eprintln!("{} {} {} {}", event.at_ms, event.subject, event.kind, event.message);
+        }
+        for host in 1..=3 {
+            let log = lab.spec().state_dir.join(format!("host{host}.log"));
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            for line in text.lines().filter(|line| {
+                !line.contains("DEBUG") && (line.contains("app") || line.contains("lease"))
+            }) {
+                eprintln!("host{host}: {line}");
+            }
+        }
+    }
     assert_eq!(after.host, moved.host, "nothing moved again");
     assert_eq!(after.pid, moved.pid, "nothing restarted twice");
     let all = lab_qemus(&lab.spec().run_dir);

@@ -51,7 +51,12 @@ impl ApiClient {
             bases: vec![base.trim_end_matches('/').to_string()],
             current: Default::default(),
             token: token.to_string(),
-            http: reqwest::Client::new(),
+            // A host whose link is cut never refuses: give up connecting soon and try
+            // the next agent.
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(2))
+                .build()
+                .unwrap_or_default(),
         }
     }
 

@@ -138,7 +138,10 @@ async fn an_isolated_host_fences_its_vm_before_it_starts_elsewhere_and_rejoins_c
     let after = running(&survivor, "app").await;
     if (&after.host, after.pid) != (&moved.host, moved.pid) {
         for event in survivor.list_events(500).await.unwrap() {
-            eprintln!("{} {} {} {}", event.at_ms, event.subject, event.kind, event.message);
+            eprintln!(
+                "{} {} {} {}",
+                event.at_ms, event.subject, event.kind, event.message
+            );
         }
         for host in 1..=3 {
             let log = lab.spec().state_dir.join(format!("host{host}.log"));

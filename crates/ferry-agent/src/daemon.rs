@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use crate::config::{AccelChoice, AgentConfig};
 use crate::migration::{self, Context};
 use crate::reconcile::{decide, Local, Step};
+use crate::recovery::ManagerMemory;
 use crate::runtime::{LocalExec, Runtime};
 use crate::storage;
 
@@ -326,8 +327,6 @@ async fn lead_when_elected(
         tracing::warn!("host {host} no longer leads");
     }
 }
-
-use crate::recovery::ManagerMemory;
 
 /// One pass of the manager: read the cluster, plan, apply.
 async fn manage_once(

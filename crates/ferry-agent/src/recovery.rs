@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use ferry_api::ops::{EventLog, VmEntry};
 use ferry_manager::ha::{judge_host, may_restart, HostFate};
-use ferry_model::cluster::{now_ms, HostRecord, PowerState};
+use ferry_model::cluster::{now_ms, HostRecord, Placement, PowerState};
 use ferry_model::{HostName, VmName};
 use ferry_store::Versioned;
 
@@ -41,14 +41,16 @@ pub async fn restartable(
     memory: &mut ManagerMemory,
 ) -> BTreeMap<VmName, Restart> {
     let live: BTreeSet<&HostName> = hosts.iter().map(|(_, host)| &host.value.name).collect();
-    let orphaned: Vec<(&VmEntry, &HostName)> = entries
+    // HA VMs that should run, placed on a host without a lease.
+    let orphaned: Vec<(&VmName, &Versioned<Placement>)> = entries
         .values()
         .filter_map(|entry| {
             let record = &entry.record.as_ref()?.value;
-            let placement = &entry.placement.as_ref()?.value;
+            let placement = entry.placement.as_ref()?;
             let wanted =
                 record.ha.enabled && record.desired == PowerState::Running && !record.deleting;
-            (wanted && !live.contains(&placement.host)).then_some((entry, &placement.host))
+            (wanted && !live.contains(&placement.value.host))
+                .then_some((&record.spec.name, placement))
         })
         .collect();
     memory.verdicts.retain(|host, _| !live.contains(host));
@@ -68,7 +70,8 @@ pub async fn restartable(
     let now = now_ms();
     let mut fates: BTreeMap<HostName, HostFate> = BTreeMap::new();
     let mut restarts = BTreeMap::new();
-    for (entry, host) in orphaned {
+    for (vm, placement) in orphaned {
+        let host = &placement.value.host;
         let fate = fates.entry(host.clone()).or_insert_with(|| {
             let beat = beats.iter().find(|beat| &beat.host == host);
             judge_host(false, false, beat, now, &timing)
@@ -87,12 +90,9 @@ pub async fn restartable(
                 .await;
             memory.verdicts.insert(host.clone(), verdict.clone());
         }
-        let (Some(record), Some(placement)) = (&entry.record, &entry.placement) else {
-            continue;
-        };
-        if may_restart(fate, &record.value.spec.name) {
+        if may_restart(fate, vm) {
             restarts.insert(
-                record.value.spec.name.clone(),
+                vm.clone(),
                 Restart {
                     mod_revision: placement.mod_revision,
                     generation: placement.value.generation,

@@ -50,12 +50,7 @@ impl ClusterApi {
                 "downtime_limit_ms: must be at least 1".into(),
             ));
         }
-        let entry = self.vm_entry(&name).await?;
-        let record = entry
-            .record
-            .as_ref()
-            .map(|record| record.value.clone())
-            .ok_or_else(|| ApiError::NotFound(format!("VM {name} does not exist")))?;
+        let (entry, record) = self.vm_entry_and_record(&name).await?;
         let state = vm_view(&entry).map(|view| view.state).unwrap_or_default();
         let placement = entry
             .placement
@@ -145,12 +140,7 @@ impl ClusterApi {
         request: MoveDiskRequest,
     ) -> Result<OpView, ApiError> {
         let name = parse_vm_name(name)?;
-        let entry = self.vm_entry(&name).await?;
-        let record = entry
-            .record
-            .as_ref()
-            .map(|record| record.value.clone())
-            .ok_or_else(|| ApiError::NotFound(format!("VM {name} does not exist")))?;
+        let (entry, record) = self.vm_entry_and_record(&name).await?;
         let spec_disk = record
             .spec
             .disks

@@ -133,16 +133,26 @@ impl ClusterApi {
     }
 
     pub(crate) async fn vm_entry(&self, name: &VmName) -> Result<VmEntry, ApiError> {
+        Ok(self.vm_entry_and_record(name).await?.0)
+    }
+
+    /// The VM's records, with its spec also apart; `NotFound` if it has none.
+    pub(crate) async fn vm_entry_and_record(
+        &self,
+        name: &VmName,
+    ) -> Result<(VmEntry, VmRecord), ApiError> {
         let keys = self.store.keys();
+        let record: Versioned<VmRecord> = self
+            .store
+            .get(&keys.vm_spec(name))
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("VM {name} does not exist")))?;
         let entry = VmEntry {
-            record: self.store.get(&keys.vm_spec(name)).await?,
+            record: Some(record.clone()),
             placement: self.store.get(&keys.vm_placement(name)).await?,
             status: self.store.get(&keys.vm_status(name)).await?,
         };
-        if entry.record.is_none() {
-            return Err(ApiError::NotFound(format!("VM {name} does not exist")));
-        }
-        Ok(entry)
+        Ok((entry, record.value))
     }
 
     pub async fn list_hosts(&self) -> Result<Vec<HostView>, ApiError> {

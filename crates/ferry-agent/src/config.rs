@@ -23,6 +23,9 @@ pub struct AgentConfig {
     pub lease: LeaseConfig,
     #[serde(default)]
     pub ha: HaConfig,
+    /// How other hosts power this one off when it dies (a ClusterLabs fence agent).
+    #[serde(default)]
+    pub fence: Option<FenceConfig>,
     #[serde(default)]
     pub capacity: CapacityConfig,
     #[serde(default)]
@@ -102,6 +105,9 @@ pub struct HaConfig {
     /// Kill this host's HA VMs when the lease has not been renewed for this long
     /// (milliseconds, below the lease TTL), unless most hosts lost etcd too.
     pub fence_after_ms: u64,
+    /// A hardware or kernel watchdog device (`/dev/watchdog`, softdog) fed every
+    /// heartbeat while the agent is sane; a hung agent gets its host rebooted.
+    pub watchdog: Option<PathBuf>,
 }
 
 impl Default for HaConfig {
@@ -110,11 +116,42 @@ impl Default for HaConfig {
         HaConfig {
             heartbeat_ms: timing.heartbeat_ms,
             fence_after_ms: timing.fence_after_ms,
+            watchdog: None,
         }
     }
 }
 
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FenceConfig {
+    /// The fence agent's executable, e.g. `/usr/sbin/fence_ipmilan`.
+    pub agent: PathBuf,
+    /// One attempt longer than this is killed and counts as failed (milliseconds).
+    #[serde(default = "default_fence_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Passed as `key=value` lines on the agent's stdin (`ip`, `username`, `plug`, …).
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+}
+
+fn default_fence_timeout_ms() -> u64 {
+    20_000
+}
+
 impl AgentConfig {
+    /// The fence device this host publishes for the others, if it has one.
+    pub fn fence_device(&self) -> Option<ferry_model::ha::FenceDevice> {
+        self.fence
+            .as_ref()
+            .map(|fence| ferry_model::ha::FenceDevice {
+                version: ferry_model::cluster::RECORD_VERSION,
+                host: self.host.clone(),
+                agent: fence.agent.clone(),
+                options: fence.options.clone(),
+                timeout_ms: fence.timeout_ms,
+            })
+    }
+
     pub fn ha_timing(&self) -> ferry_manager::ha::HaTiming {
         ferry_manager::ha::HaTiming {
             heartbeat_ms: self.ha.heartbeat_ms,
@@ -278,6 +315,17 @@ impl AgentConfig {
             ));
         }
         self.ha_timing().check()?;
+        if let Some(device) = self.fence_device() {
+            device.check()?;
+        }
+        if let Some(watchdog) = &self.ha.watchdog {
+            if !watchdog.is_absolute() {
+                return Err(format!(
+                    "ha.watchdog: {} must be an absolute path",
+                    watchdog.display()
+                ));
+            }
+        }
         if self.migration.max_concurrent == 0 {
             return Err("migration.max_concurrent: must be at least 1".into());
         }
@@ -338,6 +386,17 @@ heartbeat_ms = 1000
 # Kill this host's HA VMs when the lease is this old (below the TTL), unless most
 # hosts lost etcd too (then nobody restarts anything and everything keeps running).
 fence_after_ms = 4000
+# A watchdog device fed every heartbeat while the agent is sane (its reconciler runs):
+# a hung agent gets its host rebooted. Off unless set. Stopping the agent stops the
+# feeding too, so with a watchdog on, stop it only on a host you mean to reboot.
+# watchdog = "/dev/watchdog"
+
+# How the other hosts power this one off when it dies: any ClusterLabs fence agent.
+# Options go to the agent's stdin as key=value lines; "action" is Ferry's to choose.
+# [fence]
+# agent = "/usr/sbin/fence_ipmilan"
+# timeout_ms = 20000
+# options = { ip = "10.0.9.11", username = "admin", password = "secret", lanplus = "1" }
 
 [capacity]
 # vCPUs and memory VMs may use here (default: all CPUs, 80% of memory).
@@ -419,6 +478,22 @@ mod tests {
         let problem =
             AgentConfig::parse("host = \"h\"\n[ha]\nfence_after_ms = 7000\n").unwrap_err();
         assert!(problem.contains("must be below the lease TTL"), "{problem}");
+    }
+
+    #[test]
+    fn a_fence_device_is_checked_at_start_up() {
+        let config = AgentConfig::parse(
+            "host = \"h\"\n[fence]\nagent = \"/usr/sbin/fence_ipmilan\"\noptions = { ip = \"10.0.0.9\" }\n",
+        )
+        .unwrap();
+        let device = config.fence_device().unwrap();
+        assert_eq!(device.timeout_ms, 20_000);
+        assert_eq!(device.options["ip"], "10.0.0.9");
+        let problem = AgentConfig::parse(
+            "host = \"h\"\n[fence]\nagent = \"/x\"\noptions = { action = \"on\" }\n",
+        )
+        .unwrap_err();
+        assert!(problem.contains("chosen by Ferry"), "{problem}");
     }
 
     #[test]

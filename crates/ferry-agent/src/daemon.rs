@@ -11,21 +11,23 @@ use std::time::{Duration, Instant};
 
 use ferry_api::ops::{ClusterApi, EventLog, VmEntry};
 use ferry_api::rest::{self, RestState};
+use ferry_manager::ha::{after_vm_failure, AfterFailure};
 use ferry_manager::{plan, Action, ClusterView, HostSnapshot, VmSnapshot};
 use ferry_model::cluster::{
     now_ms, HostRecord, HostState, ImageRecord, Placement, PlacementPhase, PoolInfo, VmRecord,
     VmState, VmStatus, RECORD_VERSION,
 };
+use ferry_model::ha::{LeaveHost, RestartCause, RestartEntry};
 use ferry_model::ops::{OpKind, OpRecord, OpState};
 use ferry_model::{Bytes, HostLimits, HostName, VmName};
 use ferry_qemu::{Accel, ProbeImage, RunState};
-use ferry_store::{Lease, PrefixWatch, Store, Versioned, WatchEvent};
+use ferry_store::{Lease, PrefixWatch, Store, WatchEvent};
 use tokio::sync::watch;
 
 use crate::config::{AccelChoice, AgentConfig};
 use crate::migration::{self, Context};
 use crate::reconcile::{decide, Local, Step};
-use crate::recovery::ManagerMemory;
+use crate::recovery::{self, ManagerMemory};
 use crate::runtime::{LocalExec, Runtime};
 use crate::storage;
 
@@ -49,10 +51,26 @@ pub enum AgentError {
     /// The VM watch ended.
     #[error("the watch on the cluster's VMs ended")]
     WatchEnded,
+    #[error("cannot open the watchdog {path}: {source}")]
+    Watchdog {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let host = config.host.clone();
+    // Opened first: a configured watchdog that cannot be fed must stop the start-up.
+    let watchdog =
+        match &config.ha.watchdog {
+            Some(path) => Some(crate::fencing::Watchdog::open(path).map_err(|source| {
+                AgentError::Watchdog {
+                    path: path.display().to_string(),
+                    source,
+                }
+            })?),
+            None => None,
+        };
     let store = connect(&config).await;
     let accel = choose_accel(&config, &store).await;
     let limits = host_limits(&config);
@@ -144,6 +162,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         migration_limit: config.migration.max_concurrent,
         started_ms: now_ms(),
     };
+    publish_fence_device(&store, &config).await;
     let (lease_tx, lease_rx) = watch::channel(None);
     tokio::spawn(hold_lease(
         store.clone(),
@@ -157,6 +176,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         runtime.clone(),
         host.clone(),
         config.shared_pool().map(|pool| pool.path.clone()),
+        watchdog,
     ));
     tokio::spawn(lead_when_elected(
         store.clone(),
@@ -282,6 +302,19 @@ async fn hold_lease(
     }
 }
 
+/// Tells the other hosts how to power this one off (or that they cannot). Not under the
+/// lease: a dead host's device is what the leader needs.
+async fn publish_fence_device(store: &Store, config: &AgentConfig) {
+    let key = store.keys().fence_device(&config.host);
+    let written = match config.fence_device() {
+        Some(device) => store.put(&key, &device, None).await.map(|_| ()),
+        None => store.delete(&key).await,
+    };
+    if let Err(error) = written {
+        tracing::warn!("cannot publish this host's fence device: {error}");
+    }
+}
+
 /// Campaigns with the current lease; while leading, runs the manager.
 async fn lead_when_elected(
     store: Store,
@@ -340,7 +373,9 @@ async fn manage_once(
     let entries = read_vm_entries(store).await?;
     crate::admission::run_ops(store, events, &hosts, &entries).await?;
     // HA VMs of dead or fenced hosts count as unplaced: the planner restarts them.
-    let restarts = crate::recovery::restartable(runtime, &hosts, &entries, events, memory).await;
+    let restarts =
+        crate::recovery::restartable(store, runtime, &hosts, &entries, events, memory).await;
+    let now = now_ms();
     let view = ClusterView {
         hosts: hosts
             .iter()
@@ -359,7 +394,18 @@ async fn manage_once(
                     name: record.spec.name.clone(),
                     cpus: record.spec.cpus,
                     memory: record.spec.memory,
-                    preferred_host: record.preferred_host.clone(),
+                    preferred_hosts: record
+                        .preferred_host
+                        .iter()
+                        .chain(&record.ha.preferred_hosts)
+                        .cloned()
+                        .collect(),
+                    anti_affinity: record.ha.anti_affinity.clone(),
+                    avoid_hosts: entry
+                        .restarts
+                        .as_ref()
+                        .map(|log| ferry_manager::ha::hosts_to_avoid(&log.value, now))
+                        .unwrap_or_default(),
                     placed_on: entry
                         .placement
                         .as_ref()
@@ -390,6 +436,7 @@ async fn manage_once(
                         .is_ok()
                     {
                         crate::recovery::fail_orphaned_migration(store, restart).await;
+                        crate::recovery::log_restart(store, &vm, restart).await;
                         events
                             .record(
                                 &vm.subject(),
@@ -491,27 +538,10 @@ fn apply_change(view: &mut BTreeMap<String, VmEntry>, store: &Store, change: &Wa
                 return;
             };
             let entry = view.entry(vm.to_string()).or_default();
-            let revision = *mod_revision;
-            match kind {
-                "spec" => {
-                    entry.record = serde_json::from_slice(value).ok().map(|value| Versioned {
-                        value,
-                        mod_revision: revision,
-                    })
-                }
-                "placement" => {
-                    entry.placement = serde_json::from_slice(value).ok().map(|value| Versioned {
-                        value,
-                        mod_revision: revision,
-                    })
-                }
-                "status" => {
-                    entry.status = serde_json::from_slice(value).ok().map(|value| Versioned {
-                        value,
-                        mod_revision: revision,
-                    })
-                }
-                _ => {}
+            // A value that does not parse is dropped, as if absent: the VM's other
+            // records still count.
+            if entry.set(kind, value, *mod_revision).is_err() {
+                entry.clear(kind);
             }
         }
         WatchEvent::Delete { key, .. } => {
@@ -519,13 +549,8 @@ fn apply_change(view: &mut BTreeMap<String, VmEntry>, store: &Store, change: &Wa
                 return;
             };
             if let Some(entry) = view.get_mut(vm) {
-                match kind {
-                    "spec" => entry.record = None,
-                    "placement" => entry.placement = None,
-                    "status" => entry.status = None,
-                    _ => {}
-                }
-                if entry.record.is_none() && entry.placement.is_none() && entry.status.is_none() {
+                entry.clear(kind);
+                if entry.is_empty() {
                     view.remove(vm);
                 }
             }
@@ -608,6 +633,7 @@ async fn reconcile_forever(
             }
             _ = tick.tick() => {}
         }
+        runtime.ha.mark_progress();
         if runtime.ha.take_stale_view() {
             // Back from a lease loss: what the watch held may be long out of date.
             match read_vm_entries(&store).await {
@@ -687,6 +713,10 @@ async fn reconcile_all(
             // another host may already run this VM.
             continue;
         }
+        if step == Step::Start && leaving_here(&entry, &me) {
+            // It failed here too often; the leader is placing it on another host.
+            continue;
+        }
         if step == Step::Start {
             let recently_failed = failures
                 .lock()
@@ -724,16 +754,35 @@ async fn reconcile_all(
                 }
                 (Step::MoveDisk, _, Some(op)) => storage::move_disk(&context, &op).await,
                 (Step::MigrateOut | Step::MigrateIn | Step::MoveDisk, _, _) => {}
-                _ => carry_out(step, &vm, record, &store, &runtime, &api, &failures).await,
+                (step, placement, _) => {
+                    let generation = placement.map(|placement| placement.value.generation);
+                    carry_out(
+                        step, &vm, record, generation, &store, &runtime, &api, &failures,
+                    )
+                    .await
+                }
             }
         });
     }
 }
 
+/// The VM's restart log asks to leave this host, under its current placement.
+fn leaving_here(entry: &VmEntry, me: &HostName) -> bool {
+    let (Some(log), Some(placement)) = (&entry.restarts, &entry.placement) else {
+        return false;
+    };
+    log.value
+        .leave
+        .as_ref()
+        .is_some_and(|leave| &leave.host == me && leave.generation == placement.value.generation)
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn carry_out(
     step: Step,
     vm: &VmName,
     record: Option<VmRecord>,
+    placement_generation: Option<u64>,
     store: &Store,
     runtime: &Arc<Runtime>,
     api: &Arc<ClusterApi>,
@@ -853,8 +902,13 @@ async fn carry_out(
         }
         (Step::ReapExited, record) => {
             let last_words = runtime.run_dir(vm).last_words();
+            let panicked = runtime
+                .machine(vm)
+                .await
+                .is_some_and(|machine| machine.guest_panicked());
             runtime.forget(vm).await;
             let unexpected = record
+                .as_ref()
                 .is_some_and(|record| record.desired == ferry_model::cluster::PowerState::Running);
             if runtime.ha.is_fenced() {
                 events
@@ -864,30 +918,93 @@ async fn carry_out(
                         &format!("VM {vm} was killed on {me}: the host fenced itself"),
                     )
                     .await;
-            } else if unexpected {
+            } else if let Some(record) = record.filter(|_| unexpected) {
                 if let Ok(mut failures) = failures.lock() {
                     failures.insert(vm.clone(), Instant::now() - START_BACKOFF / 2);
                 }
-                write_status(
-                    VmState::Failed,
-                    None,
-                    Some("QEMU exited unexpectedly".into()),
-                )
-                .await;
-                events
-                    .record(
-                        &subject,
-                        "qemu-exited",
-                        &format!(
-                            "QEMU of VM {vm} exited unexpectedly on {me}; restarting{}",
-                            if last_words.is_empty() {
-                                String::new()
-                            } else {
-                                format!(" ({last_words})")
-                            }
-                        ),
-                    )
-                    .await;
+                let cause = if panicked {
+                    RestartCause::GuestPanicked
+                } else {
+                    RestartCause::QemuExited
+                };
+                let what = match cause {
+                    RestartCause::GuestPanicked => format!("the guest of VM {vm} panicked on {me}"),
+                    _ => format!("QEMU of VM {vm} exited unexpectedly on {me}"),
+                };
+                let detail = if last_words.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({last_words})")
+                };
+                let failure = RestartEntry {
+                    at_ms: now_ms(),
+                    host: me.clone(),
+                    cause,
+                };
+                let decision =
+                    match recovery::update_restart_log(store, vm, |log| log.push(failure.clone()))
+                        .await
+                    {
+                        Ok(log) => after_vm_failure(&log, &me, &record.ha, now_ms()),
+                        Err(error) => {
+                            tracing::warn!("cannot log the failure of VM {vm}: {error}");
+                            AfterFailure::RestartHere
+                        }
+                    };
+                match decision {
+                    AfterFailure::RestartHere => {
+                        write_status(VmState::Failed, None, Some(format!("{cause}; restarting")))
+                            .await;
+                        events
+                            .record(
+                                &subject,
+                                "vm-failed",
+                                &format!("{what}; restarting it here{detail}"),
+                            )
+                            .await;
+                    }
+                    AfterFailure::MoveAway { reason } => {
+                        let leave = LeaveHost {
+                            host: me.clone(),
+                            generation: placement_generation.unwrap_or(0),
+                            reason: format!("it kept failing on {me}: {reason}"),
+                        };
+                        if let Err(error) = recovery::update_restart_log(store, vm, |log| {
+                            log.leave = Some(leave.clone())
+                        })
+                        .await
+                        {
+                            tracing::warn!("cannot ask to move VM {vm} away: {error}");
+                        }
+                        write_status(
+                            VmState::Failed,
+                            None,
+                            Some(format!("{cause}; {reason}: moving to another host")),
+                        )
+                        .await;
+                        events
+                            .record(
+                                &subject,
+                                "vm-failed",
+                                &format!("{what}; {reason}: restarting it on another host{detail}"),
+                            )
+                            .await;
+                    }
+                    AfterFailure::GiveUp { reason } => {
+                        if let Err(error) = recovery::leave_stopped(store, vm).await {
+                            tracing::warn!("cannot stop VM {vm} after its restart limit: {error}");
+                        }
+                        write_status(VmState::Failed, None, Some(format!("{cause}; {reason}")))
+                            .await;
+                        events
+                            .record(
+                                &subject,
+                                "restart-limit",
+                                &format!("{what}; not restarted: {reason}{detail}"),
+                            )
+                            .await;
+                    }
+                }
             } else {
                 write_status(VmState::Stopped, None, None).await;
             }

@@ -9,8 +9,9 @@
 //! itself is `ferry_manager::ha::on_lease_loss`.
 
 use std::collections::BTreeSet;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,6 +33,8 @@ pub struct HaGuard {
     stale_view: AtomicBool,
     /// VMs to kill when this host alone is cut off (HA, isolation response power-off).
     fence_list: std::sync::Mutex<BTreeSet<VmName>>,
+    /// When the reconciler last went round (wall-clock ms): the watchdog's sign of sanity.
+    progress_ms: AtomicU64,
 }
 
 impl HaGuard {
@@ -42,7 +45,17 @@ impl HaGuard {
             fenced: AtomicBool::new(false),
             stale_view: AtomicBool::new(false),
             fence_list: Default::default(),
+            progress_ms: AtomicU64::new(now_ms()),
         }
+    }
+
+    pub fn mark_progress(&self) {
+        self.progress_ms.store(now_ms(), Ordering::Release);
+    }
+
+    /// The reconciler went round recently: the agent is not hung.
+    pub fn sane(&self) -> bool {
+        now_ms().saturating_sub(self.progress_ms.load(Ordering::Acquire)) < SANE_WITHIN_MS
     }
 
     /// The lease was renewed within `fence_after`.
@@ -82,6 +95,37 @@ impl HaGuard {
             .lock()
             .map(|list| list.clone())
             .unwrap_or_default()
+    }
+}
+
+/// The reconciler ticks every second and every etcd call it makes is bounded; silence
+/// this long means the agent is hung, and the watchdog is left to reboot the host.
+const SANE_WITHIN_MS: u64 = 30_000;
+
+/// A hardware or kernel watchdog (`/dev/watchdog`): every write postpones the reboot.
+/// It is never closed with the magic 'V', so an agent that dies also reboots the host.
+pub struct Watchdog {
+    device: std::fs::File,
+    path: PathBuf,
+}
+
+impl Watchdog {
+    pub fn open(path: &Path) -> std::io::Result<Watchdog> {
+        let device = std::fs::OpenOptions::new().write(true).open(path)?;
+        Ok(Watchdog {
+            device,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn feed(&mut self) {
+        if let Err(error) = self
+            .device
+            .write_all(b"1")
+            .and_then(|()| self.device.flush())
+        {
+            tracing::error!("cannot feed the watchdog {}: {error}", self.path.display());
+        }
     }
 }
 
@@ -130,15 +174,33 @@ async fn write_heartbeat(dir: &Path, beat: &StorageHeartbeat, timeout: Duration)
 }
 
 /// Runs for the agent's life.
-pub async fn guard_forever(runtime: Arc<Runtime>, me: HostName, pool: Option<PathBuf>) {
+pub async fn guard_forever(
+    runtime: Arc<Runtime>,
+    me: HostName,
+    pool: Option<PathBuf>,
+    mut watchdog: Option<Watchdog>,
+) {
     let guard = &runtime.ha;
     let timing = guard.timing;
     let interval = Duration::from_millis(timing.heartbeat_ms);
     let dir = pool.as_deref().map(heartbeat_dir);
     let mut waiting = None::<String>;
     let mut lost = false;
+    let mut starving = false;
     loop {
         tokio::time::sleep(interval).await;
+        if let Some(watchdog) = &mut watchdog {
+            if guard.sane() {
+                watchdog.feed();
+                starving = false;
+            } else if !starving {
+                starving = true;
+                tracing::error!(
+                    "host {me}: the reconciler has not run for {} s; no longer feeding the watchdog",
+                    SANE_WITHIN_MS / 1000
+                );
+            }
+        }
         let now = now_ms();
         if guard.lease_fresh() {
             if lost {
@@ -217,4 +279,34 @@ async fn fence(runtime: &Runtime, me: &HostName, reason: &str) {
             killed.join(", ")
         }
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watchdog_is_written_on_every_feed_and_a_missing_device_is_an_error() {
+        // A plain file stands in for the device: a real /dev/watchdog reboots the machine.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("watchdog");
+        std::fs::write(&path, "").unwrap();
+        let mut watchdog = Watchdog::open(&path).unwrap();
+        watchdog.feed();
+        watchdog.feed();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "11");
+        assert!(Watchdog::open(&dir.path().join("absent")).is_err());
+    }
+
+    #[test]
+    fn an_agent_is_sane_while_its_reconciler_goes_round() {
+        let guard = HaGuard::new(HaTiming::default());
+        assert!(guard.sane());
+        guard
+            .progress_ms
+            .store(now_ms() - SANE_WITHIN_MS - 1, Ordering::Release);
+        assert!(!guard.sane());
+        guard.mark_progress();
+        assert!(guard.sane());
+    }
 }

@@ -3,6 +3,7 @@
 pub mod admission;
 pub mod config;
 pub mod daemon;
+pub mod fence_device;
 pub mod fencing;
 pub mod migration;
 pub mod reconcile;

@@ -175,6 +175,19 @@ impl ApiClient {
         .await
     }
 
+    pub async fn update_ha(
+        &self,
+        name: &str,
+        update: &crate::types::UpdateHaRequest,
+    ) -> Result<VmView, ApiError> {
+        self.post(
+            &format!("/vms/{name}/ha"),
+            Some(update),
+            Duration::from_secs(30),
+        )
+        .await
+    }
+
     pub async fn stop_vm(&self, name: &str) -> Result<VmView, ApiError> {
         self.post(
             &format!("/vms/{name}/stop"),

@@ -21,7 +21,9 @@ use ferry_store::{Store, Versioned};
 use futures::future::BoxFuture;
 use tokio::sync::Mutex;
 
-use crate::types::{CreateVmRequest, EventView, ExecRequest, ExecResponse, HostView, VmView};
+use crate::types::{
+    CreateVmRequest, EventView, ExecRequest, ExecResponse, HostView, UpdateHaRequest, VmView,
+};
 use crate::ApiError;
 
 /// How long `create` waits for the manager to place the VM.
@@ -47,6 +49,54 @@ pub struct VmEntry {
     pub record: Option<Versioned<VmRecord>>,
     pub placement: Option<Versioned<Placement>>,
     pub status: Option<Versioned<VmStatus>>,
+    /// Recent failures and restarts (HA).
+    pub restarts: Option<Versioned<ferry_model::ha::RestartLog>>,
+}
+
+impl VmEntry {
+    /// Folds in the value of `vms/{vm}/{kind}`; unknown kinds are ignored.
+    pub fn set(
+        &mut self,
+        kind: &str,
+        value: &[u8],
+        mod_revision: i64,
+    ) -> Result<(), serde_json::Error> {
+        fn versioned<T: serde::de::DeserializeOwned>(
+            value: &[u8],
+            mod_revision: i64,
+        ) -> Result<Option<Versioned<T>>, serde_json::Error> {
+            Ok(Some(Versioned {
+                value: serde_json::from_slice(value)?,
+                mod_revision,
+            }))
+        }
+        match kind {
+            "spec" => self.record = versioned(value, mod_revision)?,
+            "placement" => self.placement = versioned(value, mod_revision)?,
+            "status" => self.status = versioned(value, mod_revision)?,
+            "restarts" => self.restarts = versioned(value, mod_revision)?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Forgets `vms/{vm}/{kind}` (deleted).
+    pub fn clear(&mut self, kind: &str) {
+        match kind {
+            "spec" => self.record = None,
+            "placement" => self.placement = None,
+            "status" => self.status = None,
+            "restarts" => self.restarts = None,
+            _ => {}
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.record.is_none()
+            && self.placement.is_none()
+            && self.status.is_none()
+            && self.restarts.is_none()
+    }
 }
 
 pub struct ClusterApi {
@@ -104,30 +154,11 @@ impl ClusterApi {
             let Some((vm, kind)) = keys.parse_vm_key(&key) else {
                 continue;
             };
-            let entry = entries.entry(vm.to_string()).or_default();
-            let corrupt =
-                |error: serde_json::Error| ApiError::Internal(format!("etcd key {key}: {error}"));
-            match kind {
-                "spec" => {
-                    entry.record = Some(Versioned {
-                        value: serde_json::from_slice(&value).map_err(corrupt)?,
-                        mod_revision,
-                    })
-                }
-                "placement" => {
-                    entry.placement = Some(Versioned {
-                        value: serde_json::from_slice(&value).map_err(corrupt)?,
-                        mod_revision,
-                    })
-                }
-                "status" => {
-                    entry.status = Some(Versioned {
-                        value: serde_json::from_slice(&value).map_err(corrupt)?,
-                        mod_revision,
-                    })
-                }
-                _ => {}
-            }
+            entries
+                .entry(vm.to_string())
+                .or_default()
+                .set(kind, &value, mod_revision)
+                .map_err(|error| ApiError::Internal(format!("etcd key {key}: {error}")))?;
         }
         Ok(entries)
     }
@@ -151,6 +182,7 @@ impl ClusterApi {
             record: Some(record.clone()),
             placement: self.store.get(&keys.vm_placement(name)).await?,
             status: self.store.get(&keys.vm_status(name)).await?,
+            restarts: self.store.get(&keys.vm_restarts(name)).await?,
         };
         Ok((entry, record.value))
     }
@@ -217,17 +249,22 @@ impl ClusterApi {
                 ApiError::BadRequest(format!("image {:?} does not exist", request.image))
             })?
             .value;
-        let ha = ferry_model::ha::HaPolicy {
-            enabled: request.ha,
-            priority: request.ha_priority,
-            isolation: match &request.isolation {
-                Some(text) => text.parse().map_err(ApiError::BadRequest)?,
-                None => Default::default(),
-            },
+        let ha_settings = UpdateHaRequest {
+            ha: Some(request.ha),
+            ha_priority: Some(request.ha_priority),
+            isolation: request.isolation.clone(),
+            preferred_hosts: Some(request.preferred_hosts.clone()),
+            anti_affinity: request.anti_affinity.clone(),
+            max_restarts: request.max_restarts,
+            restart_window: request.restart_window.clone(),
         };
-        if !request.ha && (request.ha_priority != 0 || request.isolation.is_some()) {
+        let mut ha = ferry_model::ha::HaPolicy::default();
+        apply_ha_update(&mut ha, &ha_settings)?;
+        if !request.ha && ha != ferry_model::ha::HaPolicy::default() {
             return Err(ApiError::BadRequest(
-                "ha_priority and isolation apply only to an HA VM (set ha)".into(),
+                "ha_priority, isolation, preferred_hosts, anti_affinity, max_restarts and \
+                 restart_window apply only to an HA VM (set ha)"
+                    .into(),
             ));
         }
         let hosts = self.hosts().await?;
@@ -460,11 +497,35 @@ impl ClusterApi {
             Ok(())
         })
         .await?;
+        // A person starting it again answers the restart limit: the count starts over.
+        self.store
+            .delete(&self.store.keys().vm_restarts(&name))
+            .await?;
         self.events
             .record(
                 &name.subject(),
                 "start-requested",
                 &format!("start of VM {name} requested"),
+            )
+            .await;
+        self.get_vm(name.as_str()).await
+    }
+
+    /// Changes the VM's HA policy; takes effect at its next failure or its host's.
+    pub async fn update_ha(
+        &self,
+        name: &str,
+        update: &UpdateHaRequest,
+    ) -> Result<VmView, ApiError> {
+        let name = parse_vm_name(name)?;
+        let record = self
+            .update_record(&name, |record| apply_ha_update(&mut record.ha, update))
+            .await?;
+        self.events
+            .record(
+                &name.subject(),
+                "ha-policy",
+                &format!("VM {name}: {}", ha_summary(&record.ha)),
             )
             .await;
         self.get_vm(name.as_str()).await
@@ -756,7 +817,114 @@ pub fn vm_view(entry: &VmEntry) -> Option<VmView> {
         guest_agent: status.is_some_and(|status| status.guest_agent),
         error: status.and_then(|status| status.last_error.clone()),
         ha: record.ha.enabled,
+        ha_policy: record.ha.clone(),
+        recent_restarts: entry.restarts.as_ref().map_or(0, |log| {
+            let window_ms = record.ha.restart_window_s.saturating_mul(1000);
+            log.value
+                .entries
+                .iter()
+                .filter(|entry| now_ms().saturating_sub(entry.at_ms) < window_ms)
+                .count() as u32
+        }),
     })
+}
+
+/// Applies the fields `update` sets; every value is checked before any is applied.
+pub fn apply_ha_update(
+    policy: &mut ferry_model::ha::HaPolicy,
+    update: &UpdateHaRequest,
+) -> Result<(), ApiError> {
+    let bad = |message: String| ApiError::BadRequest(message);
+    let mut next = policy.clone();
+    if let Some(enabled) = update.ha {
+        next.enabled = enabled;
+    }
+    if let Some(priority) = update.ha_priority {
+        next.priority = priority;
+    }
+    if let Some(isolation) = &update.isolation {
+        next.isolation = isolation.parse().map_err(bad)?;
+    }
+    if let Some(hosts) = &update.preferred_hosts {
+        let mut parsed: Vec<HostName> = Vec::new();
+        for host in hosts {
+            let host: HostName = host
+                .parse()
+                .map_err(|error| bad(format!("preferred_hosts: {error}")))?;
+            if parsed.contains(&host) {
+                return Err(bad(format!("preferred_hosts: {host} is listed twice")));
+            }
+            parsed.push(host);
+        }
+        next.preferred_hosts = parsed;
+    }
+    if let Some(group) = &update.anti_affinity {
+        next.anti_affinity = if group.is_empty() {
+            None
+        } else {
+            // Group names follow the host-name rules: short, lowercase, no surprises.
+            group
+                .parse::<HostName>()
+                .map_err(|error| bad(format!("anti_affinity: group {error}")))?;
+            Some(group.clone())
+        };
+    }
+    if let Some(max) = update.max_restarts {
+        if max > 1000 {
+            return Err(bad(format!(
+                "max_restarts: {max} is more than 1000; use 0 for no limit"
+            )));
+        }
+        next.max_restarts = max;
+    }
+    if let Some(window) = &update.restart_window {
+        let seconds = humantime::parse_duration(window)
+            .map_err(|error| bad(format!("restart_window {window:?}: {error}")))?
+            .as_secs();
+        if !(60..=7 * 24 * 3600).contains(&seconds) {
+            return Err(bad(format!(
+                "restart_window {window:?}: must be between 1m and 7d"
+            )));
+        }
+        next.restart_window_s = seconds;
+    }
+    *policy = next;
+    Ok(())
+}
+
+/// One line about an HA policy, for events and the CLI.
+pub fn ha_summary(policy: &ferry_model::ha::HaPolicy) -> String {
+    if !policy.enabled {
+        return "HA off".into();
+    }
+    let mut parts = vec![
+        format!("HA on, priority {}", policy.priority),
+        match policy.isolation {
+            ferry_model::ha::IsolationResponse::PowerOff => "power-off when isolated".into(),
+            ferry_model::ha::IsolationResponse::KeepRunning => "keeps running when isolated".into(),
+        },
+    ];
+    if !policy.preferred_hosts.is_empty() {
+        let hosts: Vec<&str> = policy
+            .preferred_hosts
+            .iter()
+            .map(HostName::as_str)
+            .collect();
+        parts.push(format!("prefers {}", hosts.join(", ")));
+    }
+    if let Some(group) = &policy.anti_affinity {
+        parts.push(format!("anti-affinity group {group}"));
+    }
+    parts.push(if policy.max_restarts == 0 {
+        "no restart limit".into()
+    } else {
+        format!(
+            "at most {} restarts in {}",
+            policy.max_restarts,
+            humantime::format_duration(Duration::from_secs(policy.restart_window_s))
+        )
+    });
+    parts.join("; ")
 }
 
 fn event_view(event: Event) -> EventView {

@@ -21,7 +21,7 @@ use crate::auth::{role_of, Role, TokenConfig};
 use crate::ops::ClusterApi;
 use crate::types::{
     CreateVmRequest, ErrorBody, ErrorDetail, EventView, ExecRequest, ExecResponse, HostView,
-    MigrateRequest, MoveDiskRequest, OpView, ProgressView, VmView,
+    MigrateRequest, MoveDiskRequest, OpView, ProgressView, UpdateHaRequest, VmView,
 };
 use crate::ApiError;
 
@@ -106,6 +106,7 @@ pub fn router(state: RestState) -> Router {
         .route("/api/v1/vms/{name}/start", post(start_vm))
         .route("/api/v1/vms/{name}/stop", post(stop_vm))
         .route("/api/v1/vms/{name}/reset", post(reset_vm))
+        .route("/api/v1/vms/{name}/ha", post(update_ha))
         .route("/api/v1/vms/{name}/exec", post(exec_vm))
         .route("/api/v1/vms/{name}/migrate", post(migrate_vm))
         .route("/api/v1/vms/{name}/disks/{disk}/move", post(move_disk))
@@ -183,6 +184,17 @@ async fn start_vm(
 ) -> Result<Json<VmView>, ApiError> {
     caller.require(Role::Operator)?;
     Ok(Json(state.api.start_vm(&name).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/vms/{name}/ha", params(("name" = String, Path)), request_body = UpdateHaRequest, responses((status = 200, body = VmView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn update_ha(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    Json(update): Json<UpdateHaRequest>,
+) -> Result<Json<VmView>, ApiError> {
+    caller.require(Role::Operator)?;
+    Ok(Json(state.api.update_ha(&name, &update).await?))
 }
 
 #[utoipa::path(post, path = "/api/v1/vms/{name}/stop", params(("name" = String, Path)), responses((status = 200, body = VmView), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
@@ -358,8 +370,8 @@ impl utoipa::Modify for BearerAuth {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Ferry API", description = "A high-availability virtualization cluster for QEMU/KVM."),
-    paths(list_hosts, get_host, list_vms, create_vm, get_vm, delete_vm, start_vm, stop_vm, reset_vm, exec_vm, migrate_vm, move_disk, list_ops, get_op, cancel_op, list_events, stream_events),
-    components(schemas(HostView, VmView, CreateVmRequest, ExecRequest, ExecResponse, EventView, ErrorBody, ErrorDetail, MigrateRequest, MoveDiskRequest, OpView, ProgressView)),
+    paths(list_hosts, get_host, list_vms, create_vm, get_vm, delete_vm, start_vm, stop_vm, reset_vm, update_ha, exec_vm, migrate_vm, move_disk, list_ops, get_op, cancel_op, list_events, stream_events),
+    components(schemas(HostView, VmView, CreateVmRequest, UpdateHaRequest, ExecRequest, ExecResponse, EventView, ErrorBody, ErrorDetail, MigrateRequest, MoveDiskRequest, OpView, ProgressView)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

@@ -43,6 +43,14 @@ pub struct VmView {
     /// Restarted on another host when its host dies.
     #[serde(default)]
     pub ha: bool,
+    /// The whole HA policy: priority, isolation response, preferred hosts, anti-affinity
+    /// group, restart limit.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub ha_policy: ferry_model::ha::HaPolicy,
+    /// Failures and restarts within the policy's restart window.
+    #[serde(default)]
+    pub recent_restarts: u32,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -65,6 +73,35 @@ pub struct CreateVmRequest {
     /// With `ha`: `power-off` (default) or `keep-running` when its host alone is cut off.
     #[serde(default)]
     pub isolation: Option<String>,
+    /// With `ha`: hosts to restart it on, most wanted first.
+    #[serde(default)]
+    pub preferred_hosts: Vec<String>,
+    /// With `ha`: VMs of one group are kept on different hosts while there is room.
+    #[serde(default)]
+    pub anti_affinity: Option<String>,
+    /// With `ha`: at most this many restarts within `restart_window` (0: no limit; default 5).
+    #[serde(default)]
+    pub max_restarts: Option<u32>,
+    /// With `ha`: the window of `max_restarts`, e.g. `1h`, `30m` (default 1h).
+    #[serde(default)]
+    pub restart_window: Option<String>,
+}
+
+/// Changes a VM's HA policy; fields left out keep their value.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UpdateHaRequest {
+    /// Restart the VM on another host when its host dies.
+    pub ha: Option<bool>,
+    pub ha_priority: Option<i32>,
+    /// `power-off` or `keep-running`.
+    pub isolation: Option<String>,
+    /// Replaces the list; `[]` clears it.
+    pub preferred_hosts: Option<Vec<String>>,
+    /// `""` leaves the group.
+    pub anti_affinity: Option<String>,
+    pub max_restarts: Option<u32>,
+    /// e.g. `1h`, `30m`.
+    pub restart_window: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -9,7 +9,7 @@
 //! itself and no longer runs the VM, or its heartbeat has been silent past the point
 //! where it would have fenced itself.
 
-use ferry_model::ha::StorageHeartbeat;
+use ferry_model::ha::{HaPolicy, RestartCause, RestartLog, StorageHeartbeat};
 use ferry_model::{HostName, VmName};
 
 /// The HA clocks, in milliseconds.
@@ -189,12 +189,124 @@ pub fn may_restart(fate: &HostFate, vm: &VmName) -> bool {
     }
 }
 
+/// Whether to power a host off through its fence device: its lease expired and it is
+/// not writing its storage heartbeat (or never did) and has not said it fenced itself.
+/// A fresh, unfenced heartbeat means isolated, not dead: its VMs' isolation response
+/// decides, and nobody powers it off.
+pub fn wants_fence_device(
+    lease_alive: bool,
+    heartbeat: Option<&StorageHeartbeat>,
+    now_ms: u64,
+    timing: &HaTiming,
+) -> bool {
+    if lease_alive {
+        return false;
+    }
+    match heartbeat {
+        None => true,
+        Some(beat) => !beat.fenced && beat.age_ms(now_ms) > timing.renewal_late_ms(),
+    }
+}
+
+/// A VM that fails this many times on one host within [`FAILURE_WINDOW_MS`] moves away.
+pub const MOVE_AFTER_FAILURES: usize = 3;
+pub const FAILURE_WINDOW_MS: u64 = 10 * 60 * 1000;
+
+/// What follows a VM failure (QEMU exit, guest panic) once it is in the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AfterFailure {
+    RestartHere,
+    /// An HA VM that keeps failing on this host: restart it on another.
+    MoveAway {
+        reason: String,
+    },
+    /// The restart limit is reached: leave it stopped, for a person to look at.
+    GiveUp {
+        reason: String,
+    },
+}
+
+/// `log` already holds the failure just seen on `host`.
+pub fn after_vm_failure(
+    log: &RestartLog,
+    host: &HostName,
+    policy: &HaPolicy,
+    now_ms: u64,
+) -> AfterFailure {
+    if let Err(reason) = restart_allowed(log, policy, now_ms) {
+        return AfterFailure::GiveUp { reason };
+    }
+    let here: Vec<RestartCause> = log
+        .entries
+        .iter()
+        .filter(|entry| {
+            &entry.host == host
+                && entry.cause != RestartCause::HostFailed
+                && now_ms.saturating_sub(entry.at_ms) < FAILURE_WINDOW_MS
+        })
+        .map(|entry| entry.cause)
+        .collect();
+    if policy.enabled && here.len() >= MOVE_AFTER_FAILURES {
+        return AfterFailure::MoveAway {
+            reason: format!(
+                "it failed {} times on {host} within {} minutes (last: {})",
+                here.len(),
+                FAILURE_WINDOW_MS / 60_000,
+                here.last().copied().unwrap_or(RestartCause::QemuExited)
+            ),
+        };
+    }
+    AfterFailure::RestartHere
+}
+
+/// Whether one more restart stays within the VM's limit: at most `max_restarts`
+/// failures and restarts within `restart_window_s` (0: no limit).
+pub fn restart_allowed(log: &RestartLog, policy: &HaPolicy, now_ms: u64) -> Result<(), String> {
+    if policy.max_restarts == 0 {
+        return Ok(());
+    }
+    let window_ms = policy.restart_window_s.saturating_mul(1000);
+    let recent = log
+        .entries
+        .iter()
+        .filter(|entry| now_ms.saturating_sub(entry.at_ms) < window_ms)
+        .count();
+    if recent > policy.max_restarts as usize {
+        return Err(format!(
+            "{recent} failures within {} s, more than its limit of {} restarts; left stopped \
+             (`ferry vm start` starts it again)",
+            policy.restart_window_s, policy.max_restarts
+        ));
+    }
+    Ok(())
+}
+
+/// Hosts a VM must not be placed on: where it is leaving, or failed repeatedly of late.
+pub fn hosts_to_avoid(log: &RestartLog, now_ms: u64) -> Vec<HostName> {
+    let mut avoid: Vec<HostName> = log.leave.iter().map(|leave| leave.host.clone()).collect();
+    for entry in &log.entries {
+        let failures = log
+            .entries
+            .iter()
+            .filter(|other| {
+                other.host == entry.host
+                    && other.cause != RestartCause::HostFailed
+                    && now_ms.saturating_sub(other.at_ms) < FAILURE_WINDOW_MS
+            })
+            .count();
+        if failures >= MOVE_AFTER_FAILURES && !avoid.contains(&entry.host) {
+            avoid.push(entry.host.clone());
+        }
+    }
+    avoid
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const NOW: u64 = 1_000_000;
+    const NOW: u64 = 10_000_000_000;
 
     fn beat(host: &str, age_ms: u64, lease_age_ms: u64) -> StorageHeartbeat {
         StorageHeartbeat {
@@ -281,6 +393,93 @@ mod tests {
         let fate = judge_host(false, false, Some(&fenced), NOW, &timing);
         assert!(may_restart(&fate, &vm));
         assert!(!may_restart(&fate, &"db".parse().unwrap()));
+    }
+
+    fn failures(host: &str, ages_ms: &[u64]) -> RestartLog {
+        let mut log = RestartLog::default();
+        for age in ages_ms {
+            log.push(ferry_model::ha::RestartEntry {
+                at_ms: NOW - age,
+                host: host.parse().unwrap(),
+                cause: RestartCause::QemuExited,
+            });
+        }
+        log
+    }
+
+    fn ha_policy() -> HaPolicy {
+        HaPolicy {
+            enabled: true,
+            ..HaPolicy::default()
+        }
+    }
+
+    #[test]
+    fn a_vm_restarts_in_place_twice_then_moves_then_gives_up() {
+        let host: HostName = "host1".parse().unwrap();
+        let policy = ha_policy();
+        assert_eq!(
+            after_vm_failure(&failures("host1", &[0]), &host, &policy, NOW),
+            AfterFailure::RestartHere
+        );
+        assert_eq!(
+            after_vm_failure(&failures("host1", &[60_000, 0]), &host, &policy, NOW),
+            AfterFailure::RestartHere
+        );
+        let third = failures("host1", &[120_000, 60_000, 0]);
+        assert!(matches!(
+            after_vm_failure(&third, &host, &policy, NOW),
+            AfterFailure::MoveAway { reason } if reason == "it failed 3 times on host1 within 10 minutes (last: QEMU exited)"
+        ));
+        assert_eq!(hosts_to_avoid(&third, NOW), vec![host.clone()]);
+        // Old failures are forgotten: the window is ten minutes.
+        let old = failures("host1", &[FAILURE_WINDOW_MS + 1, FAILURE_WINDOW_MS, 0]);
+        assert_eq!(
+            after_vm_failure(&old, &host, &policy, NOW),
+            AfterFailure::RestartHere
+        );
+        // A VM without HA never leaves its host on its own.
+        let plain = HaPolicy::default();
+        assert_eq!(
+            after_vm_failure(&third, &host, &plain, NOW),
+            AfterFailure::RestartHere
+        );
+        // Six failures in an hour exceed the default limit of five restarts.
+        let many = failures(
+            "host1",
+            &[3_000_000, 2_500_000, 2_000_000, 1_500_000, 1_000_000, 0],
+        );
+        assert!(matches!(
+            after_vm_failure(&many, &host, &policy, NOW),
+            AfterFailure::GiveUp { .. }
+        ));
+        let unlimited = HaPolicy {
+            max_restarts: 0,
+            ..ha_policy()
+        };
+        assert!(restart_allowed(&many, &unlimited, NOW).is_ok());
+    }
+
+    #[test]
+    fn only_a_host_that_stopped_writing_is_powered_off_by_its_fence_device() {
+        let timing = HaTiming::default();
+        assert!(!wants_fence_device(true, None, NOW, &timing));
+        assert!(wants_fence_device(false, None, NOW, &timing));
+        assert!(!wants_fence_device(
+            false,
+            Some(&beat("host2", 500, 9000)),
+            NOW,
+            &timing
+        ));
+        assert!(wants_fence_device(
+            false,
+            Some(&beat("host2", 3000, 9000)),
+            NOW,
+            &timing
+        ));
+        let mut fenced = beat("host2", 3000, 9000);
+        fenced.fenced = true;
+        assert!(!wants_fence_device(false, Some(&fenced), NOW, &timing));
     }
 
     #[test]

@@ -3,12 +3,18 @@
 //! thousands of hosts, without QEMU or etcd); the agent that leads applies the actions.
 //!
 //! Placement rule: VMs without a placement, highest priority first, then in name
-//! order, go to the preferred host if it is alive, active and has room, else to the
-//! alive, active host with the most free memory (ties by name). Memory is never overcommitted; a VM's vCPUs must not
-//! exceed the host's CPUs. A VM that fits nowhere gets a `CannotPlace` with the reason.
+//! order, go to an alive, active host with room that they do not avoid (hosts they just
+//! failed on). Among those: first a host with no VM of the same anti-affinity group
+//! (a soft rule: sharing beats not running), then the earliest of the VM's preferred
+//! hosts, then the most free memory, then the name. Memory is never overcommitted; a
+//! VM's vCPUs must not exceed the host's CPUs. A VM that fits nowhere gets a
+//! `CannotPlace` with the reason.
 
+pub mod fence;
 pub mod ha;
 pub mod migration;
+
+use std::collections::BTreeSet;
 
 use ferry_model::cluster::HostState;
 use ferry_model::{Bytes, HostName, VmName};
@@ -26,7 +32,12 @@ pub struct VmSnapshot {
     pub name: VmName,
     pub cpus: u32,
     pub memory: Bytes,
-    pub preferred_host: Option<HostName>,
+    /// Hosts it should run on, most wanted first.
+    pub preferred_hosts: Vec<HostName>,
+    /// VMs sharing a group are spread over different hosts while there is room.
+    pub anti_affinity: Option<String>,
+    /// Hosts it must not be placed on (it failed there repeatedly).
+    pub avoid_hosts: Vec<HostName>,
     /// The host it is placed on, if any.
     pub placed_on: Option<HostName>,
     pub deleting: bool,
@@ -67,6 +78,12 @@ pub fn plan(view: &ClusterView) -> Vec<Action> {
             )
         })
         .collect();
+    // Anti-affinity groups present on each host, growing as VMs are placed.
+    let mut groups: BTreeSet<(HostName, String)> = view
+        .vms
+        .iter()
+        .filter_map(|vm| Some((vm.placed_on.clone()?, vm.anti_affinity.clone()?)))
+        .collect();
     let mut pending: Vec<&VmSnapshot> = view
         .vms
         .iter()
@@ -81,25 +98,44 @@ pub fn plan(view: &ClusterView) -> Vec<Action> {
     let mut actions = Vec::new();
     for vm in pending {
         let fits = |(host, free): &(HostSnapshot, u64)| {
-            host.state == HostState::Active && *free >= vm.memory.0 && host.cpus >= vm.cpus
+            host.state == HostState::Active
+                && *free >= vm.memory.0
+                && host.cpus >= vm.cpus
+                && !vm.avoid_hosts.contains(&host.name)
         };
-        let preferred = vm.preferred_host.as_ref().and_then(|wanted| {
-            free.iter()
-                .position(|candidate| &candidate.0.name == wanted && fits(candidate))
-        });
-        let best = preferred.or_else(|| {
-            free.iter()
-                .enumerate()
-                .filter(|(_, candidate)| fits(candidate))
-                .max_by(|(_, a), (_, b)| a.1.cmp(&b.1).then_with(|| b.0.name.cmp(&a.0.name)))
-                .map(|(index, _)| index)
-        });
+        let shares_group = |host: &HostName| {
+            vm.anti_affinity
+                .as_ref()
+                .is_some_and(|group| groups.contains(&(host.clone(), group.clone())))
+        };
+        let preference = |host: &HostName| {
+            vm.preferred_hosts
+                .iter()
+                .position(|wanted| wanted == host)
+                .unwrap_or(usize::MAX)
+        };
+        let best = free
+            .iter()
+            .enumerate()
+            .filter(|(_, candidate)| fits(candidate))
+            .min_by(|(_, (a, a_free)), (_, (b, b_free))| {
+                shares_group(&a.name)
+                    .cmp(&shares_group(&b.name))
+                    .then_with(|| preference(&a.name).cmp(&preference(&b.name)))
+                    .then_with(|| b_free.cmp(a_free))
+                    .then_with(|| a.name.cmp(&b.name))
+            })
+            .map(|(index, _)| index);
         match best {
             Some(index) => {
                 free[index].1 -= vm.memory.0;
+                let host = free[index].0.name.clone();
+                if let Some(group) = &vm.anti_affinity {
+                    groups.insert((host.clone(), group.clone()));
+                }
                 actions.push(Action::Place {
                     vm: vm.name.clone(),
-                    host: free[index].0.name.clone(),
+                    host,
                 });
             }
             None => actions.push(Action::CannotPlace {
@@ -114,9 +150,9 @@ pub fn plan(view: &ClusterView) -> Vec<Action> {
 fn no_room_reason(vm: &VmSnapshot, free: &[(HostSnapshot, u64)]) -> String {
     let active: Vec<&(HostSnapshot, u64)> = free
         .iter()
-        .filter(|(host, _)| host.state == HostState::Active)
+        .filter(|(host, _)| host.state == HostState::Active && !vm.avoid_hosts.contains(&host.name))
         .collect();
-    match active.iter().max_by_key(|(_, free)| *free) {
+    let reason = match active.iter().max_by_key(|(_, free)| *free) {
         None => "no active host".to_string(),
         Some((host, most)) => format!(
             "no host has {} and {} vCPUs free (most free memory: {} on {})",
@@ -125,6 +161,15 @@ fn no_room_reason(vm: &VmSnapshot, free: &[(HostSnapshot, u64)]) -> String {
             Bytes(*most),
             host.name
         ),
+    };
+    if vm.avoid_hosts.is_empty() {
+        reason
+    } else {
+        let avoided: Vec<&str> = vm.avoid_hosts.iter().map(HostName::as_str).collect();
+        format!(
+            "{reason}; avoiding {}, where it kept failing",
+            avoided.join(", ")
+        )
     }
 }
 
@@ -147,11 +192,71 @@ mod tests {
             name: name.parse().unwrap(),
             cpus: 1,
             memory: Bytes::mib(memory_mib),
-            preferred_host: None,
+            preferred_hosts: Vec::new(),
+            anti_affinity: None,
+            avoid_hosts: Vec::new(),
             placed_on: None,
             deleting: false,
             priority: 0,
         }
+    }
+
+    fn names(names: &[&str]) -> Vec<HostName> {
+        names.iter().map(|name| name.parse().unwrap()).collect()
+    }
+
+    fn placed(actions: &[Action], wanted: &str) -> Option<String> {
+        actions.iter().find_map(|action| match action {
+            Action::Place { vm, host } if vm.as_str() == wanted => Some(host.to_string()),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn preferred_hosts_are_tried_in_order_and_skipped_when_full() {
+        let mut wanted = vm("db", 512);
+        wanted.preferred_hosts = names(&["h1", "h2"]);
+        let view = ClusterView {
+            hosts: vec![host("h1", 256), host("h2", 1024), host("h3", 8192)],
+            vms: vec![wanted],
+        };
+        assert_eq!(placed(&plan(&view), "db").as_deref(), Some("h2"));
+    }
+
+    #[test]
+    fn an_anti_affinity_group_is_spread_and_shares_a_host_only_when_it_must() {
+        let mut members: Vec<VmSnapshot> = ["a", "b", "c"]
+            .iter()
+            .map(|name| {
+                let mut member = vm(name, 256);
+                member.anti_affinity = Some("web".into());
+                member
+            })
+            .collect();
+        members[0].placed_on = Some("h1".parse().unwrap());
+        let view = ClusterView {
+            hosts: vec![host("h1", 8192), host("h2", 1024)],
+            vms: members,
+        };
+        let actions = plan(&view);
+        // b avoids h1 (a is there) despite h1's larger free memory; c then has to share.
+        assert_eq!(placed(&actions, "b").as_deref(), Some("h2"));
+        assert!(placed(&actions, "c").is_some());
+    }
+
+    #[test]
+    fn a_vm_is_never_placed_on_a_host_it_avoids() {
+        let mut failing = vm("flaky", 256);
+        failing.avoid_hosts = names(&["h1"]);
+        let view = ClusterView {
+            hosts: vec![host("h1", 8192)],
+            vms: vec![failing],
+        };
+        let actions = plan(&view);
+        let [Action::CannotPlace { reason, .. }] = actions.as_slice() else {
+            panic!("{actions:?}")
+        };
+        assert_eq!(reason, "no active host; avoiding h1, where it kept failing");
     }
 
     #[test]
@@ -189,7 +294,7 @@ mod tests {
     #[test]
     fn the_preferred_host_wins_when_it_has_room() {
         let mut wanted = vm("web", 256);
-        wanted.preferred_host = Some("h1".parse().unwrap());
+        wanted.preferred_hosts = names(&["h1"]);
         let view = ClusterView {
             hosts: vec![host("h1", 1024), host("h2", 8192)],
             vms: vec![wanted],

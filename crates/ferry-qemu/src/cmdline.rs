@@ -61,8 +61,9 @@ pub fn build(spec: &VmSpec, run: &RunDir, accel: Accel, mode: StartMode) -> Vec<
         "-msg",
         "timestamp=on",
     ]);
-    // A guest reboot stays a reboot; a guest power-off ends the process.
-    push(&["-action", "reboot=reset,shutdown=poweroff"]);
+    // A guest reboot stays a reboot; a guest power-off or kernel panic ends the process
+    // (after the `GUEST_PANICKED` event), so the agent restarts it and knows why.
+    push(&["-action", "reboot=reset,shutdown=poweroff,panic=shutdown"]);
 
     let qmp = run.qmp_socket();
     push(&[

@@ -168,6 +168,26 @@ pub struct Machine {
     process: QemuProcess,
     qmp: Qmp,
     agent: GuestAgent,
+    panicked: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Sets a flag when QEMU reports a guest panic; ends with the monitor connection.
+fn watch_for_panic(qmp: &Qmp) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut events = qmp.subscribe();
+    let set = flag.clone();
+    tokio::spawn(async move {
+        loop {
+            match events.recv().await {
+                Ok(event) if event.event == "GUEST_PANICKED" => {
+                    set.store(true, std::sync::atomic::Ordering::Release);
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    flag
 }
 
 impl Machine {
@@ -225,6 +245,7 @@ impl Machine {
             agent: GuestAgent::new(&run.qga_socket()),
             run_dir: run.clone(),
             process,
+            panicked: watch_for_panic(&qmp),
             qmp,
         })
     }
@@ -252,6 +273,7 @@ impl Machine {
             spec,
             run_dir: run_dir.clone(),
             process,
+            panicked: watch_for_panic(&qmp),
             qmp,
         })
     }
@@ -278,6 +300,12 @@ impl Machine {
 
     pub fn has_exited(&self) -> bool {
         self.process.has_exited()
+    }
+
+    /// The guest reported a kernel panic (pvpanic's `GUEST_PANICKED`); QEMU then powers
+    /// the machine off (`-action panic=shutdown`), so this tells a panic from a crash.
+    pub fn guest_panicked(&self) -> bool {
+        self.panicked.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub async fn wait_exit(&self) {

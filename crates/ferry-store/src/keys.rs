@@ -45,6 +45,16 @@ impl Keys {
         format!("{}vms/{vm}/status", self.prefix)
     }
 
+    /// The VM's recent failures and restarts (`ferry_model::ha::RestartLog`).
+    pub fn vm_restarts(&self, vm: &VmName) -> String {
+        format!("{}vms/{vm}/restarts", self.prefix)
+    }
+
+    /// How to power a host off from elsewhere (`ferry_model::ha::FenceDevice`).
+    pub fn fence_device(&self, host: &HostName) -> String {
+        format!("{}fence/{host}", self.prefix)
+    }
+
     pub fn images(&self) -> String {
         format!("{}images/", self.prefix)
     }

@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 use ferry_api::client::ApiClient;
 use ferry_api::client_config::{self, ClientConfig};
-use ferry_api::types::{CreateVmRequest, ExecRequest, HostView, VmView};
+use ferry_api::types::{CreateVmRequest, ExecRequest, HostView, UpdateHaRequest, VmView};
 
 use crate::output::print_json;
 
@@ -68,6 +68,45 @@ pub enum HostVerb {
     },
 }
 
+/// A VM's HA policy, on `vm create --ha` and `vm update`.
+#[derive(Args, Default)]
+pub struct HaArgs {
+    /// Higher restarts first when there is not room for all.
+    #[arg(long)]
+    priority: Option<i32>,
+    /// power-off (default) or keep-running when its host alone is cut off.
+    #[arg(long)]
+    isolation: Option<String>,
+    /// Hosts to restart it on, most wanted first: host2,host3 ("" clears).
+    #[arg(long, value_delimiter = ',')]
+    prefer: Option<Vec<String>>,
+    /// Keep it on a different host from the other VMs of this group ("" leaves it).
+    #[arg(long)]
+    anti_affinity: Option<String>,
+    /// At most this many restarts within --restart-window (0: no limit; default 5).
+    #[arg(long)]
+    max_restarts: Option<u32>,
+    /// The window of --max-restarts: 30m, 1h, 1d (default 1h).
+    #[arg(long)]
+    restart_window: Option<String>,
+}
+
+impl HaArgs {
+    fn update(self, ha: Option<bool>) -> UpdateHaRequest {
+        UpdateHaRequest {
+            ha,
+            ha_priority: self.priority,
+            isolation: self.isolation,
+            preferred_hosts: self
+                .prefer
+                .map(|hosts| hosts.into_iter().filter(|host| !host.is_empty()).collect()),
+            anti_affinity: self.anti_affinity,
+            max_restarts: self.max_restarts,
+            restart_window: self.restart_window,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 pub enum VmVerb {
     /// Create a VM from an image and start it.
@@ -85,15 +124,25 @@ pub enum VmVerb {
         /// Restart it on another host when its host dies.
         #[arg(long)]
         ha: bool,
-        /// With --ha: higher restarts first when there is not room for all.
-        #[arg(long, default_value_t = 0, requires = "ha")]
-        priority: i32,
-        /// With --ha: power-off (default) or keep-running when its host alone is cut off.
-        #[arg(long, requires = "ha")]
-        isolation: Option<String>,
+        #[command(flatten)]
+        policy: HaArgs,
         /// Return once placed, without waiting for the guest.
         #[arg(long)]
         no_wait: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a VM's HA policy (options left out keep their value).
+    Update {
+        name: String,
+        /// Restart it on another host when its host dies.
+        #[arg(long, conflicts_with = "no_ha")]
+        ha: bool,
+        /// Stop restarting it elsewhere.
+        #[arg(long)]
+        no_ha: bool,
+        #[command(flatten)]
+        policy: HaArgs,
         #[arg(long)]
         json: bool,
     },
@@ -275,6 +324,15 @@ fn print_vm(vm: &VmView, json: bool) -> anyhow::Result<()> {
         return print_json(vm);
     }
     println!("{}", vms_table(std::slice::from_ref(vm)));
+    println!("{}", ferry_api::ops::ha_summary(&vm.ha_policy));
+    if vm.recent_restarts > 0 {
+        println!(
+            "{} failure{} or restart{} within the restart window",
+            vm.recent_restarts,
+            if vm.recent_restarts == 1 { "" } else { "s" },
+            if vm.recent_restarts == 1 { "" } else { "s" }
+        );
+    }
     Ok(())
 }
 
@@ -336,11 +394,11 @@ pub async fn run_vm(endpoint: &Endpoint, verb: VmVerb) -> anyhow::Result<()> {
             memory,
             host,
             ha,
-            priority,
-            isolation,
+            policy,
             no_wait,
             json,
         } => {
+            let policy = policy.update(Some(ha));
             let request = CreateVmRequest {
                 name: name.clone(),
                 image,
@@ -348,8 +406,12 @@ pub async fn run_vm(endpoint: &Endpoint, verb: VmVerb) -> anyhow::Result<()> {
                 memory,
                 host,
                 ha,
-                ha_priority: priority,
-                isolation,
+                ha_priority: policy.ha_priority.unwrap_or(0),
+                isolation: policy.isolation,
+                preferred_hosts: policy.preferred_hosts.unwrap_or_default(),
+                anti_affinity: policy.anti_affinity,
+                max_restarts: policy.max_restarts,
+                restart_window: policy.restart_window,
             };
             let mut vm = client.create_vm(&request).await?;
             if !no_wait {
@@ -366,6 +428,23 @@ pub async fn run_vm(endpoint: &Endpoint, verb: VmVerb) -> anyhow::Result<()> {
             Ok(())
         }
         VmVerb::Show { name, json } => print_vm(&client.get_vm(&name).await?, json),
+        VmVerb::Update {
+            name,
+            ha,
+            no_ha,
+            policy,
+            json,
+        } => {
+            let enabled = match (ha, no_ha) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            };
+            print_vm(
+                &client.update_ha(&name, &policy.update(enabled)).await?,
+                json,
+            )
+        }
         VmVerb::Start { name, json } => {
             client.start_vm(&name).await?;
             let vm = wait_for(&client, &name, "running", Duration::from_secs(180), json).await?;

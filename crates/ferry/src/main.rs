@@ -79,6 +79,17 @@ enum Noun {
 }
 
 fn main() {
+    // Called by the lab's fence-agent name, `ferry` is that agent (stdin in, exit code out).
+    let called_as = std::env::args_os()
+        .next()
+        .map(std::path::PathBuf::from)
+        .and_then(|path| {
+            path.file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+        });
+    if called_as.as_deref() == Some(ferry_lab::lab::fence::FENCE_AGENT_NAME) {
+        fence_agent();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
@@ -110,4 +121,19 @@ fn main() {
     if let Err(error) = result {
         output::fail(&error);
     }
+}
+
+/// `fence_ferry_lab`: reads the ClusterLabs request on stdin, exits with its answer.
+fn fence_agent() -> ! {
+    use std::io::Read;
+    let mut stdin = String::new();
+    if let Err(error) = std::io::stdin().read_to_string(&mut stdin) {
+        eprintln!("fence_ferry_lab: cannot read stdin: {error}");
+        std::process::exit(1);
+    }
+    let (code, problem) = ferry_lab::lab::fence::run(&stdin);
+    if let Some(problem) = problem {
+        eprintln!("{problem}");
+    }
+    std::process::exit(code)
 }

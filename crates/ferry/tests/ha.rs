@@ -93,8 +93,8 @@ async fn an_isolated_host_fences_its_vm_before_it_starts_elsewhere_and_rejoins_c
         memory: "256M".into(),
         host: Some("host1".into()),
         ha: true,
-        ha_priority: 0,
         isolation: Some("keep-running".into()),
+        ..CreateVmRequest::default()
     };
     client.create_vm(&keeper_request).await.unwrap();
     ha_vm_on(&client, "app", "host1", 0).await;

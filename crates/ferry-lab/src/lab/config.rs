@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use ferry_agent::config::{
-    AccelChoice, AgentConfig, ApiConfig, CapacityConfig, ClusterConfig, LeaseConfig, NetworkConfig,
-    PathsConfig, PoolConfig, QemuConfig,
+    AccelChoice, AgentConfig, ApiConfig, CapacityConfig, ClusterConfig, FenceConfig, LeaseConfig,
+    NetworkConfig, PathsConfig, PoolConfig, QemuConfig,
 };
 use ferry_api::auth::{Role, TokenConfig};
 use ferry_api::client_config::ClientConfig;
@@ -77,6 +77,7 @@ pub fn agent_config(
         },
         migration: Default::default(),
         ha: Default::default(),
+        fence: None,
         pools: vec![
             PoolConfig {
                 name: "shared".into(),
@@ -91,6 +92,18 @@ pub fn agent_config(
         ],
         networks,
     })
+}
+
+/// The lab host's fence device: `fence_ferry_lab` powers it off.
+pub fn fence_config(spec: &LabSpec, host: u32, agent: &Path) -> FenceConfig {
+    FenceConfig {
+        agent: agent.to_path_buf(),
+        timeout_ms: 15_000,
+        options: BTreeMap::from([
+            ("lab_dir".to_string(), spec.state_dir.display().to_string()),
+            ("plug".to_string(), spec.host_name(host)),
+        ]),
+    }
 }
 
 /// The CLI's way in: host1's API with the admin token.

@@ -11,6 +11,7 @@
 //! removable at any point of its life and nothing it did not make is ever touched.
 
 mod config;
+pub mod fence;
 mod network;
 mod process;
 mod spec;
@@ -322,11 +323,13 @@ impl Lab {
         self.state.token = Some(token.clone());
         self.state.accel = Some(accel);
         self.save()?;
+        let fence_agent = self.install_fence_agent()?;
         for host in spec.host_numbers() {
             let path = spec.agent_config_path(host);
             let object = format!("agent config {}", path.display());
-            let config = agent_config(&spec, host, &token, accel, &defaults::qemu_binary())
+            let mut config = agent_config(&spec, host, &token, accel, &defaults::qemu_binary())
                 .map_err(|error| self.fail(&object, error))?;
+            config.fence = Some(config::fence_config(&spec, host, &fence_agent));
             let text = toml::to_string(&config).map_err(|error| self.fail(&object, error))?;
             state::write_private(&path, text.as_bytes())
                 .map_err(|error| self.fail(&object, error))?;
@@ -351,6 +354,26 @@ impl Lab {
         Ok(())
     }
 
+    /// The `ferry` binary the lab runs its agents with.
+    fn ferry_binary(&self, object: &str) -> Result<PathBuf, LabError> {
+        match &self.state.spec.ferry_binary {
+            Some(path) => Ok(path.clone()),
+            None => std::env::current_exe()
+                .map_err(|error| self.fail(object, format!("cannot find ferry: {error}"))),
+        }
+    }
+
+    /// `fence_ferry_lab` in the state directory: a link to `ferry`, which acts as the
+    /// fence agent when called by that name.
+    fn install_fence_agent(&mut self) -> Result<PathBuf, LabError> {
+        let link = self.state.spec.state_dir.join(fence::FENCE_AGENT_NAME);
+        let object = format!("fence agent {}", link.display());
+        let binary = self.ferry_binary(&object)?;
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&binary, &link).map_err(|error| self.fail(&object, error))?;
+        Ok(link)
+    }
+
     fn start_agent(&mut self, host: u32) -> Result<bool, LabError> {
         if let Some(agent) = self.state.agents.get(&host) {
             if process::is_running(agent) {
@@ -359,11 +382,7 @@ impl Lab {
         }
         let spec = self.state.spec.clone();
         let object = format!("agent {}", spec.host_name(host));
-        let binary = match &spec.ferry_binary {
-            Some(path) => path.clone(),
-            None => std::env::current_exe()
-                .map_err(|error| self.fail(&object, format!("cannot find ferry: {error}")))?,
-        };
+        let binary = self.ferry_binary(&object)?;
         let spawned = process::spawn_agent(&spec, host, &binary)
             .map_err(|error| self.fail(&object, error))?;
         self.state.agents.insert(host, spawned);

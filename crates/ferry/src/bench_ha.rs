@@ -33,6 +33,8 @@ pub struct Sample {
     /// Milliseconds after the power-off.
     pub lease_expired_ms: u64,
     pub declared_down_ms: u64,
+    /// The host's fence device confirmed it off (none if it has no device).
+    pub fence_confirmed_ms: Option<u64>,
     pub qemu_started_ms: u64,
     pub answering_ms: u64,
     pub failed_writes: usize,
@@ -70,6 +72,8 @@ pub async fn run(
             memory: "256M".into(),
             host: Some("host1".into()),
             ha: true,
+            // It fails over once per run: a restart limit would end the benchmark.
+            max_restarts: Some(0),
             ..Default::default()
         })
         .await?;
@@ -80,11 +84,14 @@ pub async fn run(
             Ok(sample) => {
                 if !json {
                     eprintln!(
-                        "run {run}: {} → {}: lease {} ms, declared down {} ms, QEMU {} ms, answering {} ms",
+                        "run {run}: {} → {}: lease {} ms, declared down {} ms, fence confirmed {} ms, QEMU {} ms, answering {} ms",
                         sample.from,
                         sample.to,
                         sample.lease_expired_ms,
                         sample.declared_down_ms,
+                        sample
+                            .fence_confirmed_ms
+                            .map_or("-".to_string(), |ms| ms.to_string()),
                         sample.qemu_started_ms,
                         sample.answering_ms
                     );
@@ -168,6 +175,7 @@ async fn measure_one(lab: &mut Lab, token: &str, run: u32) -> anyhow::Result<Sam
         .ok_or_else(|| anyhow::anyhow!("no verdict on {from} in the event log"))?;
     let started = after("started", &format!("vm/{VM}"))
         .ok_or_else(|| anyhow::anyhow!("no start of {VM} in the event log"))?;
+    let fence_confirmed_ms = after("fenced-off", &format!("host/{from}"));
     let to = client.get_vm(VM).await?.host.unwrap_or_default();
     lab.heal(from_number)?;
     let rejoin = Instant::now() + Duration::from_secs(60);
@@ -188,6 +196,7 @@ async fn measure_one(lab: &mut Lab, token: &str, run: u32) -> anyhow::Result<Sam
         to,
         lease_expired_ms: lease_expired_ms.unwrap_or(declared),
         declared_down_ms: declared,
+        fence_confirmed_ms,
         qemu_started_ms: started,
         answering_ms,
         failed_writes: log.failures.len(),
@@ -202,6 +211,7 @@ pub fn summary_table(samples: &[Sample]) -> Table {
         "RUNS",
         "LEASE EXPIRED ms",
         "DECLARED DOWN ms",
+        "FENCE CONFIRMED ms",
         "QEMU STARTED ms",
         "ANSWERING ms",
         "LOST WRITES",
@@ -210,6 +220,7 @@ pub fn summary_table(samples: &[Sample]) -> Table {
         samples.len().to_string(),
         spread(samples.iter().map(|sample| Some(sample.lease_expired_ms))),
         spread(samples.iter().map(|sample| Some(sample.declared_down_ms))),
+        spread(samples.iter().map(|sample| sample.fence_confirmed_ms)),
         spread(samples.iter().map(|sample| Some(sample.qemu_started_ms))),
         spread(samples.iter().map(|sample| Some(sample.answering_ms))),
         samples

@@ -236,14 +236,7 @@ pub fn after_vm_failure(
     if let Err(reason) = restart_allowed(log, policy, now_ms) {
         return AfterFailure::GiveUp { reason };
     }
-    let here: Vec<RestartCause> = log
-        .entries
-        .iter()
-        .filter(|entry| {
-            &entry.host == host
-                && entry.cause != RestartCause::HostFailed
-                && now_ms.saturating_sub(entry.at_ms) < FAILURE_WINDOW_MS
-        })
+    let here: Vec<RestartCause> = recent_failures_on(log, host, now_ms)
         .map(|entry| entry.cause)
         .collect();
     if policy.enabled && here.len() >= MOVE_AFTER_FAILURES {
@@ -281,19 +274,24 @@ pub fn restart_allowed(log: &RestartLog, policy: &HaPolicy, now_ms: u64) -> Resu
     Ok(())
 }
 
+/// The VM's own failures (not its hosts') on `host` within the failure window.
+fn recent_failures_on<'a>(
+    log: &'a RestartLog,
+    host: &'a HostName,
+    now_ms: u64,
+) -> impl Iterator<Item = &'a ferry_model::ha::RestartEntry> {
+    log.entries.iter().filter(move |entry| {
+        &entry.host == host
+            && entry.cause != RestartCause::HostFailed
+            && now_ms.saturating_sub(entry.at_ms) < FAILURE_WINDOW_MS
+    })
+}
+
 /// Hosts a VM must not be placed on: where it is leaving, or failed repeatedly of late.
 pub fn hosts_to_avoid(log: &RestartLog, now_ms: u64) -> Vec<HostName> {
     let mut avoid: Vec<HostName> = log.leave.iter().map(|leave| leave.host.clone()).collect();
     for entry in &log.entries {
-        let failures = log
-            .entries
-            .iter()
-            .filter(|other| {
-                other.host == entry.host
-                    && other.cause != RestartCause::HostFailed
-                    && now_ms.saturating_sub(other.at_ms) < FAILURE_WINDOW_MS
-            })
-            .count();
+        let failures = recent_failures_on(log, &entry.host, now_ms).count();
         if failures >= MOVE_AFTER_FAILURES && !avoid.contains(&entry.host) {
             avoid.push(entry.host.clone());
         }

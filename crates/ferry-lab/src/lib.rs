@@ -6,6 +6,7 @@
 pub mod appliance;
 mod cpio;
 pub mod defaults;
+pub mod flows;
 pub mod lab;
 pub mod netns;
 pub mod sandbox;

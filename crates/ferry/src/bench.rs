@@ -42,6 +42,26 @@ pub enum BenchVerb {
         #[arg(long)]
         json: bool,
     },
+    /// REFERENCE §1 reproduced: seven workloads driven from outside one VM while it is
+    /// live-migrated, quick-migrated, or its host is powered off; downtime, failed
+    /// operations, lost writes and reboots per run, next to the reference runs.
+    Downtime {
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+        /// Comma-separated: live, quick, ha.
+        #[arg(long, value_delimiter = ',', default_value = "live,quick,ha")]
+        modes: Vec<String>,
+        #[arg(long, default_value = "256M")]
+        memory: String,
+        /// An operation without a success for this long counts as failed.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        client_timeout: Duration,
+        #[arg(long, default_value = ferry_lab::lab::DEFAULT_NAME)]
+        lab: String,
+        /// Write every run to this file as JSON (`{"runs":[…]}`).
+        #[arg(long = "json", value_name = "FILE")]
+        json_file: Option<std::path::PathBuf>,
+    },
     /// Power off the host of an HA VM again and again: fault → lease expired → host
     /// declared down → QEMU started elsewhere → ferry-guest answering (min/median/max).
     Ha {
@@ -95,6 +115,24 @@ pub async fn run(verb: BenchVerb) -> anyhow::Result<()> {
             json_file,
             json,
         } => crate::bench_ha::run(runs, &lab, json_file, json).await,
+        BenchVerb::Downtime {
+            runs,
+            modes,
+            memory,
+            client_timeout,
+            lab,
+            json_file,
+        } => {
+            crate::bench_downtime::run(crate::bench_downtime::Options {
+                runs,
+                modes,
+                memory,
+                client_timeout,
+                lab,
+                json_file,
+            })
+            .await
+        }
         BenchVerb::Api {
             vms,
             requests,

@@ -4,6 +4,7 @@
 
 mod agent;
 mod bench;
+mod bench_downtime;
 mod bench_ha;
 mod bench_migrate;
 mod cluster;

@@ -1,0 +1,438 @@
+//! `ferry bench downtime`: REFERENCE §1 reproduced in the lab. For every mode (live
+//! migration, quick migration, HA after a host power-off) and each of the seven
+//! workloads, one HA VM serves a flow driven from outside it while it is moved or its
+//! host dies; each run records the client-observed downtime, the operations that
+//! failed within the client timeout, the acknowledged writes lost, whether the guest
+//! rebooted, and QEMU's downtime and Ferry's overhead where they apply. The tables put
+//! our runs next to the reference runs.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
+use ferry_api::client::ApiClient;
+use ferry_api::types::{CreateVmRequest, MigrateRequest};
+use ferry_lab::defaults;
+use ferry_lab::flows::{lost_writes, Flow, Scenario, SCENARIOS};
+use ferry_lab::lab::{Fault, Lab};
+use ferry_lab::workload::boot_id;
+use serde::Serialize;
+
+const VM: &str = "bench-dt";
+/// The flow runs this long before the move and after it is back.
+const SETTLE: Duration = Duration::from_secs(2);
+
+pub const MODES: [&str; 3] = ["live", "quick", "ha"];
+
+/// REFERENCE §1 (Hyper-V 2.0), seconds per run; `true`: the flow failed in that run.
+fn reference(mode: &str, scenario: &str) -> [(f64, bool); 3] {
+    match (mode, scenario) {
+        ("live", "idle") => [(1.12, false), (0.78, false), (1.08, false)],
+        ("live", "db-every-0.5s") => [(0.75, false), (13.1, false), (0.81, false)],
+        ("live", "db-bulk") => [(1.01, false), (0.90, false), (0.85, false)],
+        ("live", "http-every-0.5s") => [(13.6, false), (0.78, false), (0.93, false)],
+        ("live", "http-bulk") => [(0.82, false), (13.4, false), (0.81, false)],
+        ("live", "file-every-0.5s") => [(0.78, false), (13.2, false), (0.84, false)],
+        ("live", "file-bulk") => [(1.66, false), (5.57, false), (5.33, false)],
+        ("quick", "idle") => [(25.0, false), (40.0, false), (28.0, false)],
+        ("quick", "db-every-0.5s") => [(30.0, true), (29.0, true), (41.0, true)],
+        ("quick", "db-bulk") => [(31.0, true), (33.0, false), (30.0, true)],
+        ("quick", "http-every-0.5s") => [(28.0, true), (31.0, true), (29.0, true)],
+        ("quick", "http-bulk") => [(37.0, true), (37.0, true), (50.0, true)],
+        ("quick", "file-every-0.5s") => [(50.0, false), (36.0, false), (49.0, false)],
+        ("quick", "file-bulk") => [(55.0, false), (64.0, false), (51.0, false)],
+        // HA: "idle, host forced off" and "scheduled flows running, forced off".
+        ("ha", "idle") => [(17.0, false), (17.0, false), (16.0, false)],
+        _ => [(17.0, false), (17.0, false), (17.0, false)],
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Run {
+    pub mode: String,
+    pub scenario: String,
+    pub run: u32,
+    pub from: String,
+    pub to: String,
+    pub downtime_s: f64,
+    pub failed_ops: usize,
+    pub operations: u64,
+    pub lost_writes: usize,
+    pub rebooted: bool,
+    pub qemu_downtime_ms: Option<u64>,
+    pub ferry_overhead_ms: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    machine: String,
+    accel: String,
+    memory: String,
+    client_timeout_s: f64,
+    runs: Vec<Run>,
+}
+
+pub struct Options {
+    pub runs: u32,
+    pub modes: Vec<String>,
+    pub memory: String,
+    pub client_timeout: Duration,
+    pub lab: String,
+    pub json_file: Option<PathBuf>,
+}
+
+pub async fn run(options: Options) -> anyhow::Result<()> {
+    anyhow::ensure!(options.runs >= 1, "--runs must be at least 1");
+    for mode in &options.modes {
+        anyhow::ensure!(
+            MODES.contains(&mode.as_str()),
+            "--modes: {mode:?} is not live, quick or ha"
+        );
+    }
+    let mut lab = Lab::load(&defaults::lab_dir().join(&options.lab))
+        .with_context(|| format!("lab {} (start it with `ferry lab up`)", options.lab))?;
+    anyhow::ensure!(lab.spec().hosts >= 2, "lab {} needs two hosts", options.lab);
+    let token = lab
+        .token()
+        .ok_or_else(|| anyhow::anyhow!("lab {} has no token", options.lab))?
+        .to_string();
+    // Any agent answers; when the one asked dies with its host, the next one does.
+    let others: Vec<String> = lab
+        .spec()
+        .host_numbers()
+        .skip(1)
+        .map(|host| lab.spec().api_url(host))
+        .collect();
+    let client = ApiClient::new(&lab.spec().api_url(1), &token).with_fallbacks(&others);
+    if client.get_vm(VM).await.is_ok() {
+        client.delete_vm(VM).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    client
+        .create_vm(&CreateVmRequest {
+            name: VM.into(),
+            image: "appliance".into(),
+            cpus: 1,
+            memory: options.memory.clone(),
+            host: Some("host1".into()),
+            ha: true,
+            // It fails over once per HA run: a restart limit would end the benchmark.
+            max_restarts: Some(0),
+            ..Default::default()
+        })
+        .await?;
+    let result = measure_all(&mut lab, &client, &options).await;
+    let _ = client.delete_vm(VM).await;
+    let runs = result?;
+    let hosts = client.list_hosts().await?;
+    let report = Report {
+        machine: machine_description(),
+        accel: hosts
+            .first()
+            .map(|host| host.accel.clone())
+            .unwrap_or_default(),
+        memory: options.memory.clone(),
+        client_timeout_s: options.client_timeout.as_secs_f64(),
+        runs,
+    };
+    if let Some(path) = &options.json_file {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    for mode in &options.modes {
+        println!("\n{} ({})", mode_title(mode), report.machine);
+        println!("{}", mode_table(mode, &report.runs, options.runs));
+    }
+    Ok(())
+}
+
+fn mode_title(mode: &str) -> &'static str {
+    match mode {
+        "live" => "Live migration",
+        "quick" => "Quick migration",
+        _ => "HA: host powered off, VM restarted elsewhere",
+    }
+}
+
+async fn measure_all(
+    lab: &mut Lab,
+    client: &ApiClient,
+    options: &Options,
+) -> anyhow::Result<Vec<Run>> {
+    let mut runs = Vec::new();
+    for mode in &options.modes {
+        for scenario in SCENARIOS {
+            for run in 1..=options.runs {
+                let sample = measure_one(lab, client, mode, scenario, run, options.client_timeout)
+                    .await
+                    .with_context(|| format!("{mode} {} run {run}", scenario.name))?;
+                eprintln!(
+                    "{mode:<5} {:<16} run {run}: {} → {}: downtime {:.2} s, {} of {} operations failed, {} lost, {}",
+                    scenario.name,
+                    sample.from,
+                    sample.to,
+                    sample.downtime_s,
+                    sample.failed_ops,
+                    sample.operations,
+                    sample.lost_writes,
+                    if sample.rebooted { "rebooted" } else { "no reboot" }
+                );
+                runs.push(sample);
+            }
+        }
+    }
+    Ok(runs)
+}
+
+async fn measure_one(
+    lab: &mut Lab,
+    client: &ApiClient,
+    mode: &str,
+    scenario: Scenario,
+    run: u32,
+    client_timeout: Duration,
+) -> anyhow::Result<Run> {
+    let vm = crate::demo::wait_answering(client, VM).await?;
+    let ip = vm
+        .ip
+        .ok_or_else(|| anyhow::anyhow!("VM {VM} has no address"))?;
+    let from = vm.host.unwrap_or_default();
+    let boot = boot_id(&ip).await.map_err(anyhow::Error::msg)?;
+    let prefix = format!("{mode}-{}-{run}-", scenario.name);
+    let flow = Flow::start(&ip, scenario, &prefix, client_timeout);
+    tokio::time::sleep(SETTLE).await;
+    let (qemu_downtime_ms, ferry_overhead_ms) = match mode {
+        "ha" => {
+            power_off_and_wait(lab, client, &from).await?;
+            (None, None)
+        }
+        _ => {
+            let to = if from == "host1" { "host2" } else { "host1" };
+            let started = client
+                .migrate_vm(
+                    VM,
+                    &MigrateRequest {
+                        to: Some(to.into()),
+                        mode: Some(mode.into()),
+                        ..MigrateRequest::default()
+                    },
+                )
+                .await?;
+            let op = client
+                .wait_op(&started.id, Duration::from_millis(100), |_| {})
+                .await?;
+            anyhow::ensure!(
+                op.status == "completed",
+                "migration {} {}: {}",
+                op.id,
+                op.status,
+                op.error.unwrap_or_default()
+            );
+            (op.qemu_downtime_ms, op.overhead_ms)
+        }
+    };
+    tokio::time::sleep(SETTLE).await;
+    let log = flow.stop().await;
+    let lost = lost_writes(&ip, &log).await.map_err(anyhow::Error::msg)?;
+    let rebooted = boot_id(&ip).await.map_err(anyhow::Error::msg)? != boot;
+    let to = client.get_vm(VM).await?.host.unwrap_or_default();
+    if mode == "ha" {
+        heal_and_wait(lab, client, &from).await?;
+    }
+    Ok(Run {
+        mode: mode.into(),
+        scenario: scenario.name.into(),
+        run,
+        from,
+        to,
+        downtime_s: log.downtime().as_secs_f64(),
+        failed_ops: log.failed.len(),
+        operations: log.operations,
+        lost_writes: lost.len(),
+        rebooted,
+        qemu_downtime_ms,
+        ferry_overhead_ms,
+    })
+}
+
+/// Powers `host` off and waits until the VM answers on another host.
+async fn power_off_and_wait(lab: &mut Lab, client: &ApiClient, host: &str) -> anyhow::Result<()> {
+    let number = lab.spec().parse_host(host).map_err(anyhow::Error::msg)?;
+    lab.fault(number, Fault::PowerOff)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "VM {VM} never came back after {host} powered off"
+        );
+        if let Ok(vm) = client.get_vm(VM).await {
+            let moved = vm.host.as_deref().is_some_and(|now| now != host)
+                && vm.state == "running"
+                && vm.guest_agent;
+            if moved && boot_id(vm.ip.as_deref().unwrap_or_default()).await.is_ok() {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Brings a powered-off host back and waits until it is registered again.
+async fn heal_and_wait(lab: &mut Lab, client: &ApiClient, host: &str) -> anyhow::Result<()> {
+    let number = lab.spec().parse_host(host).map_err(anyhow::Error::msg)?;
+    lab.heal(number)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !client
+        .list_hosts()
+        .await
+        .is_ok_and(|hosts| hosts.iter().any(|known| known.name == host))
+    {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{host} did not rejoin after the heal"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// One run as the reference prints it: seconds, and "error" when the flow failed.
+fn cell(seconds: f64, failed: bool) -> String {
+    if failed {
+        format!("{seconds:.2} error")
+    } else {
+        format!("{seconds:.2}")
+    }
+}
+
+/// Our runs, the reference runs and the ratio of the medians, one row per workload.
+pub fn mode_table(mode: &str, runs: &[Run], per_case: u32) -> Table {
+    let mut table = Table::new();
+    table.load_preset(UTF8_BORDERS_ONLY);
+    let mut header = vec!["WORKLOAD".to_string()];
+    header.extend((1..=per_case).map(|run| format!("FERRY {run} s")));
+    header.extend((1..=3).map(|run| format!("REF {run} s")));
+    header.extend([
+        "REF ÷ FERRY".into(),
+        "FAILED".into(),
+        "LOST".into(),
+        "REBOOTS".into(),
+    ]);
+    table.set_header(header);
+    for scenario in SCENARIOS {
+        let ours: Vec<&Run> = runs
+            .iter()
+            .filter(|run| run.mode == mode && run.scenario == scenario.name)
+            .collect();
+        if ours.is_empty() {
+            continue;
+        }
+        let theirs = reference(mode, scenario.name);
+        let mut row = vec![scenario.name.to_string()];
+        row.extend(
+            ours.iter()
+                .map(|run| cell(run.downtime_s, run.failed_ops > 0)),
+        );
+        row.extend(
+            theirs
+                .iter()
+                .map(|(seconds, failed)| cell(*seconds, *failed)),
+        );
+        let ours_median = median(ours.iter().map(|run| run.downtime_s).collect());
+        let theirs_median = median(theirs.iter().map(|(seconds, _)| *seconds).collect());
+        row.push(ratio(theirs_median, ours_median));
+        row.push(
+            ours.iter()
+                .map(|run| run.failed_ops)
+                .sum::<usize>()
+                .to_string(),
+        );
+        row.push(
+            ours.iter()
+                .map(|run| run.lost_writes)
+                .sum::<usize>()
+                .to_string(),
+        );
+        row.push(ours.iter().filter(|run| run.rebooted).count().to_string());
+        table.add_row(row);
+    }
+    table
+}
+
+/// How many times shorter our median downtime is; a downtime under the measurement's
+/// resolution (10 ms) counts as 10 ms.
+fn ratio(reference: f64, ours: f64) -> String {
+    format!("{:.0}×", reference / ours.max(0.01))
+}
+
+fn machine_description() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    let memory_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|line| line.strip_prefix("MemTotal:"))
+                .and_then(|rest| {
+                    rest.trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+        })
+        .map_or(0, |kib| kib / 1024 / 1024);
+    format!("{cpus} CPUs, {memory_gib} GiB, lab hosts in network namespaces on one machine")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(scenario: &str, downtime_s: f64, failed_ops: usize) -> Run {
+        Run {
+            mode: "live".into(),
+            scenario: scenario.into(),
+            run: 1,
+            from: "host1".into(),
+            to: "host2".into(),
+            downtime_s,
+            failed_ops,
+            operations: 40,
+            lost_writes: 0,
+            rebooted: false,
+            qemu_downtime_ms: Some(20),
+            ferry_overhead_ms: Some(90),
+        }
+    }
+
+    #[test]
+    fn the_table_puts_our_runs_next_to_the_reference_and_their_ratio() {
+        let runs = vec![sample("idle", 0.25, 0), sample("idle", 0.27, 1)];
+        let text = mode_table("live", &runs, 2).to_string();
+        assert!(text.contains("0.25"), "{text}");
+        assert!(text.contains("0.27 error"), "{text}");
+        assert!(text.contains("1.12"), "{text}");
+        // Reference median 1.08 s over our median 0.27 s.
+        assert!(text.contains("4×"), "{text}");
+        assert!(
+            !text.contains("db-bulk"),
+            "workloads without runs are left out"
+        );
+    }
+
+    #[test]
+    fn every_mode_and_workload_has_three_reference_runs() {
+        for mode in MODES {
+            for scenario in SCENARIOS {
+                assert!(reference(mode, scenario.name).iter().all(|(s, _)| *s > 0.0));
+            }
+        }
+        assert_eq!(ratio(10.0, 0.0), "1000×");
+    }
+}

@@ -61,6 +61,16 @@ pub enum BenchVerb {
         /// Write every run to this file as JSON (`{"runs":[…]}`).
         #[arg(long = "json", value_name = "FILE")]
         json_file: Option<std::path::PathBuf>,
+        /// Write an HTML report with a chart to this file.
+        #[arg(long = "html", value_name = "FILE")]
+        html_file: Option<std::path::PathBuf>,
+    },
+    /// Print the tables of a saved `bench downtime --json FILE`, and its HTML report.
+    Report {
+        #[arg(long = "json", value_name = "FILE")]
+        json_file: std::path::PathBuf,
+        #[arg(long = "html", value_name = "FILE")]
+        html_file: Option<std::path::PathBuf>,
     },
     /// Power off the host of an HA VM again and again: fault → lease expired → host
     /// declared down → QEMU started elsewhere → ferry-guest answering (min/median/max).
@@ -122,6 +132,7 @@ pub async fn run(verb: BenchVerb) -> anyhow::Result<()> {
             client_timeout,
             lab,
             json_file,
+            html_file,
         } => {
             crate::bench_downtime::run(crate::bench_downtime::Options {
                 runs,
@@ -130,9 +141,14 @@ pub async fn run(verb: BenchVerb) -> anyhow::Result<()> {
                 client_timeout,
                 lab,
                 json_file,
+                html_file,
             })
             .await
         }
+        BenchVerb::Report {
+            json_file,
+            html_file,
+        } => crate::bench_downtime::reprint(&json_file, html_file.as_deref()),
         BenchVerb::Api {
             vms,
             requests,

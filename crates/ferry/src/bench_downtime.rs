@@ -17,7 +17,7 @@ use ferry_lab::defaults;
 use ferry_lab::flows::{lost_writes, Flow, Scenario, SCENARIOS};
 use ferry_lab::lab::{Fault, Lab};
 use ferry_lab::workload::boot_id;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 const VM: &str = "bench-dt";
 /// The flow runs this long before the move and after it is back.
@@ -26,7 +26,7 @@ const SETTLE: Duration = Duration::from_secs(2);
 pub const MODES: [&str; 3] = ["live", "quick", "ha"];
 
 /// REFERENCE §1 (Hyper-V 2.0), seconds per run; `true`: the flow failed in that run.
-fn reference(mode: &str, scenario: &str) -> [(f64, bool); 3] {
+pub fn reference(mode: &str, scenario: &str) -> [(f64, bool); 3] {
     match (mode, scenario) {
         ("live", "idle") => [(1.12, false), (0.78, false), (1.08, false)],
         ("live", "db-every-0.5s") => [(0.75, false), (13.1, false), (0.81, false)],
@@ -48,7 +48,7 @@ fn reference(mode: &str, scenario: &str) -> [(f64, bool); 3] {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Run {
     pub mode: String,
     pub scenario: String,
@@ -64,8 +64,8 @@ pub struct Run {
     pub ferry_overhead_ms: Option<u64>,
 }
 
-#[derive(Serialize)]
-struct Report {
+#[derive(Serialize, Deserialize)]
+pub struct Report {
     machine: String,
     accel: String,
     memory: String,
@@ -80,6 +80,7 @@ pub struct Options {
     pub client_timeout: Duration,
     pub lab: String,
     pub json_file: Option<PathBuf>,
+    pub html_file: Option<PathBuf>,
 }
 
 pub async fn run(options: Options) -> anyhow::Result<()> {
@@ -140,11 +141,42 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    for mode in &options.modes {
+    print_report(&report, options.html_file.as_deref())
+}
+
+/// The tables on stdout and, if asked, the HTML report.
+pub fn print_report(report: &Report, html: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let mut modes: Vec<String> = Vec::new();
+    for run in &report.runs {
+        if !modes.contains(&run.mode) {
+            modes.push(run.mode.clone());
+        }
+    }
+    if let Some(path) = html {
+        let page = crate::bench_report::render(
+            &modes,
+            &report.runs,
+            &report.machine,
+            &report.accel,
+            &report.memory,
+        );
+        std::fs::write(path, page).with_context(|| format!("cannot write {}", path.display()))?;
+        println!("HTML report: {}", path.display());
+    }
+    let per_case = report.runs.iter().map(|run| run.run).max().unwrap_or(1);
+    for mode in &modes {
         println!("\n{} ({})", mode_title(mode), report.machine);
-        println!("{}", mode_table(mode, &report.runs, options.runs));
+        println!("{}", mode_table(mode, &report.runs, per_case));
     }
     Ok(())
+}
+
+/// Prints the tables (and writes the HTML report) of a run saved with `--json`.
+pub fn reprint(json: &std::path::Path, html: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let text = std::fs::read(json).with_context(|| format!("cannot read {}", json.display()))?;
+    let report: Report = serde_json::from_slice(&text)
+        .with_context(|| format!("{}: not a downtime benchmark's JSON", json.display()))?;
+    print_report(&report, html)
 }
 
 fn mode_title(mode: &str) -> &'static str {
@@ -297,7 +329,7 @@ async fn heal_and_wait(lab: &mut Lab, client: &ApiClient, host: &str) -> anyhow:
     Ok(())
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
+pub fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied().unwrap_or(0.0)
 }

@@ -7,6 +7,7 @@ mod bench;
 mod bench_downtime;
 mod bench_ha;
 mod bench_migrate;
+mod bench_report;
 mod cluster;
 mod demo;
 mod image;

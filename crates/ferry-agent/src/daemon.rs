@@ -61,16 +61,19 @@ pub enum AgentError {
 pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let host = config.host.clone();
     // Opened first: a configured watchdog that cannot be fed must stop the start-up.
-    let watchdog =
-        match &config.ha.watchdog {
-            Some(path) => Some(crate::fencing::Watchdog::open(path).map_err(|source| {
-                AgentError::Watchdog {
+    // It is fed while the start-up waits for etcd, then by the fencing loop.
+    let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchdog = match &config.ha.watchdog {
+        Some(path) => Some(
+            crate::fencing::Watchdog::open(path)
+                .map_err(|source| AgentError::Watchdog {
                     path: path.display().to_string(),
                     source,
-                }
-            })?),
-            None => None,
-        };
+                })?
+                .feed_while_starting(started.clone()),
+        ),
+        None => None,
+    };
     let store = connect(&config).await;
     let accel = choose_accel(&config, &store).await;
     let limits = host_limits(&config);
@@ -162,7 +165,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         migration_limit: config.migration.max_concurrent,
         started_ms: now_ms(),
     };
-    publish_fence_device(&store, &config).await;
+    tokio::spawn(publish_fence_device(store.clone(), config.clone()));
     let (lease_tx, lease_rx) = watch::channel(None);
     tokio::spawn(hold_lease(
         store.clone(),
@@ -177,6 +180,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         host.clone(),
         config.shared_pool().map(|pool| pool.path.clone()),
         watchdog,
+        started,
     ));
     tokio::spawn(lead_when_elected(
         store.clone(),
@@ -304,14 +308,20 @@ async fn hold_lease(
 
 /// Tells the other hosts how to power this one off (or that they cannot). Not under the
 /// lease: a dead host's device is what the leader needs.
-async fn publish_fence_device(store: &Store, config: &AgentConfig) {
+async fn publish_fence_device(store: Store, config: AgentConfig) {
     let key = store.keys().fence_device(&config.host);
-    let written = match config.fence_device() {
-        Some(device) => store.put(&key, &device, None).await.map(|_| ()),
-        None => store.delete(&key).await,
-    };
-    if let Err(error) = written {
-        tracing::warn!("cannot publish this host's fence device: {error}");
+    loop {
+        let written = match config.fence_device() {
+            Some(device) => store.put(&key, &device, None).await.map(|_| ()),
+            None => store.delete(&key).await,
+        };
+        match written {
+            Ok(()) => return,
+            Err(error) => {
+                tracing::warn!("cannot publish this host's fence device: {error}; retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
     }
 }
 
@@ -323,7 +333,6 @@ async fn lead_when_elected(
     api: Arc<ClusterApi>,
     runtime: Arc<Runtime>,
 ) {
-    let mut memory = ManagerMemory::default();
     loop {
         let Some(lease_id) = *lease.borrow_and_update() else {
             let _ = lease.changed().await;
@@ -345,6 +354,9 @@ async fn lead_when_elected(
                 &format!("host {host} leads the cluster and runs the manager"),
             )
             .await;
+        // Fresh for each term: fences and verdicts of an earlier term are out of date
+        // (a host fenced then may have been repaired since), and end with the term.
+        let mut memory = ManagerMemory::default();
         loop {
             if let Err(error) = manage_once(&store, api.events(), &runtime, &mut memory).await {
                 tracing::warn!("manager: {error}");
@@ -404,7 +416,13 @@ async fn manage_once(
                     avoid_hosts: entry
                         .restarts
                         .as_ref()
-                        .map(|log| ferry_manager::ha::hosts_to_avoid(&log.value, now))
+                        .map(|log| {
+                            let generation = entry
+                                .placement
+                                .as_ref()
+                                .map_or(0, |placement| placement.value.generation);
+                            ferry_manager::ha::hosts_to_avoid(&log.value, generation, now)
+                        })
                         .unwrap_or_default(),
                     placed_on: entry
                         .placement
@@ -429,14 +447,29 @@ async fn manage_once(
                     migration: None,
                 };
                 if let Some(restart) = restart {
-                    // Against the placement judged: if anything moved it since, no restart.
-                    if store
-                        .compare_and_swap(&keys.vm_placement(&vm), restart.mod_revision, &placement)
+                    // Against the placement and restart log judged: if anything changed
+                    // either since, no restart.
+                    let (Ok(placement_bytes), Ok(log_bytes)) = (
+                        serde_json::to_vec(&placement),
+                        serde_json::to_vec(&restart.next_log()),
+                    ) else {
+                        continue;
+                    };
+                    let placement_key = keys.vm_placement(&vm);
+                    let log_key = keys.vm_restarts(&vm);
+                    let restarted = store
+                        .compare_and_swap_all(&[
+                            (
+                                placement_key.as_str(),
+                                restart.mod_revision,
+                                placement_bytes,
+                            ),
+                            (log_key.as_str(), restart.log_revision, log_bytes),
+                        ])
                         .await
-                        .is_ok()
-                    {
+                        .is_ok();
+                    if restarted {
                         crate::recovery::fail_orphaned_migration(store, restart).await;
-                        crate::recovery::log_restart(store, &vm, restart).await;
                         events
                             .record(
                                 &vm.subject(),
@@ -466,6 +499,28 @@ async fn manage_once(
                 }
             }
             Action::CannotPlace { vm, reason } => {
+                if let Some(restart) = restarts
+                    .get(&vm)
+                    .filter(|restart| restart.cause != RestartCause::HostFailed)
+                {
+                    // It asked to leave a live host that kept failing it, but no other
+                    // host can take it: running there again beats not running.
+                    let withdrawn =
+                        recovery::update_restart_log(store, &vm, |log| log.leave = None).await;
+                    if withdrawn.is_ok() {
+                        events
+                            .record(
+                                &vm.subject(),
+                                "vm-failed",
+                                &format!(
+                                    "VM {vm}: no other host can take it ({reason}); it restarts on {}",
+                                    restart.from
+                                ),
+                            )
+                            .await;
+                    }
+                    continue;
+                }
                 let already = entries
                     .get(vm.as_str())
                     .and_then(|entry| entry.status.as_ref())
@@ -713,7 +768,7 @@ async fn reconcile_all(
             // another host may already run this VM.
             continue;
         }
-        if step == Step::Start && leaving_here(&entry, &me) {
+        if step == Step::Start && (leaving_here(&entry, &me) || runtime.is_leaving(&vm, &entry)) {
             // It failed here too often; the leader is placing it on another host.
             continue;
         }
@@ -902,10 +957,13 @@ async fn carry_out(
         }
         (Step::ReapExited, record) => {
             let last_words = runtime.run_dir(vm).last_words();
+            // The pvpanic event is read by another task: the console's panic line is the
+            // fallback when QEMU exited before that task saw it.
             let panicked = runtime
                 .machine(vm)
                 .await
-                .is_some_and(|machine| machine.guest_panicked());
+                .is_some_and(|machine| machine.guest_panicked())
+                || last_words.contains("Kernel panic");
             runtime.forget(vm).await;
             let unexpected = record
                 .as_ref()
@@ -974,8 +1032,17 @@ async fn carry_out(
                         })
                         .await
                         {
+                            // Nobody will move it: restarting it here beats leaving it down.
                             tracing::warn!("cannot ask to move VM {vm} away: {error}");
+                            write_status(
+                                VmState::Failed,
+                                None,
+                                Some(format!("{cause}; restarting")),
+                            )
+                            .await;
+                            return;
                         }
+                        runtime.mark_leaving(vm, leave.generation);
                         write_status(
                             VmState::Failed,
                             None,

@@ -118,6 +118,22 @@ impl Watchdog {
         })
     }
 
+    /// Feeds it every second until `started` is set: the agent's start-up waits for etcd,
+    /// and a host booting during an etcd outage must not be rebooted for it.
+    pub fn feed_while_starting(self, started: Arc<AtomicBool>) -> Arc<std::sync::Mutex<Watchdog>> {
+        let shared = Arc::new(std::sync::Mutex::new(self));
+        let feeder = shared.clone();
+        tokio::spawn(async move {
+            while !started.load(Ordering::Acquire) {
+                if let Ok(mut watchdog) = feeder.lock() {
+                    watchdog.feed();
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        shared
+    }
+
     fn feed(&mut self) {
         if let Err(error) = self
             .device
@@ -178,8 +194,10 @@ pub async fn guard_forever(
     runtime: Arc<Runtime>,
     me: HostName,
     pool: Option<PathBuf>,
-    mut watchdog: Option<Watchdog>,
+    watchdog: Option<Arc<std::sync::Mutex<Watchdog>>>,
+    started: Arc<AtomicBool>,
 ) {
+    started.store(true, Ordering::Release);
     let guard = &runtime.ha;
     let timing = guard.timing;
     let interval = Duration::from_millis(timing.heartbeat_ms);
@@ -189,9 +207,11 @@ pub async fn guard_forever(
     let mut starving = false;
     loop {
         tokio::time::sleep(interval).await;
-        if let Some(watchdog) = &mut watchdog {
+        if let Some(watchdog) = &watchdog {
             if guard.sane() {
-                watchdog.feed();
+                if let Ok(mut watchdog) = watchdog.lock() {
+                    watchdog.feed();
+                }
                 starving = false;
             } else if !starving {
                 starving = true;

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_api::ops::{EventLog, VmEntry};
-use ferry_manager::ha::{judge_host, may_restart, restart_allowed, wants_fence_device, HostFate};
+use ferry_manager::ha::{
+    judge_host, may_restart, restart_allowed, wants_fence_device, FenceEvidence, HostFate,
+};
 use ferry_model::cluster::{now_ms, HostRecord, Placement, PowerState, RECORD_VERSION};
 use ferry_model::ha::{FenceDevice, RestartCause, RestartEntry, RestartLog};
 use ferry_model::{HostName, VmName};
@@ -24,8 +26,8 @@ use crate::runtime::Runtime;
 pub struct ManagerMemory {
     verdicts: BTreeMap<HostName, String>,
     fences: BTreeMap<HostName, FenceJob>,
-    /// The fence progress last reported, per host.
-    fence_reported: BTreeMap<HostName, FenceProgress>,
+    /// What was last reported about each host's fence.
+    fence_reported: BTreeMap<HostName, String>,
     /// VMs held back by their restart limit, with the reason last reported.
     held: BTreeMap<VmName, String>,
 }
@@ -40,6 +42,38 @@ pub struct Restart {
     pub cause: RestartCause,
     /// The migration the VM was in when its host died, if any: it ends with the restart.
     pub migration_op: Option<String>,
+    /// The restart log read with the placement (revision 0: none). The restart rewrites
+    /// it in the same transaction, so a `ferry vm start` or a changed request in between
+    /// cancels the restart instead of racing it.
+    pub log_revision: i64,
+    pub log: RestartLog,
+}
+
+impl Restart {
+    /// The log as the restart leaves it: the host failure counted, any leave answered.
+    pub fn next_log(&self) -> RestartLog {
+        let mut log = self.log.clone();
+        log.version = RECORD_VERSION;
+        if self.cause == RestartCause::HostFailed {
+            log.push(RestartEntry {
+                at_ms: now_ms(),
+                host: self.from.clone(),
+                cause: RestartCause::HostFailed,
+            });
+        }
+        log.leave = None;
+        log
+    }
+}
+
+/// The VM's restart log and its revision (0 when it has none).
+fn log_of(entry: &VmEntry) -> (i64, RestartLog) {
+    entry
+        .restarts
+        .as_ref()
+        .map_or((0, RestartLog::default()), |log| {
+            (log.mod_revision, log.value.clone())
+        })
 }
 
 pub async fn restartable(
@@ -92,15 +126,22 @@ pub async fn restartable(
         let host = &placement.value.host;
         if !fates.contains_key(host) {
             let beat = beats.iter().find(|beat| &beat.host == host);
+            let device = fence_device(store, host).await;
             if wants_fence_device(false, beat, now, &timing) && !memory.fences.contains_key(host) {
-                if let Some(job) = start_fence(store, host, events).await {
-                    memory.fences.insert(host.clone(), job);
+                if let Some(device) = &device {
+                    memory
+                        .fences
+                        .insert(host.clone(), start_fence(device, events).await);
                 }
             }
-            let confirmed_off = memory.fences.get(host).is_some_and(FenceJob::confirmed_off);
+            let evidence = match (&device, memory.fences.get(host)) {
+                (_, Some(job)) if job.confirmed_off() => FenceEvidence::ConfirmedOff,
+                (Some(_), _) => FenceEvidence::Pending,
+                (None, _) => FenceEvidence::NoDevice,
+            };
             fates.insert(
                 host.clone(),
-                judge_host(false, confirmed_off, beat, now, &timing),
+                judge_host(false, evidence, beat, now, &timing),
             );
         }
         let fate = &fates[host];
@@ -110,6 +151,9 @@ pub async fn restartable(
             HostFate::Isolated { reason } => {
                 format!("host {host} is cut off but alive ({reason}); its VMs stay there")
             }
+            HostFate::AwaitingFence { reason } => format!(
+                "host {host} is silent ({reason}); its VMs restart once its fence device confirms it off"
+            ),
             HostFate::Alive => continue,
         };
         if memory.verdicts.get(host) != Some(&verdict) {
@@ -124,6 +168,9 @@ pub async fn restartable(
         let record = &entry.record.as_ref().expect("filtered above").value;
         if let Err(reason) = within_limit(entry, &record.ha, host, now) {
             if memory.held.get(vm) != Some(&reason) {
+                if let Err(error) = leave_stopped(store, vm).await {
+                    tracing::warn!("cannot stop VM {vm} after its restart limit: {error}");
+                }
                 events
                     .record(
                         &vm.subject(),
@@ -136,9 +183,12 @@ pub async fn restartable(
             continue;
         }
         memory.held.remove(vm);
+        let (log_revision, log) = log_of(entry);
         restarts.insert(
             vm.clone(),
             Restart {
+                log_revision,
+                log,
                 mod_revision: placement.mod_revision,
                 generation: placement.value.generation,
                 from: host.clone(),
@@ -168,6 +218,7 @@ fn leaving(entries: &BTreeMap<String, VmEntry>) -> BTreeMap<VmName, Restart> {
                 && leave.generation == placement.value.generation
                 && placement.value.migration.is_none();
             (current && record.desired == PowerState::Running && !record.deleting).then(|| {
+                let (log_revision, log) = log_of(entry);
                 (
                     record.spec.name.clone(),
                     Restart {
@@ -177,6 +228,8 @@ fn leaving(entries: &BTreeMap<String, VmEntry>) -> BTreeMap<VmName, Restart> {
                         reason: leave.reason.clone(),
                         cause: RestartCause::QemuExited,
                         migration_op: None,
+                        log_revision,
+                        log,
                     },
                 )
             })
@@ -204,18 +257,23 @@ fn within_limit(
     restart_allowed(&log, policy, now)
 }
 
-/// Starts powering off `host` through its fence device, if it has one.
-async fn start_fence(store: &Store, host: &HostName, events: &EventLog) -> Option<FenceJob> {
-    let device = match store
+/// The host's fence device, if it has one (read errors count as none, with a warning).
+async fn fence_device(store: &Store, host: &HostName) -> Option<FenceDevice> {
+    match store
         .get::<FenceDevice>(&store.keys().fence_device(host))
         .await
     {
-        Ok(device) => device?.value,
+        Ok(device) => Some(device?.value),
         Err(error) => {
             tracing::warn!("cannot read the fence device of {host}: {error}");
-            return None;
+            None
         }
-    };
+    }
+}
+
+/// Starts powering the device's host off.
+async fn start_fence(device: &FenceDevice, events: &EventLog) -> FenceJob {
+    let host = &device.host;
     events
         .record(
             &format!("host/{host}"),
@@ -226,46 +284,39 @@ async fn start_fence(store: &Store, host: &HostName, events: &EventLog) -> Optio
             ),
         )
         .await;
-    Some(FenceJob::start(device))
+    FenceJob::start(device.clone())
 }
 
-/// Reports each change of a fence's progress as one event.
+/// Reports a fence's confirmation, its first failure and each new kind of failure as
+/// one event each (a BMC that died with its host fails the same way every 5 s).
 async fn report_fences(events: &EventLog, memory: &mut ManagerMemory) {
     for (host, job) in &memory.fences {
-        let progress = job.progress();
-        if memory.fence_reported.get(host) == Some(&progress) {
-            continue;
-        }
-        match &progress {
-            FenceProgress::ConfirmedOff { after_ms } => {
-                events
-                    .record(
-                        &format!("host/{host}"),
-                        "fenced-off",
-                        &format!(
-                            "host {host} is off: its fence device confirmed it ({after_ms} ms)"
-                        ),
-                    )
-                    .await;
-            }
+        let (kind, message) = match job.progress() {
+            FenceProgress::ConfirmedOff { after_ms } => (
+                "fenced-off",
+                format!("host {host} is off: its fence device confirmed it ({after_ms} ms)"),
+            ),
             FenceProgress::Running {
                 attempt,
                 last_error: Some(error),
-            } => {
-                events
-                    .record(
-                        &format!("host/{host}"),
-                        "fence-failed",
-                        &format!(
-                            "fencing host {host} failed (attempt {}): {error}; retrying",
-                            attempt - 1
-                        ),
-                    )
-                    .await;
-            }
-            FenceProgress::Running { .. } => {}
+            } => (
+                "fence-failed",
+                format!(
+                    "fencing host {host} failed (attempt {}): {error}; retrying until it works",
+                    attempt - 1
+                ),
+            ),
+            FenceProgress::Running { .. } => continue,
+        };
+        // The attempt number changes every time; the error is what is worth a new event.
+        let key = message
+            .split_once("): ")
+            .map_or(message.clone(), |(_, rest)| rest.to_string());
+        if memory.fence_reported.get(host) == Some(&key) {
+            continue;
         }
-        memory.fence_reported.insert(host.clone(), progress);
+        events.record(&format!("host/{host}"), kind, &message).await;
+        memory.fence_reported.insert(host.clone(), key);
     }
 }
 
@@ -308,25 +359,6 @@ pub async fn leave_stopped(store: &Store, vm: &VmName) -> Result<(), StoreError>
             Err(StoreError::Conflict { .. }) => continue,
             Err(error) => return Err(error),
         }
-    }
-}
-
-/// After a restart elsewhere: the failure goes into the log and any request to leave
-/// the old host is answered.
-pub async fn log_restart(store: &Store, vm: &VmName, restart: &Restart) {
-    let logged = update_restart_log(store, vm, |log| {
-        if restart.cause == RestartCause::HostFailed {
-            log.push(RestartEntry {
-                at_ms: now_ms(),
-                host: restart.from.clone(),
-                cause: RestartCause::HostFailed,
-            });
-        }
-        log.leave = None;
-    })
-    .await;
-    if let Err(error) = logged {
-        tracing::warn!("cannot log the restart of VM {vm}: {error}");
     }
 }
 

@@ -31,7 +31,13 @@ pub struct Runtime {
     /// VMs with an operation in flight; the reconciler skips them.
     busy: std::sync::Mutex<BTreeSet<VmName>>,
     pub ha: crate::fencing::HaGuard,
+    /// VMs this agent asked to move away (placement generation, when): its own watch may
+    /// not show the request yet, and it must not restart them here meanwhile.
+    leaving: std::sync::Mutex<BTreeMap<VmName, (u64, std::time::Instant)>>,
 }
+
+/// How long a request to leave blocks restarts here without the watch confirming it.
+const LEAVING_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Runtime {
     pub fn new(config: AgentConfig, accel: Accel, limits: HostLimits) -> Runtime {
@@ -42,6 +48,36 @@ impl Runtime {
             limits,
             vms: Mutex::new(BTreeMap::new()),
             busy: std::sync::Mutex::new(BTreeSet::new()),
+            leaving: Default::default(),
+        }
+    }
+
+    pub fn mark_leaving(&self, vm: &VmName, generation: u64) {
+        if let Ok(mut leaving) = self.leaving.lock() {
+            leaving.insert(vm.clone(), (generation, std::time::Instant::now()));
+        }
+    }
+
+    /// This agent asked, under the VM's current placement, to move it away; the mark
+    /// lapses once the placement changes, or after a grace period (the cluster's view
+    /// of the request governs then).
+    pub fn is_leaving(&self, vm: &VmName, entry: &ferry_api::ops::VmEntry) -> bool {
+        let generation = entry
+            .placement
+            .as_ref()
+            .map(|placement| placement.value.generation);
+        let Ok(mut leaving) = self.leaving.lock() else {
+            return false;
+        };
+        match leaving.get(vm) {
+            Some((marked, at)) if Some(*marked) == generation && at.elapsed() < LEAVING_GRACE => {
+                true
+            }
+            Some(_) => {
+                leaving.remove(vm);
+                false
+            }
+            None => false,
         }
     }
 

@@ -492,15 +492,17 @@ impl ClusterApi {
 
     pub async fn start_vm(&self, name: &str) -> Result<VmView, ApiError> {
         let name = parse_vm_name(name)?;
+        // A person starting it answers the restart limit: the count starts over. First,
+        // so that the start never sees the old count; a restart the leader judged on the
+        // old log fails its compare-and-swap.
+        self.store
+            .delete(&self.store.keys().vm_restarts(&name))
+            .await?;
         self.update_record(&name, |record| {
             record.desired = PowerState::Running;
             Ok(())
         })
         .await?;
-        // A person starting it again answers the restart limit: the count starts over.
-        self.store
-            .delete(&self.store.keys().vm_restarts(&name))
-            .await?;
         self.events
             .record(
                 &name.subject(),
@@ -863,9 +865,15 @@ pub fn apply_ha_update(
             None
         } else {
             // Group names follow the host-name rules: short, lowercase, no surprises.
-            group
-                .parse::<HostName>()
-                .map_err(|error| bad(format!("anti_affinity: group {error}")))?;
+            let plain = group.len() <= 63
+                && group
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+            if !plain {
+                return Err(bad(format!(
+                    "anti_affinity: group {group:?} must be up to 63 lowercase letters, digits or '-'"
+                )));
+            }
             Some(group.clone())
         };
     }

@@ -6,8 +6,9 @@
 //! VMs unless most hosts lost etcd too, and says so in its heartbeat. The manager
 //! restarts a VM elsewhere only once the host's lease has expired (`ttl` > `fence_after`)
 //! and either a fence agent confirmed the host is off, or its heartbeat says it fenced
-//! itself and no longer runs the VM, or its heartbeat has been silent past the point
-//! where it would have fenced itself.
+//! itself and no longer runs the VM, or — for a host without a fence device — its
+//! heartbeat has been silent past the point where it would have fenced itself. With a
+//! device, silence is not enough: a crashed agent leaves its QEMUs running.
 
 use ferry_model::ha::{HaPolicy, RestartCause, RestartLog, StorageHeartbeat};
 use ferry_model::{HostName, VmName};
@@ -125,6 +126,16 @@ pub fn on_lease_loss(
     }
 }
 
+/// What the host's fence device has said, if it has one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FenceEvidence {
+    /// No device is configured: the storage heartbeat's deadline is the proof.
+    NoDevice,
+    /// A device exists and has not confirmed the host off (yet).
+    Pending,
+    ConfirmedOff,
+}
+
 /// What the manager concludes about a host whose lease expired.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HostFate {
@@ -136,11 +147,14 @@ pub enum HostFate {
     Fenced { running: Vec<VmName> },
     /// Up but cut off from etcd (fresh heartbeat, not fenced): its VMs stay.
     Isolated { reason: String },
+    /// Silent, but it has a fence device that has not confirmed it off: its agent may
+    /// have crashed with its QEMUs still running, so nothing restarts until it does.
+    AwaitingFence { reason: String },
 }
 
 pub fn judge_host(
     lease_alive: bool,
-    fence_confirmed_off: bool,
+    fence: FenceEvidence,
     heartbeat: Option<&StorageHeartbeat>,
     now_ms: u64,
     timing: &HaTiming,
@@ -148,25 +162,28 @@ pub fn judge_host(
     if lease_alive {
         return HostFate::Alive;
     }
-    if fence_confirmed_off {
+    if fence == FenceEvidence::ConfirmedOff {
         return HostFate::Dead {
-            reason: "its fence agent confirmed it is off".into(),
+            reason: "its fence device confirmed it is off".into(),
         };
     }
-    let Some(heartbeat) = heartbeat else {
-        return HostFate::Dead {
-            reason: "its lease expired and it never wrote a storage heartbeat".into(),
-        };
+    let silent = match heartbeat {
+        None => Some("its lease expired and it never wrote a storage heartbeat".to_string()),
+        Some(beat) if beat.age_ms(now_ms) >= timing.silent_after_ms() => Some(format!(
+            "its lease expired and its storage heartbeat has been silent for {:.1} s",
+            beat.age_ms(now_ms) as f64 / 1000.0
+        )),
+        Some(_) => None,
+    };
+    let heartbeat = match (heartbeat, silent) {
+        (_, Some(reason)) if fence == FenceEvidence::Pending => {
+            return HostFate::AwaitingFence { reason }
+        }
+        (_, Some(reason)) => return HostFate::Dead { reason },
+        (Some(beat), None) => beat,
+        (None, None) => unreachable!("no heartbeat is silent"),
     };
     let age = heartbeat.age_ms(now_ms);
-    if age >= timing.silent_after_ms() {
-        return HostFate::Dead {
-            reason: format!(
-                "its lease expired and its storage heartbeat has been silent for {:.1} s",
-                age as f64 / 1000.0
-            ),
-        };
-    }
     if heartbeat.fenced {
         return HostFate::Fenced {
             running: heartbeat.running.clone(),
@@ -185,7 +202,7 @@ pub fn may_restart(fate: &HostFate, vm: &VmName) -> bool {
     match fate {
         HostFate::Dead { .. } => true,
         HostFate::Fenced { running } => !running.contains(vm),
-        HostFate::Alive | HostFate::Isolated { .. } => false,
+        HostFate::Alive | HostFate::Isolated { .. } | HostFate::AwaitingFence { .. } => false,
     }
 }
 
@@ -233,13 +250,17 @@ pub fn after_vm_failure(
     policy: &HaPolicy,
     now_ms: u64,
 ) -> AfterFailure {
+    if !policy.enabled {
+        // Without HA, the cluster only restarts it in place (with a back-off).
+        return AfterFailure::RestartHere;
+    }
     if let Err(reason) = restart_allowed(log, policy, now_ms) {
         return AfterFailure::GiveUp { reason };
     }
     let here: Vec<RestartCause> = recent_failures_on(log, host, now_ms)
         .map(|entry| entry.cause)
         .collect();
-    if policy.enabled && here.len() >= MOVE_AFTER_FAILURES {
+    if here.len() >= MOVE_AFTER_FAILURES {
         return AfterFailure::MoveAway {
             reason: format!(
                 "it failed {} times on {host} within {} minutes (last: {})",
@@ -287,9 +308,15 @@ fn recent_failures_on<'a>(
     })
 }
 
-/// Hosts a VM must not be placed on: where it is leaving, or failed repeatedly of late.
-pub fn hosts_to_avoid(log: &RestartLog, now_ms: u64) -> Vec<HostName> {
-    let mut avoid: Vec<HostName> = log.leave.iter().map(|leave| leave.host.clone()).collect();
+/// Hosts a VM must not be placed on: the one it is leaving (under its current placement
+/// `generation`), and any it failed on repeatedly of late.
+pub fn hosts_to_avoid(log: &RestartLog, generation: u64, now_ms: u64) -> Vec<HostName> {
+    let mut avoid: Vec<HostName> = log
+        .leave
+        .iter()
+        .filter(|leave| leave.generation == generation)
+        .map(|leave| leave.host.clone())
+        .collect();
     for entry in &log.entries {
         let failures = recent_failures_on(log, &entry.host, now_ms).count();
         if failures >= MOVE_AFTER_FAILURES && !avoid.contains(&entry.host) {
@@ -372,23 +399,35 @@ mod tests {
         let timing = HaTiming::default();
         let vm: VmName = "web".parse().unwrap();
         let fresh = beat("host2", 500, 5000);
-        assert_eq!(judge_host(true, false, None, NOW, &timing), HostFate::Alive);
-        let isolated = judge_host(false, false, Some(&fresh), NOW, &timing);
+        let none = FenceEvidence::NoDevice;
+        assert_eq!(judge_host(true, none, None, NOW, &timing), HostFate::Alive);
+        let isolated = judge_host(false, none, Some(&fresh), NOW, &timing);
         assert!(matches!(isolated, HostFate::Isolated { .. }));
         assert!(!may_restart(&isolated, &vm));
         let silent = beat("host2", timing.silent_after_ms(), 9000);
         assert!(may_restart(
-            &judge_host(false, false, Some(&silent), NOW, &timing),
+            &judge_host(false, none, Some(&silent), NOW, &timing),
             &vm
         ));
+        // With a fence device, silence is not enough: the agent may be dead and its
+        // QEMUs alive. The device's confirmation is.
+        let awaiting = judge_host(false, FenceEvidence::Pending, Some(&silent), NOW, &timing);
+        assert!(matches!(awaiting, HostFate::AwaitingFence { .. }));
+        assert!(!may_restart(&awaiting, &vm));
         assert!(may_restart(
-            &judge_host(false, true, Some(&fresh), NOW, &timing),
+            &judge_host(
+                false,
+                FenceEvidence::ConfirmedOff,
+                Some(&fresh),
+                NOW,
+                &timing
+            ),
             &vm
         ));
         let mut fenced = fresh.clone();
         fenced.fenced = true;
         fenced.running = vec!["db".parse().unwrap()];
-        let fate = judge_host(false, false, Some(&fenced), NOW, &timing);
+        let fate = judge_host(false, FenceEvidence::Pending, Some(&fenced), NOW, &timing);
         assert!(may_restart(&fate, &vm));
         assert!(!may_restart(&fate, &"db".parse().unwrap()));
     }
@@ -429,7 +468,7 @@ mod tests {
             after_vm_failure(&third, &host, &policy, NOW),
             AfterFailure::MoveAway { reason } if reason == "it failed 3 times on host1 within 10 minutes (last: QEMU exited)"
         ));
-        assert_eq!(hosts_to_avoid(&third, NOW), vec![host.clone()]);
+        assert_eq!(hosts_to_avoid(&third, 1, NOW), vec![host.clone()]);
         // Old failures are forgotten: the window is ten minutes.
         let old = failures("host1", &[FAILURE_WINDOW_MS + 1, FAILURE_WINDOW_MS, 0]);
         assert_eq!(
@@ -442,7 +481,19 @@ mod tests {
             after_vm_failure(&third, &host, &plain, NOW),
             AfterFailure::RestartHere
         );
-        // Six failures in an hour exceed the default limit of five restarts.
+        // Six failures in an hour exceed the default limit of five restarts (HA VMs only).
+        assert_eq!(
+            after_vm_failure(
+                &failures(
+                    "host1",
+                    &[3_000_000, 2_500_000, 2_000_000, 1_500_000, 1_000_000, 0]
+                ),
+                &host,
+                &plain,
+                NOW
+            ),
+            AfterFailure::RestartHere
+        );
         let many = failures(
             "host1",
             &[3_000_000, 2_500_000, 2_000_000, 1_500_000, 1_000_000, 0],
@@ -510,10 +561,15 @@ mod tests {
             if runs {
                 heartbeat.running = vec![vm.clone()];
             }
-            let fate = judge_host(lease_alive, false, Some(&heartbeat), NOW, &timing);
+            let fate = judge_host(lease_alive, FenceEvidence::NoDevice, Some(&heartbeat), NOW, &timing);
             if may_restart(&fate, &vm) {
                 prop_assert!(!lease_alive);
                 prop_assert!(age >= timing.silent_after_ms() || (fenced && !runs));
+            }
+            // With a device that has not confirmed, only the host's own word counts.
+            let fate = judge_host(lease_alive, FenceEvidence::Pending, Some(&heartbeat), NOW, &timing);
+            if may_restart(&fate, &vm) {
+                prop_assert!(!lease_alive && fenced && !runs);
             }
         }
 

@@ -353,18 +353,21 @@ async fn when_two_hosts_die_priorities_decide_and_the_rest_start_when_a_host_ret
     let (mut lab, _guard, client) = common::lab(19, 3).await;
     let survivor = ApiClient::new(&lab.spec().api_url(3), lab.token().unwrap());
     let watch = DoubleRunWatch::start(lab.spec().run_dir.clone());
-    // Lab hosts give VMs 4 GiB: host3 alone holds two of these three.
+    // Lab hosts give VMs 4 GiB: host3 alone holds two of these three. host2 dies first
+    // (its lease expires first, so silver takes one place); then host1, whose gold and
+    // bronze compete for the last place in one pass of the manager: priority decides.
     let (_gold, _silver, bronze) = tokio::join!(
         big_ha_vm_on(&client, "gold", "host1", 10),
-        big_ha_vm_on(&client, "silver", "host1", 5),
-        big_ha_vm_on(&client, "bronze", "host2", 1)
+        big_ha_vm_on(&client, "silver", "host2", 5),
+        big_ha_vm_on(&client, "bronze", "host1", 1)
     );
-    lab.fault(1, Fault::PowerOff).unwrap();
     lab.fault(2, Fault::PowerOff).unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    lab.fault(1, Fault::PowerOff).unwrap();
+    let silver = running_elsewhere(&survivor, "silver", "host2").await;
     let gold = running_elsewhere(&survivor, "gold", "host1").await;
-    let silver = running_elsewhere(&survivor, "silver", "host1").await;
-    assert_eq!(gold.host.as_deref(), Some("host3"));
     assert_eq!(silver.host.as_deref(), Some("host3"));
+    assert_eq!(gold.host.as_deref(), Some("host3"));
     let deadline = Instant::now() + Duration::from_secs(30);
     while !event_kinds(&survivor, "vm/bronze")
         .await
@@ -383,11 +386,11 @@ async fn when_two_hosts_die_priorities_decide_and_the_rest_start_when_a_host_ret
         "{waiting:?}"
     );
 
-    lab.heal(2).unwrap();
+    lab.heal(1).unwrap();
     let back = running(&survivor, "bronze").await;
     assert_eq!(
         back.host.as_deref(),
-        Some("host2"),
+        Some("host1"),
         "started when its host returned"
     );
     assert_ne!(back.pid, bronze.pid);

@@ -311,7 +311,11 @@ async fn power_off_and_wait(lab: &mut Lab, client: &ApiClient, host: &str) -> an
 }
 
 /// Brings a powered-off host back and waits until it is registered again.
-async fn heal_and_wait(lab: &mut Lab, client: &ApiClient, host: &str) -> anyhow::Result<()> {
+pub(crate) async fn heal_and_wait(
+    lab: &mut Lab,
+    client: &ApiClient,
+    host: &str,
+) -> anyhow::Result<()> {
     let number = lab.spec().parse_host(host).map_err(anyhow::Error::msg)?;
     lab.heal(number)?;
     let deadline = Instant::now() + Duration::from_secs(60);

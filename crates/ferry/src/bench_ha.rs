@@ -177,19 +177,7 @@ async fn measure_one(lab: &mut Lab, token: &str, run: u32) -> anyhow::Result<Sam
         .ok_or_else(|| anyhow::anyhow!("no start of {VM} in the event log"))?;
     let fence_confirmed_ms = after("fenced-off", &format!("host/{from}"));
     let to = client.get_vm(VM).await?.host.unwrap_or_default();
-    lab.heal(from_number)?;
-    let rejoin = Instant::now() + Duration::from_secs(60);
-    while !client
-        .list_hosts()
-        .await
-        .is_ok_and(|hosts| hosts.iter().any(|host| host.name == from))
-    {
-        anyhow::ensure!(
-            Instant::now() < rejoin,
-            "{from} did not rejoin after the heal"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    crate::bench_downtime::heal_and_wait(lab, &client, &from).await?;
     Ok(Sample {
         run,
         from,

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 use ferry_api::client::ApiClient;
-use ferry_api::types::{CreateVmRequest, MigrateRequest};
 use ferry_lab::defaults;
 use ferry_lab::flows::{lost_writes, Flow, Scenario, SCENARIOS};
 use ferry_lab::lab::{Fault, Lab};
@@ -106,23 +105,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         .map(|host| lab.spec().api_url(host))
         .collect();
     let client = ApiClient::new(&lab.spec().api_url(1), &token).with_fallbacks(&others);
-    if client.get_vm(VM).await.is_ok() {
-        client.delete_vm(VM).await?;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
-    client
-        .create_vm(&CreateVmRequest {
-            name: VM.into(),
-            image: "appliance".into(),
-            cpus: 1,
-            memory: options.memory.clone(),
-            host: Some("host1".into()),
-            ha: true,
-            // It fails over once per HA run: a restart limit would end the benchmark.
-            max_restarts: Some(0),
-            ..Default::default()
-        })
-        .await?;
+    crate::bench_ha::create_bench_vm(&client, VM, &options.memory).await?;
     let result = measure_all(&mut lab, &client, &options).await;
     let _ = client.delete_vm(VM).await;
     let runs = result?;
@@ -241,19 +224,7 @@ async fn measure_one(
         }
         _ => {
             let to = if from == "host1" { "host2" } else { "host1" };
-            let started = client
-                .migrate_vm(
-                    VM,
-                    &MigrateRequest {
-                        to: Some(to.into()),
-                        mode: Some(mode.into()),
-                        ..MigrateRequest::default()
-                    },
-                )
-                .await?;
-            let op = client
-                .wait_op(&started.id, Duration::from_millis(100), |_| {})
-                .await?;
+            let op = crate::bench_migrate::migrate_and_wait(client, VM, to, mode).await?;
             anyhow::ensure!(
                 op.status == "completed",
                 "migration {} {}: {}",

@@ -60,23 +60,7 @@ pub async fn run(
         .collect();
     let client_of = |host: u32| ApiClient::new(&urls[host as usize - 1], &token);
     let client = client_of(1);
-    if client.get_vm(VM).await.is_ok() {
-        client.delete_vm(VM).await?;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
-    client
-        .create_vm(&CreateVmRequest {
-            name: VM.into(),
-            image: "appliance".into(),
-            cpus: 1,
-            memory: "256M".into(),
-            host: Some("host1".into()),
-            ha: true,
-            // It fails over once per run: a restart limit would end the benchmark.
-            max_restarts: Some(0),
-            ..Default::default()
-        })
-        .await?;
+    create_bench_vm(&client, VM, "256M").await?;
     let mut samples = Vec::new();
     for run in 1..=runs {
         let sample = measure_one(&mut lab, &token, run).await;
@@ -190,6 +174,32 @@ async fn measure_one(lab: &mut Lab, token: &str, run: u32) -> anyhow::Result<Sam
         failed_writes: log.failures.len(),
         lost_writes: lost.len(),
     })
+}
+
+/// A fresh HA VM on host1 for a benchmark (one left by an earlier run is deleted).
+/// It fails over once per run, so it has no restart limit: one would end the benchmark.
+pub(crate) async fn create_bench_vm(
+    client: &ApiClient,
+    name: &str,
+    memory: &str,
+) -> anyhow::Result<()> {
+    if client.get_vm(name).await.is_ok() {
+        client.delete_vm(name).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    client
+        .create_vm(&CreateVmRequest {
+            name: name.into(),
+            image: "appliance".into(),
+            cpus: 1,
+            memory: memory.into(),
+            host: Some("host1".into()),
+            ha: true,
+            max_restarts: Some(0),
+            ..Default::default()
+        })
+        .await?;
+    Ok(())
 }
 
 pub fn summary_table(samples: &[Sample]) -> Table {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 use ferry_api::client::ApiClient;
-use ferry_api::types::{CreateVmRequest, MigrateRequest};
+use ferry_api::types::{CreateVmRequest, MigrateRequest, OpView};
 use ferry_lab::defaults;
 use ferry_lab::lab::Lab;
 use ferry_lab::workload::{boot_id, lost_writes, Writer};
@@ -130,19 +130,7 @@ async fn measure(
                     Writer::start(&ip, &format!("{mode}-{run}-"), WRITE_EVERY, CLIENT_TIMEOUT)
                 });
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                let started = client
-                    .migrate_vm(
-                        VM,
-                        &MigrateRequest {
-                            to: Some(there.into()),
-                            mode: Some(mode.clone()),
-                            ..MigrateRequest::default()
-                        },
-                    )
-                    .await?;
-                let op = client
-                    .wait_op(&started.id, Duration::from_millis(100), |_| {})
-                    .await?;
+                let op = migrate_and_wait(client, VM, there, mode).await?;
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let probed = probe.stop().await;
                 let (written_failures, lost) = match writer {
@@ -193,6 +181,28 @@ async fn measure(
         }
     }
     Ok(samples)
+}
+
+/// Asks for the migration of `vm` to `to` in `mode` and waits for its op to end.
+pub(crate) async fn migrate_and_wait(
+    client: &ApiClient,
+    vm: &str,
+    to: &str,
+    mode: &str,
+) -> anyhow::Result<OpView> {
+    let started = client
+        .migrate_vm(
+            vm,
+            &MigrateRequest {
+                to: Some(to.into()),
+                mode: Some(mode.into()),
+                ..MigrateRequest::default()
+            },
+        )
+        .await?;
+    Ok(client
+        .wait_op(&started.id, Duration::from_millis(100), |_| {})
+        .await?)
 }
 
 fn shown(value: Option<u64>) -> String {

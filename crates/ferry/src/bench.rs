@@ -43,13 +43,14 @@ pub enum BenchVerb {
         json: bool,
     },
     /// REFERENCE §1 reproduced: seven workloads driven from outside one VM while it is
-    /// live-migrated, quick-migrated, or its host is powered off; downtime, failed
+    /// live-migrated, quick-migrated, or its host is powered off, and the same guest
+    /// as a plain QEMU migrated by hand with QEMU's defaults; downtime, failed
     /// operations, lost writes and reboots per run, next to the reference runs.
     Downtime {
         #[arg(long, default_value_t = 3)]
         runs: u32,
-        /// Comma-separated: live, quick, ha.
-        #[arg(long, value_delimiter = ',', default_value = "live,quick,ha")]
+        /// Comma-separated: live, quick, ha, qemu (the bare-QEMU baseline).
+        #[arg(long, value_delimiter = ',', default_value = "live,quick,ha,qemu")]
         modes: Vec<String>,
         #[arg(long, default_value = "256M")]
         memory: String,

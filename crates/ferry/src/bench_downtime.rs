@@ -3,7 +3,9 @@
 //! workloads, one HA VM serves a flow driven from outside it while it is moved or its
 //! host dies; each run records the client-observed downtime, the operations that
 //! failed within the client timeout, the acknowledged writes lost, whether the guest
-//! rebooted, and QEMU's downtime and Ferry's overhead where they apply. The tables put
+//! rebooted, and QEMU's downtime and Ferry's overhead where they apply. The baseline
+//! mode `qemu` runs the same guest as a plain QEMU and migrates it by hand with QEMU's
+//! defaults ([`BareVm`]), so Ferry is compared with QEMU itself as well. The tables put
 //! our runs next to the reference runs.
 
 use std::path::PathBuf;
@@ -14,26 +16,28 @@ use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 use ferry_api::client::ApiClient;
 use ferry_lab::defaults;
 use ferry_lab::flows::{lost_writes, Flow, Scenario, SCENARIOS};
+use ferry_lab::lab::bare::BareVm;
 use ferry_lab::lab::{Fault, Lab};
 use ferry_lab::workload::boot_id;
 use serde::{Deserialize, Serialize};
 
 const VM: &str = "bench-dt";
+const BARE_VM: &str = "bench-bare";
 /// The flow runs this long before the move and after it is back.
 const SETTLE: Duration = Duration::from_secs(2);
 
-pub const MODES: [&str; 3] = ["live", "quick", "ha"];
+pub const MODES: [&str; 4] = ["live", "quick", "ha", "qemu"];
 
 /// REFERENCE §1 (Hyper-V 2.0), seconds per run; `true`: the flow failed in that run.
 pub fn reference(mode: &str, scenario: &str) -> [(f64, bool); 3] {
     match (mode, scenario) {
-        ("live", "idle") => [(1.12, false), (0.78, false), (1.08, false)],
-        ("live", "db-every-0.5s") => [(0.75, false), (13.1, false), (0.81, false)],
-        ("live", "db-bulk") => [(1.01, false), (0.90, false), (0.85, false)],
-        ("live", "http-every-0.5s") => [(13.6, false), (0.78, false), (0.93, false)],
-        ("live", "http-bulk") => [(0.82, false), (13.4, false), (0.81, false)],
-        ("live", "file-every-0.5s") => [(0.78, false), (13.2, false), (0.84, false)],
-        ("live", "file-bulk") => [(1.66, false), (5.57, false), (5.33, false)],
+        ("live" | "qemu", "idle") => [(1.12, false), (0.78, false), (1.08, false)],
+        ("live" | "qemu", "db-every-0.5s") => [(0.75, false), (13.1, false), (0.81, false)],
+        ("live" | "qemu", "db-bulk") => [(1.01, false), (0.90, false), (0.85, false)],
+        ("live" | "qemu", "http-every-0.5s") => [(13.6, false), (0.78, false), (0.93, false)],
+        ("live" | "qemu", "http-bulk") => [(0.82, false), (13.4, false), (0.81, false)],
+        ("live" | "qemu", "file-every-0.5s") => [(0.78, false), (13.2, false), (0.84, false)],
+        ("live" | "qemu", "file-bulk") => [(1.66, false), (5.57, false), (5.33, false)],
         ("quick", "idle") => [(25.0, false), (40.0, false), (28.0, false)],
         ("quick", "db-every-0.5s") => [(30.0, true), (29.0, true), (41.0, true)],
         ("quick", "db-bulk") => [(31.0, true), (33.0, false), (30.0, true)],
@@ -87,7 +91,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     for mode in &options.modes {
         anyhow::ensure!(
             MODES.contains(&mode.as_str()),
-            "--modes: {mode:?} is not live, quick or ha"
+            "--modes: {mode:?} is not live, quick, ha or qemu"
         );
     }
     let mut lab = Lab::load(&defaults::lab_dir().join(&options.lab))
@@ -162,10 +166,22 @@ pub fn reprint(json: &std::path::Path, html: Option<&std::path::Path>) -> anyhow
     print_report(&report, html)
 }
 
-fn mode_title(mode: &str) -> &'static str {
+/// Who a mode's runs measure: Ferry, or QEMU alone in the baseline.
+pub fn subject(mode: &str) -> &'static str {
+    if mode == "qemu" {
+        "QEMU"
+    } else {
+        "Ferry"
+    }
+}
+
+pub fn mode_title(mode: &str) -> &'static str {
     match mode {
         "live" => "Live migration",
         "quick" => "Quick migration",
+        "qemu" => {
+            "Baseline: the same guest as a plain QEMU, live-migrated by hand with QEMU's defaults"
+        }
         _ => "HA: host powered off, VM restarted elsewhere",
     }
 }
@@ -177,27 +193,90 @@ async fn measure_all(
 ) -> anyhow::Result<Vec<Run>> {
     let mut runs = Vec::new();
     for mode in &options.modes {
-        for scenario in SCENARIOS {
-            for run in 1..=options.runs {
-                let sample = measure_one(lab, client, mode, scenario, run, options.client_timeout)
-                    .await
-                    .with_context(|| format!("{mode} {} run {run}", scenario.name))?;
-                eprintln!(
-                    "{mode:<5} {:<16} run {run}: {} → {}: downtime {:.2} s, {} of {} operations failed, {} lost, {}",
-                    scenario.name,
-                    sample.from,
-                    sample.to,
-                    sample.downtime_s,
-                    sample.failed_ops,
-                    sample.operations,
-                    sample.lost_writes,
-                    if sample.rebooted { "rebooted" } else { "no reboot" }
-                );
-                runs.push(sample);
-            }
+        let mut bare = None;
+        if mode == "qemu" {
+            let memory: ferry_model::Bytes = options
+                .memory
+                .parse()
+                .map_err(|error| anyhow::anyhow!("--memory {}: {error}", options.memory))?;
+            bare = Some(BareVm::boot(lab, BARE_VM, memory, 1).await?);
         }
+        let measured = measure_mode(lab, client, bare.as_mut(), mode, options, &mut runs).await;
+        if let Some(bare) = bare {
+            bare.destroy().await;
+        }
+        measured?;
     }
     Ok(runs)
+}
+
+async fn measure_mode(
+    lab: &mut Lab,
+    client: &ApiClient,
+    mut bare: Option<&mut BareVm>,
+    mode: &str,
+    options: &Options,
+    runs: &mut Vec<Run>,
+) -> anyhow::Result<()> {
+    for scenario in SCENARIOS {
+        for run in 1..=options.runs {
+            let sample = match bare.as_deref_mut() {
+                Some(bare) => measure_bare(bare, scenario, run, options.client_timeout).await,
+                None => measure_one(lab, client, mode, scenario, run, options.client_timeout).await,
+            }
+            .with_context(|| format!("{mode} {} run {run}", scenario.name))?;
+            eprintln!(
+                "{mode:<5} {:<16} run {run}: {} → {}: downtime {:.2} s, {} of {} operations failed, {} lost, {}",
+                scenario.name,
+                sample.from,
+                sample.to,
+                sample.downtime_s,
+                sample.failed_ops,
+                sample.operations,
+                sample.lost_writes,
+                if sample.rebooted { "rebooted" } else { "no reboot" }
+            );
+            runs.push(sample);
+        }
+    }
+    Ok(())
+}
+
+/// One run of the baseline: the flow against the bare QEMU's guest while it is
+/// migrated to the other of hosts 1 and 2.
+async fn measure_bare(
+    bare: &mut BareVm,
+    scenario: Scenario,
+    run: u32,
+    client_timeout: Duration,
+) -> anyhow::Result<Run> {
+    let ip = bare.address().to_string();
+    let from = bare.host();
+    let to = if from == 1 { 2 } else { 1 };
+    let boot = boot_id(&ip).await.map_err(anyhow::Error::msg)?;
+    let prefix = format!("qemu-{}-{run}-", scenario.name);
+    let flow = Flow::start(&ip, scenario, &prefix, client_timeout);
+    tokio::time::sleep(SETTLE).await;
+    let migrated = bare.migrate_to(to).await;
+    tokio::time::sleep(SETTLE).await;
+    let log = flow.stop().await;
+    let info = migrated?;
+    let lost = lost_writes(&ip, &log).await.map_err(anyhow::Error::msg)?;
+    let rebooted = boot_id(&ip).await.map_err(anyhow::Error::msg)? != boot;
+    Ok(Run {
+        mode: "qemu".into(),
+        scenario: scenario.name.into(),
+        run,
+        from: format!("host{from}"),
+        to: format!("host{to}"),
+        downtime_s: log.downtime().as_secs_f64(),
+        failed_ops: log.failed.len(),
+        operations: log.operations,
+        lost_writes: lost.len(),
+        rebooted,
+        qemu_downtime_ms: info.downtime_ms,
+        ferry_overhead_ms: None,
+    })
 }
 
 async fn measure_one(
@@ -323,14 +402,16 @@ pub fn mode_table(mode: &str, runs: &[Run], per_case: u32) -> Table {
     let mut table = Table::new();
     table.load_preset(UTF8_BORDERS_ONLY);
     let mut header = vec!["WORKLOAD".to_string()];
-    header.extend((1..=per_case).map(|run| format!("FERRY {run} s")));
+    let who = subject(mode).to_uppercase();
+    header.extend((1..=per_case).map(|run| format!("{who} {run} s")));
     header.extend((1..=3).map(|run| format!("REF {run} s")));
-    header.extend([
-        "REF ÷ FERRY".into(),
-        "FAILED".into(),
-        "LOST".into(),
-        "REBOOTS".into(),
-    ]);
+    header.push(format!("REF ÷ {who}"));
+    // Ferry's live migration next to QEMU's own, when the baseline ran too.
+    let baseline = mode == "live" && runs.iter().any(|run| run.mode == "qemu");
+    if baseline {
+        header.push("BARE QEMU s".into());
+    }
+    header.extend(["FAILED".into(), "LOST".into(), "REBOOTS".into()]);
     table.set_header(header);
     for scenario in SCENARIOS {
         let ours: Vec<&Run> = runs
@@ -354,6 +435,18 @@ pub fn mode_table(mode: &str, runs: &[Run], per_case: u32) -> Table {
         let ours_median = median(ours.iter().map(|run| run.downtime_s).collect());
         let theirs_median = median(theirs.iter().map(|(seconds, _)| *seconds).collect());
         row.push(ratio(theirs_median, ours_median));
+        if baseline {
+            let bare: Vec<f64> = runs
+                .iter()
+                .filter(|run| run.mode == "qemu" && run.scenario == scenario.name)
+                .map(|run| run.downtime_s)
+                .collect();
+            row.push(if bare.is_empty() {
+                "-".into()
+            } else {
+                format!("{:.2}", median(bare))
+            });
+        }
         row.push(
             ours.iter()
                 .map(|run| run.failed_ops)
@@ -431,6 +524,24 @@ mod tests {
             !text.contains("db-bulk"),
             "workloads without runs are left out"
         );
+    }
+
+    #[test]
+    fn the_live_table_shows_bare_qemu_next_to_ferry_when_the_baseline_ran() {
+        let mut bare = sample("idle", 0.41, 0);
+        bare.mode = "qemu".into();
+        let runs = vec![sample("idle", 0.25, 0), bare];
+        let live = mode_table("live", &runs, 1).to_string();
+        assert!(
+            live.contains("BARE QEMU s") && live.contains("0.41"),
+            "{live}"
+        );
+        let baseline = mode_table("qemu", &runs, 1).to_string();
+        assert!(baseline.contains("QEMU 1 s"), "{baseline}");
+        assert!(!baseline.contains("BARE QEMU"), "{baseline}");
+        assert!(!mode_table("live", &runs[..1], 1)
+            .to_string()
+            .contains("BARE QEMU"));
     }
 
     #[test]

@@ -74,9 +74,10 @@ fn chart(mode: &str, runs: &[Run]) -> String {
         );
         let _ = write!(
             svg,
-            r##"<rect x="{LABEL}" y="{y:.1}" width="{:.1}" height="{BAR}" fill="{}"><title>Ferry median {ours:.2} s</title></rect><text x="{:.1}" y="{:.1}" fill="#222">{ours:.2} s{}</text>"##,
+            r##"<rect x="{LABEL}" y="{y:.1}" width="{:.1}" height="{BAR}" fill="{}"><title>{} median {ours:.2} s</title></rect><text x="{:.1}" y="{:.1}" fill="#222">{ours:.2} s{}</text>"##,
             x_of(*ours) - LABEL,
             if *failed { "#d98c1f" } else { "#2a9d5c" },
+            crate::bench_downtime::subject(mode),
             x_of(*ours) + 4.0,
             y + BAR - 2.0,
             if *failed { " (failed ops)" } else { "" }
@@ -130,17 +131,13 @@ table{{border-collapse:collapse;font-size:13px;margin:1em 0 2em}}td,th{{border-b
 <h1>Ferry downtime benchmark</h1>
 <p>REFERENCE §1 reproduced: the client-observed downtime of each workload while its VM is moved or its host dies,
 Ferry against the reference (Hyper-V 2.0, 3 runs). Machine: {}; accelerator {}; VM memory {}.</p>
-<p class="key"><span style="background:#2a9d5c"></span>Ferry, median<span style="background:#d98c1f"></span>Ferry, some operations failed<span style="background:#9aa3ad"></span>reference, median</p>"#,
+<p class="key"><span style="background:#2a9d5c"></span>Ferry (or bare QEMU), median<span style="background:#d98c1f"></span>some operations failed<span style="background:#9aa3ad"></span>reference, median</p>"#,
         escape(machine),
         escape(accel),
         escape(memory)
     );
     for mode in modes {
-        let title = match mode.as_str() {
-            "live" => "Live migration",
-            "quick" => "Quick migration",
-            _ => "HA: host powered off, VM restarted elsewhere",
-        };
+        let title = crate::bench_downtime::mode_title(mode);
         let _ = write!(
             html,
             "<h2>{title}</h2>{}{}",

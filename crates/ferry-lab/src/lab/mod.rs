@@ -10,6 +10,7 @@
 //! works from `lab.json` alone and tolerates whatever is already missing, so a lab is
 //! removable at any point of its life and nothing it did not make is ever touched.
 
+pub mod bare;
 mod config;
 pub mod fence;
 mod network;

@@ -139,13 +139,13 @@ pub fn wait_recognisable(process: &Spawned) {
     }
 }
 
-/// QEMUs under a host's run directory (`vms/*/qemu.pid`) that are still ours.
+/// QEMUs under a host's run directory that are still ours: its agent's VMs
+/// (`vms/*/qemu.pid`) and the benchmark's bare QEMUs (`bare/*/qemu.pid`).
 pub fn host_qemus(run_dir: &Path) -> Vec<i32> {
-    let Ok(entries) = std::fs::read_dir(run_dir.join("vms")) else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(Result::ok)
+    ["vms", "bare"]
+        .iter()
+        .filter_map(|kind| std::fs::read_dir(run_dir.join(kind)).ok())
+        .flat_map(|entries| entries.filter_map(Result::ok))
         .filter_map(|entry| {
             let dir: PathBuf = entry.path();
             let text = std::fs::read_to_string(dir.join("qemu.pid")).ok()?;

@@ -28,6 +28,11 @@ pub fn lab_dir() -> PathBuf {
     from_env("FERRY_LAB_DIR", "/var/lib/ferry/lab")
 }
 
+/// Benchmark reports `ferry lab demo` writes (`FERRY_REPORTS_DIR`).
+pub fn reports_dir() -> PathBuf {
+    from_env("FERRY_REPORTS_DIR", "/var/lib/ferry/reports")
+}
+
 /// Runtime state that must not survive a reboot (`FERRY_RUN_DIR`).
 pub fn run_dir() -> PathBuf {
     from_env("FERRY_RUN_DIR", "/run/ferry")

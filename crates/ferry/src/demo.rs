@@ -1,17 +1,25 @@
-//! `ferry lab demo`: the tour. Builds what is missing (the appliance, the lab), creates
-//! two VMs on a 3-host lab, shows where they run and their addresses, and talks to each
-//! one's ferry-guest from this machine (the admin workstation on the business switch)
-//! and through its guest agent. It leaves the lab running for the user to explore.
+//! `ferry lab demo`: the tour. Builds what is missing (the appliance, the lab), then on
+//! a 3-host lab: creates two HA VMs and talks to them from this machine (the admin
+//! workstation on the business switch) and through their guest agents; live-migrates
+//! one and quick-migrates the other while a client writes to them; powers off a host
+//! and shows its VMs back elsewhere; and runs a one-run downtime benchmark next to
+//! the reference numbers, with an HTML report. It leaves the lab running for the user
+//! to explore.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ferry_api::client::ApiClient;
-use ferry_api::types::{CreateVmRequest, ExecRequest, VmView};
+use ferry_api::types::{CreateVmRequest, ExecRequest, MigrateRequest, VmView};
 use ferry_api::ApiError;
 use ferry_lab::appliance::{self, Appliance, BuildRequest};
 use ferry_lab::defaults;
+use ferry_lab::flows::{lost_writes, Flow, SCENARIOS};
 use ferry_lab::lab::{Lab, LabSpec};
+
+/// The tour's VMs: name and HA priority (the higher restarts first).
+const DEMO_VMS: [(&str, i32); 2] = [("demo-1", 10), ("demo-2", 5)];
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn step(text: &str) {
     println!("\n==> {text}");
@@ -33,6 +41,7 @@ pub async fn load_or_build_appliance() -> anyhow::Result<Appliance> {
 }
 
 pub async fn demo() -> anyhow::Result<()> {
+    let tour_started = Instant::now();
     let appliance = load_or_build_appliance().await?;
     println!(
         "appliance: kernel {}, initramfs {:.1} MiB",
@@ -41,7 +50,7 @@ pub async fn demo() -> anyhow::Result<()> {
     );
 
     let spec = LabSpec::default();
-    let lab = if Lab::exists(&spec.state_dir) {
+    let mut lab = if Lab::exists(&spec.state_dir) {
         step(&format!("lab {} is already up; using it", spec.name));
         Lab::load(&spec.state_dir)?
     } else {
@@ -53,8 +62,15 @@ pub async fn demo() -> anyhow::Result<()> {
         lab
     };
     let spec = lab.spec().clone();
+    anyhow::ensure!(spec.hosts >= 3, "the tour needs a lab of 3 hosts");
     let token = lab.token().context("the lab has no API token")?.to_string();
-    let client = ApiClient::new(&spec.api_url(1), &token);
+    // Any agent answers; when host1 is powered off, the next one does.
+    let others: Vec<String> = spec
+        .host_numbers()
+        .skip(1)
+        .map(|host| spec.api_url(host))
+        .collect();
+    let client = ApiClient::new(&spec.api_url(1), &token).with_fallbacks(&others);
 
     step("the hosts (`ferry host list`)");
     println!(
@@ -62,16 +78,68 @@ pub async fn demo() -> anyhow::Result<()> {
         crate::cluster::hosts_table(&client.list_hosts().await?)
     );
 
-    step("creating two VMs from the appliance (`ferry vm create demo-1 …`)");
+    let vms = create_vms(&client).await?;
+    step("where they run (`ferry vm list`)");
+    println!("{}", crate::cluster::vms_table(&client.list_vms().await?));
+    greet(&vms).await?;
+
+    step("a command in a guest through its guest agent (`ferry vm exec demo-1 -- uname -r`)");
+    let exec = ExecRequest {
+        command: vec!["/bin/uname".into(), "-r".into()],
+        timeout_seconds: Some(20),
+    };
+    let output = client.exec_vm("demo-1", &exec).await?;
+    println!("{}", output.stdout.trim());
+
+    step("live migration of demo-1 while a client writes to it every 0.5 s (`ferry vm migrate demo-1 --to …`)");
+    migrate_under_load(&client, "demo-1", "live", "db-every-0.5s").await?;
+    step("quick migration of demo-2 (saved to shared storage, resumed elsewhere) while a client sends it HTTP requests");
+    migrate_under_load(&client, "demo-2", "quick", "http-every-0.5s").await?;
+
+    power_off_host(&mut lab, &client).await?;
+
+    step("a short downtime benchmark: seven workloads, one run each, live and quick migration and the bare-QEMU baseline (`ferry bench downtime --runs 1`)");
+    let reports = defaults::reports_dir();
+    std::fs::create_dir_all(&reports)
+        .with_context(|| format!("cannot create {}", reports.display()))?;
+    let html = reports.join("downtime-demo.html");
+    crate::bench_downtime::run(crate::bench_downtime::Options {
+        runs: 1,
+        modes: vec!["live".into(), "quick".into(), "qemu".into()],
+        memory: "256M".into(),
+        client_timeout: CLIENT_TIMEOUT,
+        lab: spec.name.clone(),
+        json_file: Some(reports.join("downtime-demo.json")),
+        html_file: Some(html.clone()),
+    })
+    .await?;
+
+    println!(
+        "\nThe tour took {:.0} s. The HTML report with the charts is {}.\n\
+         The lab is still running. Explore it with `ferry host list`, `ferry vm list`, `ferry events`,\n\
+         `ferry vm exec demo-2 -- cat /proc/uptime`, `ferry vm migrate demo-1 --to host3`, `ferry lab fault host2 power-off` …\n\
+         The full benchmark (3 runs, with HA) is `ferry bench downtime --html report.html`.\n\
+         Remove everything the lab made with `ferry lab down`.",
+        tour_started.elapsed().as_secs_f64(),
+        html.display(),
+    );
+    Ok(())
+}
+
+/// Creates the tour's HA VMs (or finds them from an earlier tour) and waits until each
+/// answers.
+async fn create_vms(client: &ApiClient) -> anyhow::Result<Vec<VmView>> {
+    step("creating two HA VMs from the appliance (`ferry vm create demo-1 --ha --priority 10 …`)");
     let mut vms = Vec::new();
-    for name in ["demo-1", "demo-2"] {
+    for (name, priority) in DEMO_VMS {
         let started = Instant::now();
         let request = CreateVmRequest {
             name: name.into(),
             image: "appliance".into(),
             cpus: 1,
             memory: "256M".into(),
-            host: None,
+            ha: true,
+            ha_priority: priority,
             ..Default::default()
         };
         match client.create_vm(&request).await {
@@ -81,7 +149,7 @@ pub async fn demo() -> anyhow::Result<()> {
             }
             Err(error) => return Err(error.into()),
         }
-        let vm = wait_answering(&client, name).await?;
+        let vm = wait_answering(client, name).await?;
         println!(
             "{name}: running on {} at {}, answering {:.1} s after create",
             vm.host.as_deref().unwrap_or("-"),
@@ -90,15 +158,16 @@ pub async fn demo() -> anyhow::Result<()> {
         );
         vms.push(vm);
     }
+    Ok(vms)
+}
 
-    step("where they run (`ferry vm list`)");
-    println!("{}", crate::cluster::vms_table(&client.list_vms().await?));
-
+/// A KV write and read through each VM's ferry-guest, from this machine.
+async fn greet(vms: &[VmView]) -> anyhow::Result<()> {
     step("a KV write and read through each VM's ferry-guest, from this machine over the business switch");
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()?;
-    for vm in &vms {
+    for vm in vms {
         let ip = vm.ip.as_deref().context("the VM has no address")?;
         wait_for_workload(&http, ip).await?;
         let url = format!("http://{ip}:8080/kv/greeting");
@@ -114,13 +183,7 @@ pub async fn demo() -> anyhow::Result<()> {
             put.status().as_u16(),
             put.text().await.unwrap_or_default()
         );
-        let got = http
-            .get(&url)
-            .send()
-            .await
-            .with_context(|| format!("GET {url}"))?
-            .text()
-            .await?;
+        let got = read_greeting(&http, ip).await?;
         println!("GET {url} -> {got}");
         anyhow::ensure!(
             got == value,
@@ -128,18 +191,146 @@ pub async fn demo() -> anyhow::Result<()> {
             vm.name
         );
     }
+    Ok(())
+}
 
-    step("a command in a guest through its guest agent (`ferry vm exec demo-1 -- uname -r`)");
-    let exec = ExecRequest {
-        command: vec!["/bin/uname".into(), "-r".into()],
-        timeout_seconds: Some(20),
-    };
-    let output = client.exec_vm("demo-1", &exec).await?;
-    println!("{}", output.stdout.trim());
+async fn read_greeting(http: &reqwest::Client, ip: &str) -> anyhow::Result<String> {
+    let url = format!("http://{ip}:8080/kv/greeting");
+    Ok(http
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))?
+        .text()
+        .await?)
+}
 
-    println!(
-        "\nThe lab is still running. Explore it with `ferry host list`, `ferry vm list`, `ferry events`,\n`ferry vm exec demo-2 -- cat /proc/uptime`, `ferry lab fault host2 power-off` …\nRemove everything it made with `ferry lab down`."
+/// Moves `vm` to another host in `mode` while the `scenario` flow runs against it, and
+/// prints what the client saw.
+async fn migrate_under_load(
+    client: &ApiClient,
+    vm: &str,
+    mode: &str,
+    scenario: &str,
+) -> anyhow::Result<()> {
+    let view = wait_answering(client, vm).await?;
+    let ip = view.ip.clone().context("the VM has no address")?;
+    let from = view.host.clone().unwrap_or_default();
+    let to = client
+        .list_hosts()
+        .await?
+        .into_iter()
+        .map(|host| host.name)
+        .find(|host| *host != from)
+        .context("no other host to move to")?;
+    let scenario = SCENARIOS
+        .into_iter()
+        .find(|known| known.name == scenario)
+        .context("unknown workload")?;
+    let flow = Flow::start(&ip, scenario, &format!("demo-{mode}-"), CLIENT_TIMEOUT);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = client
+        .migrate_vm(
+            vm,
+            &MigrateRequest {
+                to: Some(to.clone()),
+                mode: Some(mode.into()),
+                ..MigrateRequest::default()
+            },
+        )
+        .await?;
+    let op = crate::ops::follow(client, &started.id, false).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let log = flow.stop().await;
+    anyhow::ensure!(
+        op.status == "completed",
+        "migration of {vm} {}: {}",
+        op.status,
+        op.error.unwrap_or_default()
     );
+    let lost = lost_writes(&ip, &log).await.map_err(anyhow::Error::msg)?;
+    println!(
+        "{vm}: {from} → {to} in {:.1} s; QEMU downtime {} ms. The client: {} operations, longest pause {:.2} s, {} failed, {} acknowledged writes lost",
+        op.total_ms.unwrap_or(0) as f64 / 1000.0,
+        op.qemu_downtime_ms.map_or("-".into(), |ms| ms.to_string()),
+        log.operations,
+        log.downtime().as_secs_f64(),
+        log.failed.len(),
+        lost.len(),
+    );
+    Ok(())
+}
+
+/// Powers off demo-1's host, waits until its HA VMs answer elsewhere with their data,
+/// and powers the host back on.
+async fn power_off_host(lab: &mut Lab, client: &ApiClient) -> anyhow::Result<()> {
+    let victim = wait_answering(client, "demo-1")
+        .await?
+        .host
+        .context("demo-1 has no host")?;
+    let mut on_victim = Vec::new();
+    for (name, _) in DEMO_VMS {
+        if client.get_vm(name).await?.host.as_deref() == Some(victim.as_str()) {
+            on_victim.push(name);
+        }
+    }
+    step(&format!(
+        "powering off {victim} (`ferry lab fault {victim} power-off`), where {} {}",
+        on_victim.join(" and "),
+        if on_victim.len() == 1 { "runs" } else { "run" }
+    ));
+    let number = lab.spec().parse_host(&victim).map_err(anyhow::Error::msg)?;
+    let started = Instant::now();
+    lab.fault(number, ferry_lab::lab::Fault::PowerOff)?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    let spinner = indicatif::ProgressBar::new_spinner();
+    spinner.enable_steady_tick(Duration::from_millis(100));
+    for name in &on_victim {
+        spinner.set_message(format!("waiting for {name} to run elsewhere"));
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let vm = loop {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{name} was not back 120 s after {victim} powered off"
+            );
+            if let Ok(vm) = client.get_vm(name).await {
+                let ip = vm.ip.clone().unwrap_or_default();
+                if vm.host.as_deref().is_some_and(|host| host != victim)
+                    && vm.state == "running"
+                    && read_greeting(&http, &ip).await.is_ok()
+                {
+                    break vm;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        spinner.suspend(|| {
+            println!(
+                "{name}: back on {} {:.1} s after the power-off (lease expiry, fence, restart, guest boot)",
+                vm.host.as_deref().unwrap_or("?"),
+                started.elapsed().as_secs_f64()
+            )
+        });
+        let greeting = read_greeting(&http, vm.ip.as_deref().unwrap_or_default()).await?;
+        spinner.suspend(|| println!("{name}: its data survived: greeting = {greeting:?}"));
+    }
+    spinner.finish_and_clear();
+    println!("the leader's events (`ferry events`):");
+    let events = client.list_events(50).await.unwrap_or_default();
+    let recent: Vec<_> = events
+        .into_iter()
+        .filter(|event| {
+            ["host-fate", "fencing", "fenced-off", "ha-restart"].contains(&event.kind.as_str())
+        })
+        .collect();
+    for event in recent.iter().rev().take(6).rev() {
+        println!("  {} {} {}", event.kind, event.subject, event.message);
+    }
+    step(&format!("powering {victim} back on (`ferry lab heal {victim}`)"));
+    crate::bench_downtime::heal_and_wait(lab, client, &victim).await?;
+    println!("{victim} is back in the cluster");
     Ok(())
 }
 

@@ -113,7 +113,7 @@ async fn finish(client: &ApiClient, op: OpView, no_wait: bool, json: bool) -> an
     }
 }
 
-async fn follow(client: &ApiClient, id: &str, quiet: bool) -> anyhow::Result<OpView> {
+pub(crate) async fn follow(client: &ApiClient, id: &str, quiet: bool) -> anyhow::Result<OpView> {
     let bar = (!quiet).then(|| {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(

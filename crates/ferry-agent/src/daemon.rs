@@ -676,6 +676,7 @@ async fn reconcile_forever(
         last: HashMap::new(),
     };
     let failures: Arc<std::sync::Mutex<HashMap<VmName, Instant>>> = Arc::default();
+    let mut monitors = crate::monitors::Supervisor::default();
     loop {
         tokio::select! {
             change = watch.next() => {
@@ -711,6 +712,7 @@ async fn reconcile_forever(
                 .collect(),
         );
         reconcile_all(&store, &runtime, &api, &view, &ops, &failures).await;
+        monitors.sync(&view, &store, &runtime, &api).await;
         if last_status.elapsed() >= STATUS_EVERY {
             last_status = Instant::now();
             report_status(&store, &runtime, &view, &mut reporter).await;
@@ -964,6 +966,7 @@ async fn carry_out(
                 .await
                 .is_some_and(|machine| machine.guest_panicked())
                 || last_words.contains("Kernel panic");
+            let on_purpose = runtime.take_expected_exit(vm);
             runtime.forget(vm).await;
             let unexpected = record
                 .as_ref()
@@ -976,6 +979,9 @@ async fn carry_out(
                         &format!("VM {vm} was killed on {me}: the host fenced itself"),
                     )
                     .await;
+            } else if let Some(reason) = on_purpose.filter(|_| unexpected) {
+                // A monitor killed it; its event says why, and it is not a failure.
+                write_status(VmState::Failed, None, Some(reason)).await;
             } else if let Some(record) = record.filter(|_| unexpected) {
                 if let Ok(mut failures) = failures.lock() {
                     failures.insert(vm.clone(), Instant::now() - START_BACKOFF / 2);

@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod fence_device;
 pub mod fencing;
 pub mod migration;
+pub mod monitors;
 pub mod reconcile;
 pub mod recovery;
 pub mod runtime;

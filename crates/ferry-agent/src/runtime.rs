@@ -34,6 +34,9 @@ pub struct Runtime {
     /// VMs this agent asked to move away (placement generation, when): its own watch may
     /// not show the request yet, and it must not restart them here meanwhile.
     leaving: std::sync::Mutex<BTreeMap<VmName, (u64, std::time::Instant)>>,
+    /// QEMUs this agent killed on purpose (a monitor's restart or failover), with why:
+    /// their exit is not a failure.
+    expected_exits: std::sync::Mutex<BTreeMap<VmName, String>>,
 }
 
 /// How long a request to leave blocks restarts here without the watch confirming it.
@@ -49,7 +52,20 @@ impl Runtime {
             vms: Mutex::new(BTreeMap::new()),
             busy: std::sync::Mutex::new(BTreeSet::new()),
             leaving: Default::default(),
+            expected_exits: Default::default(),
         }
+    }
+
+    /// The VM's QEMU is about to be killed on purpose, for `reason`.
+    pub fn expect_exit(&self, vm: &VmName, reason: String) {
+        if let Ok(mut expected) = self.expected_exits.lock() {
+            expected.insert(vm.clone(), reason);
+        }
+    }
+
+    /// Why the VM's QEMU was killed on purpose, if it was (once).
+    pub fn take_expected_exit(&self, vm: &VmName) -> Option<String> {
+        self.expected_exits.lock().ok()?.remove(vm)
     }
 
     pub fn mark_leaving(&self, vm: &VmName, generation: u64) {

@@ -175,6 +175,40 @@ impl ApiClient {
         .await
     }
 
+    pub async fn add_monitor(
+        &self,
+        name: &str,
+        request: &crate::types::AddMonitorRequest,
+    ) -> Result<crate::types::MonitorView, ApiError> {
+        self.post(
+            &format!("/vms/{name}/monitors"),
+            Some(request),
+            Duration::from_secs(30),
+        )
+        .await
+    }
+
+    pub async fn list_monitors(
+        &self,
+        name: &str,
+    ) -> Result<Vec<crate::types::MonitorView>, ApiError> {
+        self.get(&format!("/vms/{name}/monitors")).await
+    }
+
+    pub async fn remove_monitor(
+        &self,
+        name: &str,
+        id: &str,
+    ) -> Result<serde_json::Value, ApiError> {
+        self.call(
+            reqwest::Method::DELETE,
+            &format!("/vms/{name}/monitors/{id}"),
+            None::<&()>,
+            Duration::from_secs(30),
+        )
+        .await
+    }
+
     pub async fn update_ha(
         &self,
         name: &str,

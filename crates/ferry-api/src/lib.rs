@@ -7,6 +7,7 @@ pub mod client;
 pub mod client_config;
 mod error;
 pub mod migrate;
+pub mod monitors;
 pub mod ops;
 pub mod rest;
 pub mod types;

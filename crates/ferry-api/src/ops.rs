@@ -51,6 +51,10 @@ pub struct VmEntry {
     pub status: Option<Versioned<VmStatus>>,
     /// Recent failures and restarts (HA).
     pub restarts: Option<Versioned<ferry_model::ha::RestartLog>>,
+    /// The monitors the user added.
+    pub monitors: Option<Versioned<ferry_model::monitor::MonitorSet>>,
+    /// The monitors' state as the VM's host last wrote it.
+    pub health: Option<Versioned<ferry_model::monitor::VmHealth>>,
 }
 
 impl VmEntry {
@@ -75,6 +79,8 @@ impl VmEntry {
             "placement" => self.placement = versioned(value, mod_revision)?,
             "status" => self.status = versioned(value, mod_revision)?,
             "restarts" => self.restarts = versioned(value, mod_revision)?,
+            "monitors" => self.monitors = versioned(value, mod_revision)?,
+            "health" => self.health = versioned(value, mod_revision)?,
             _ => {}
         }
         Ok(())
@@ -87,6 +93,8 @@ impl VmEntry {
             "placement" => self.placement = None,
             "status" => self.status = None,
             "restarts" => self.restarts = None,
+            "monitors" => self.monitors = None,
+            "health" => self.health = None,
             _ => {}
         }
     }
@@ -96,6 +104,8 @@ impl VmEntry {
             && self.placement.is_none()
             && self.status.is_none()
             && self.restarts.is_none()
+            && self.monitors.is_none()
+            && self.health.is_none()
     }
 }
 
@@ -183,6 +193,8 @@ impl ClusterApi {
             placement: self.store.get(&keys.vm_placement(name)).await?,
             status: self.store.get(&keys.vm_status(name)).await?,
             restarts: self.store.get(&keys.vm_restarts(name)).await?,
+            monitors: self.store.get(&keys.vm_monitors(name)).await?,
+            health: self.store.get(&keys.vm_health(name)).await?,
         };
         Ok((entry, record.value))
     }
@@ -828,6 +840,7 @@ pub fn vm_view(entry: &VmEntry) -> Option<VmView> {
                 .filter(|entry| now_ms().saturating_sub(entry.at_ms) < window_ms)
                 .count() as u32
         }),
+        monitors: crate::monitors::monitor_views(entry),
     })
 }
 

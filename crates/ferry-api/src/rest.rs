@@ -20,8 +20,9 @@ use utoipa::OpenApi;
 use crate::auth::{role_of, Role, TokenConfig};
 use crate::ops::ClusterApi;
 use crate::types::{
-    CreateVmRequest, ErrorBody, ErrorDetail, EventView, ExecRequest, ExecResponse, HostView,
-    MigrateRequest, MoveDiskRequest, OpView, ProgressView, UpdateHaRequest, VmView,
+    AddMonitorRequest, CreateVmRequest, ErrorBody, ErrorDetail, EventView, ExecRequest,
+    ExecResponse, HostView, MigrateRequest, MonitorView, MoveDiskRequest, OpView, ProgressView,
+    UpdateHaRequest, VmView,
 };
 use crate::ApiError;
 
@@ -107,6 +108,14 @@ pub fn router(state: RestState) -> Router {
         .route("/api/v1/vms/{name}/stop", post(stop_vm))
         .route("/api/v1/vms/{name}/reset", post(reset_vm))
         .route("/api/v1/vms/{name}/ha", post(update_ha))
+        .route(
+            "/api/v1/vms/{name}/monitors",
+            get(list_monitors).post(add_monitor),
+        )
+        .route(
+            "/api/v1/vms/{name}/monitors/{id}",
+            axum::routing::delete(remove_monitor),
+        )
         .route("/api/v1/vms/{name}/exec", post(exec_vm))
         .route("/api/v1/vms/{name}/migrate", post(migrate_vm))
         .route("/api/v1/vms/{name}/disks/{disk}/move", post(move_disk))
@@ -195,6 +204,38 @@ async fn update_ha(
 ) -> Result<Json<VmView>, ApiError> {
     caller.require(Role::Operator)?;
     Ok(Json(state.api.update_ha(&name, &update).await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/vms/{name}/monitors", params(("name" = String, Path)), responses((status = 200, body = Vec<MonitorView>), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn list_monitors(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<MonitorView>>, ApiError> {
+    caller.require(Role::Viewer)?;
+    Ok(Json(state.api.list_monitors(&name).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/vms/{name}/monitors", params(("name" = String, Path)), request_body = AddMonitorRequest, responses((status = 200, body = MonitorView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+async fn add_monitor(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    Json(request): Json<AddMonitorRequest>,
+) -> Result<Json<MonitorView>, ApiError> {
+    caller.require(Role::Operator)?;
+    Ok(Json(state.api.add_monitor(&name, &request).await?))
+}
+
+#[utoipa::path(delete, path = "/api/v1/vms/{name}/monitors/{id}", params(("name" = String, Path), ("id" = String, Path)), responses((status = 200), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn remove_monitor(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    Path((name, id)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.require(Role::Operator)?;
+    state.api.remove_monitor(&name, &id).await?;
+    Ok(Json(serde_json::json!({"removed": id})))
 }
 
 #[utoipa::path(post, path = "/api/v1/vms/{name}/stop", params(("name" = String, Path)), responses((status = 200, body = VmView), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
@@ -370,8 +411,8 @@ impl utoipa::Modify for BearerAuth {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Ferry API", description = "A high-availability virtualization cluster for QEMU/KVM."),
-    paths(list_hosts, get_host, list_vms, create_vm, get_vm, delete_vm, start_vm, stop_vm, reset_vm, update_ha, exec_vm, migrate_vm, move_disk, list_ops, get_op, cancel_op, list_events, stream_events),
-    components(schemas(HostView, VmView, CreateVmRequest, UpdateHaRequest, ExecRequest, ExecResponse, EventView, ErrorBody, ErrorDetail, MigrateRequest, MoveDiskRequest, OpView, ProgressView)),
+    paths(list_hosts, get_host, list_vms, create_vm, get_vm, delete_vm, start_vm, stop_vm, reset_vm, update_ha, list_monitors, add_monitor, remove_monitor, exec_vm, migrate_vm, move_disk, list_ops, get_op, cancel_op, list_events, stream_events),
+    components(schemas(HostView, VmView, CreateVmRequest, UpdateHaRequest, AddMonitorRequest, MonitorView, ExecRequest, ExecResponse, EventView, ErrorBody, ErrorDetail, MigrateRequest, MoveDiskRequest, OpView, ProgressView)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

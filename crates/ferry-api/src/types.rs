@@ -51,6 +51,61 @@ pub struct VmView {
     /// Failures and restarts within the policy's restart window.
     #[serde(default)]
     pub recent_restarts: u32,
+    /// Built-in and added monitors with their current health.
+    #[serde(default)]
+    pub monitors: Vec<MonitorView>,
+}
+
+/// `ferry vm monitor add`: what to check, how often, and the recovery ladder.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AddMonitorRequest {
+    /// `process`, `tcp`, `http`, `heartbeat`, `stall` or `qemu`.
+    pub kind: String,
+    /// process: a name; tcp: a port; http: `PORT/PATH`, e.g. `8080/health`.
+    #[serde(default)]
+    pub target: Option<String>,
+    /// Where tcp and http checks run from: `host` (default, over the business network)
+    /// or `guest` (inside it, through the guest agent).
+    #[serde(default)]
+    pub via: Option<String>,
+    /// Default `m1`, `m2` …
+    #[serde(default)]
+    pub id: Option<String>,
+    /// e.g. `2s` (default).
+    #[serde(default)]
+    pub interval: Option<String>,
+    /// e.g. `1s` (default); at most the interval.
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// Failed probes in a row before the next ladder step (default 3).
+    #[serde(default)]
+    pub failures: Option<u32>,
+    /// e.g. `restart-app*2,reset-vm,failover-vm`.
+    #[serde(default)]
+    pub ladder: Option<String>,
+    /// The command `restart-app` runs in the guest (default: the image's).
+    #[serde(default)]
+    pub restart_command: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MonitorView {
+    pub id: String,
+    /// `vm` or `application`.
+    pub layer: String,
+    pub check: String,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub failures: u32,
+    pub ladder: String,
+    pub restart_command: Option<String>,
+    pub builtin: bool,
+    /// `ok`, `failing`, `down`, `waiting` (for the guest after an action), `unknown`.
+    pub state: String,
+    pub failed_probes: u32,
+    pub last_error: Option<String>,
+    pub last_action: Option<String>,
+    pub since_ms: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]

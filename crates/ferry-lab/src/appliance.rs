@@ -37,6 +37,9 @@ const MODULES: [&str; 7] = [
 pub const READY_MARKER: &str = "FERRY-APPLIANCE-READY";
 /// The command that restarts ferry-guest inside the appliance.
 pub const RESTART_COMMAND: &str = "/sbin/ferry-guest-ctl restart";
+/// The command that stalls the guest OS for a while (the lab's guest-stall fault):
+/// `/sbin/ferry-stall SECONDS`, started detached so the guest agent answers first.
+pub const STALL_COMMAND: &str = "/sbin/ferry-stall";
 /// Port ferry-guest serves on.
 pub const GUEST_PORT: u16 = 8080;
 
@@ -47,6 +50,7 @@ const RC_READY: &str = include_str!("../appliance/rc.ready");
 const RC_SHUTDOWN: &str = include_str!("../appliance/rc.shutdown");
 const QEMU_GA_RUN: &str = include_str!("../appliance/qemu-ga.run");
 const FERRY_GUEST_CTL: &str = include_str!("../appliance/ferry-guest-ctl");
+const FERRY_STALL: &str = include_str!("../appliance/ferry-stall");
 const POWER_BUTTON: &str = include_str!("../appliance/power-button");
 
 #[derive(Debug, thiserror::Error)]
@@ -241,6 +245,7 @@ pub fn build(request: &BuildRequest) -> Result<Appliance, ApplianceError> {
     files.text("etc/rc.shutdown", RC_SHUTDOWN, true);
     files.text("etc/qemu-ga.run", QEMU_GA_RUN, true);
     files.text("sbin/ferry-guest-ctl", FERRY_GUEST_CTL, true);
+    files.text("sbin/ferry-stall", FERRY_STALL, true);
     files.text("etc/acpi/PWRF/00000080", POWER_BUTTON, true);
     files.text("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n", false);
     files.text("etc/group", "root:x:0:\n", false);

@@ -13,6 +13,7 @@
 pub mod fence;
 pub mod ha;
 pub mod migration;
+pub mod monitor;
 
 use std::collections::BTreeSet;
 

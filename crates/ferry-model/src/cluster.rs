@@ -224,6 +224,10 @@ pub struct ImageRecord {
     pub probe_cmdline: Option<String>,
     #[serde(default)]
     pub probe_marker: Option<String>,
+    /// The command that restarts the image's application in the guest: the default of
+    /// its VMs' `restart-app` monitor action.
+    #[serde(default)]
+    pub restart_command: Option<String>,
 }
 
 /// An entry of the event log.

@@ -5,6 +5,7 @@
 mod bytes;
 pub mod cluster;
 pub mod ha;
+pub mod monitor;
 mod names;
 pub mod ops;
 mod vm;

@@ -50,6 +50,16 @@ impl Keys {
         format!("{}vms/{vm}/restarts", self.prefix)
     }
 
+    /// The monitors the user added to the VM (`ferry_model::monitor::MonitorSet`).
+    pub fn vm_monitors(&self, vm: &VmName) -> String {
+        format!("{}vms/{vm}/monitors", self.prefix)
+    }
+
+    /// The VM's monitors as its host last saw them (`ferry_model::monitor::VmHealth`).
+    pub fn vm_health(&self, vm: &VmName) -> String {
+        format!("{}vms/{vm}/health", self.prefix)
+    }
+
     /// How to power a host off from elsewhere (`ferry_model::ha::FenceDevice`).
     pub fn fence_device(&self, host: &HostName) -> String {
         format!("{}fence/{host}", self.prefix)

@@ -176,6 +176,34 @@ impl Store {
             })
     }
 
+    /// Read-modify-write of one key: `change` gets the current value (`None` if the key
+    /// does not exist) and returns the new one, which is written only if nobody wrote
+    /// the key in between; on a conflict it starts again, up to 10 times.
+    pub async fn update<T, E>(
+        &self,
+        key: &str,
+        mut change: impl FnMut(Option<&T>) -> Result<T, E>,
+    ) -> Result<T, E>
+    where
+        T: Serialize + DeserializeOwned,
+        E: From<StoreError>,
+    {
+        for _ in 0..10 {
+            let current = self.get::<T>(key).await?;
+            let revision = current.as_ref().map_or(0, |current| current.mod_revision);
+            let next = change(current.as_ref().map(|current| &current.value))?;
+            match self.compare_and_swap(key, revision, &next).await {
+                Ok(_) => return Ok(next),
+                Err(StoreError::Conflict { .. }) => continue,
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Err(StoreError::Conflict {
+            key: key.to_string(),
+        }
+        .into())
+    }
+
     /// Writes only if the key was not modified since `mod_revision` (0: does not exist).
     pub async fn compare_and_swap<T: Serialize>(
         &self,

@@ -215,6 +215,11 @@ pub enum VmVerb {
         #[arg(long)]
         json: bool,
     },
+    /// A VM's monitors: `ferry vm monitor add|list|remove`.
+    Monitor {
+        #[command(subcommand)]
+        verb: crate::monitor_cli::MonitorVerb,
+    },
     /// Run a command in the guest through its guest agent: `ferry vm exec NAME -- CMD…`.
     Exec {
         name: String,
@@ -333,6 +338,9 @@ fn print_vm(vm: &VmView, json: bool) -> anyhow::Result<()> {
             if vm.recent_restarts == 1 { "" } else { "s" }
         );
     }
+    if !vm.monitors.is_empty() {
+        println!("{}", crate::monitor_cli::monitors_table(&vm.monitors));
+    }
     Ok(())
 }
 
@@ -428,6 +436,7 @@ pub async fn run_vm(endpoint: &Endpoint, verb: VmVerb) -> anyhow::Result<()> {
             Ok(())
         }
         VmVerb::Show { name, json } => print_vm(&client.get_vm(&name).await?, json),
+        VmVerb::Monitor { verb } => crate::monitor_cli::run(&client, verb).await,
         VmVerb::Update {
             name,
             ha,

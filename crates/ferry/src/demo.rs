@@ -328,7 +328,9 @@ async fn power_off_host(lab: &mut Lab, client: &ApiClient) -> anyhow::Result<()>
     for event in recent.iter().rev().take(6).rev() {
         println!("  {} {} {}", event.kind, event.subject, event.message);
     }
-    step(&format!("powering {victim} back on (`ferry lab heal {victim}`)"));
+    step(&format!(
+        "powering {victim} back on (`ferry lab heal {victim}`)"
+    ));
     crate::bench_downtime::heal_and_wait(lab, client, &victim).await?;
     println!("{victim} is back in the cluster");
     Ok(())

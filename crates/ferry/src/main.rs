@@ -12,6 +12,7 @@ mod cluster;
 mod demo;
 mod image;
 mod lab;
+mod monitor_cli;
 mod ops;
 mod output;
 

@@ -72,6 +72,7 @@ impl Cluster {
             data_disk: Bytes(256 * Bytes::MIB),
             probe_cmdline: None,
             probe_marker: None,
+            restart_command: None,
         };
         store
             .put(&store.keys().image("appliance"), &image, None)

@@ -304,6 +304,7 @@ impl Lab {
             data_disk: APPLIANCE_DATA_DISK,
             probe_cmdline: Some(probe.cmdline),
             probe_marker: Some(probe.marker),
+            restart_command: Some(crate::appliance::RESTART_COMMAND.into()),
         };
         store
             .put(&store.keys().image(APPLIANCE_IMAGE), &image, None)

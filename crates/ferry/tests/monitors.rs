@@ -1,0 +1,271 @@
+//! Monitors and their recovery ladders in the lab, with real etcd, agents and QEMU
+//! under TCG, faults made inside the real appliance:
+//! - ferry-guest killed → the HTTP monitor restarts it through the guest agent, without
+//!   a reboot; a probe lost for a moment does nothing;
+//! - ferry-guest hung (SIGSTOP), with a restart command that cannot help → the ladder
+//!   goes on to reset the VM, and the guest answers again after its reboot;
+//! - the guest OS stalled (userspace frozen, the kernel alive) → the built-in stall
+//!   monitor resets it;
+//! - bad monitors are refused at create time with the reason.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly by design
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::vm_on;
+use ferry_api::client::ApiClient;
+use ferry_api::types::{AddMonitorRequest, EventView, ExecRequest};
+use ferry_api::ApiError;
+use ferry_lab::workload::boot_id;
+
+fn in_guest(script: &str) -> ExecRequest {
+    ExecRequest {
+        command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        timeout_seconds: Some(20),
+    }
+}
+
+fn http_monitor(ladder: &str, restart_command: Option<&str>) -> AddMonitorRequest {
+    AddMonitorRequest {
+        kind: "http".into(),
+        target: Some("8080/health".into()),
+        interval: Some("2s".into()),
+        timeout: Some("2s".into()),
+        failures: Some(3),
+        ladder: Some(ladder.into()),
+        restart_command: restart_command.map(str::to_string),
+        ..AddMonitorRequest::default()
+    }
+}
+
+/// The VM's events of `kind`, oldest first.
+async fn events(client: &ApiClient, vm: &str, kind: &str) -> Vec<EventView> {
+    let mut found: Vec<EventView> = client
+        .list_events(1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|event| event.subject == format!("vm/{vm}") && event.kind == kind)
+        .collect();
+    found.sort_by_key(|event| event.at_ms);
+    found
+}
+
+/// Waits until the VM has `count` events of `kind`.
+async fn wait_events(
+    client: &ApiClient,
+    vm: &str,
+    kind: &str,
+    count: usize,
+    timeout: Duration,
+) -> Vec<EventView> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let found = events(client, vm, kind).await;
+        if found.len() >= count {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "VM {vm}: {} {kind} event(s) after {timeout:?}, wanted {count}: {:?}",
+            found.len(),
+            client.list_events(50).await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Waits until the VM's monitor `id` reports `state`.
+async fn wait_state(client: &ApiClient, vm: &str, id: &str, state: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let monitors = client.list_monitors(vm).await.unwrap();
+        if monitors
+            .iter()
+            .any(|monitor| monitor.id == id && monitor.state == state)
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "monitor {id} of {vm} never {state}: {monitors:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_killed_application_is_restarted_and_a_hung_one_escalates_to_a_reset() {
+    let (_lab, _guard, client) = common::lab(21, 1).await;
+    let vm = vm_on(&client, "app", "host1").await;
+    let ip = vm.ip.clone().unwrap();
+    let first_boot = boot_id(&ip).await.unwrap();
+
+    // Bad monitors are refused before anything is written.
+    for (request, reason) in [
+        (http_monitor("restart-app*inf", None), "never ends"),
+        (http_monitor("restart-app,explode", None), "unknown action"),
+        (
+            AddMonitorRequest {
+                interval: Some("0s".into()),
+                ..http_monitor("reset-vm", None)
+            },
+            "interval",
+        ),
+    ] {
+        match client.add_monitor("app", &request).await {
+            Err(ApiError::BadRequest(message)) => {
+                assert!(message.contains(reason), "{message}")
+            }
+            other => panic!("{request:?} was not refused: {other:?}"),
+        }
+    }
+
+    // The image's restart command is the default.
+    let monitor = client
+        .add_monitor("app", &http_monitor("restart-app*2,reset-vm", None))
+        .await
+        .unwrap();
+    assert_eq!(
+        monitor.restart_command.as_deref(),
+        Some(ferry_lab::appliance::RESTART_COMMAND)
+    );
+    wait_state(&client, "app", "m1", "ok").await;
+
+    // One lost probe, not three in a row: nothing happens.
+    client
+        .exec_vm(
+            "app",
+            &in_guest("P=$(cat /run/ferry-guest.pid); kill -STOP $P; sleep 1.5; kill -CONT $P"),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        events(&client, "app", "monitor-action").await.is_empty(),
+        "a probe lost for a moment must not act"
+    );
+
+    // Killed: restarted in the guest, no reboot.
+    client
+        .exec_vm("app", &in_guest("kill -KILL $(cat /run/ferry-guest.pid)"))
+        .await
+        .unwrap();
+    let actions = wait_events(&client, "app", "monitor-action", 1, Duration::from_secs(60)).await;
+    assert!(
+        actions[0].message.contains("restart-app") && actions[0].message.contains("exited 0"),
+        "{actions:?}"
+    );
+    wait_events(
+        &client,
+        "app",
+        "monitor-recovered",
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(boot_id(&ip).await.unwrap(), first_boot, "no reboot");
+
+    // Hung, with a restart command that sees it "running": the ladder goes on to reset.
+    client.remove_monitor("app", "m1").await.unwrap();
+    let hung = client
+        .add_monitor(
+            "app",
+            &http_monitor("restart-app,reset-vm", Some("/sbin/ferry-guest-ctl start")),
+        )
+        .await
+        .unwrap();
+    wait_state(&client, "app", &hung.id, "ok").await;
+    client
+        .exec_vm("app", &in_guest("kill -STOP $(cat /run/ferry-guest.pid)"))
+        .await
+        .unwrap();
+    let actions = wait_events(
+        &client,
+        "app",
+        "monitor-action",
+        3,
+        Duration::from_secs(120),
+    )
+    .await;
+    let ladder: Vec<&str> = actions[1..]
+        .iter()
+        .map(|event| {
+            if event.message.contains("; reset-vm (attempt") {
+                "reset-vm"
+            } else {
+                "restart-app"
+            }
+        })
+        .collect();
+    assert_eq!(ladder, ["restart-app", "reset-vm"], "{actions:?}");
+    wait_events(
+        &client,
+        "app",
+        "monitor-recovered",
+        2,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_ne!(
+        boot_id(&ip).await.unwrap(),
+        first_boot,
+        "the reset rebooted it"
+    );
+    let view = client.get_vm("app").await.unwrap();
+    let hung = view
+        .monitors
+        .iter()
+        .find(|monitor| monitor.id == hung.id)
+        .unwrap();
+    assert_eq!(hung.last_action.as_deref(), Some("reset-vm"), "{hung:?}");
+    assert_eq!(view.host.as_deref(), Some("host1"));
+}
+
+#[tokio::test]
+async fn a_stalled_guest_is_reset_by_the_built_in_stall_monitor() {
+    let (_lab, _guard, client) = common::lab(22, 1).await;
+    let vm = vm_on(&client, "stuck", "host1").await;
+    let ip = vm.ip.clone().unwrap();
+    let first_boot = boot_id(&ip).await.unwrap();
+    wait_state(&client, "stuck", "stall", "ok").await;
+
+    let stall = format!(
+        "setsid {} 300 </dev/null >/dev/null 2>&1 &",
+        ferry_lab::appliance::STALL_COMMAND
+    );
+    client.exec_vm("stuck", &in_guest(&stall)).await.unwrap();
+    let actions = wait_events(
+        &client,
+        "stuck",
+        "monitor-action",
+        1,
+        Duration::from_secs(90),
+    )
+    .await;
+    assert!(
+        actions[0].message.contains("monitor stall") && actions[0].message.contains("reset-vm"),
+        "{actions:?}"
+    );
+    wait_events(
+        &client,
+        "stuck",
+        "monitor-recovered",
+        1,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_ne!(
+        boot_id(&ip).await.unwrap(),
+        first_boot,
+        "reset, so rebooted"
+    );
+    let vm = client.get_vm("stuck").await.unwrap();
+    assert_eq!(
+        vm.host.as_deref(),
+        Some("host1"),
+        "reset in place, not failed over"
+    );
+}

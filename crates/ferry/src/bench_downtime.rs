@@ -468,7 +468,12 @@ pub fn mode_table(mode: &str, runs: &[Run], per_case: u32) -> Table {
 /// How many times shorter our median downtime is; a downtime under the measurement's
 /// resolution (10 ms) counts as 10 ms.
 fn ratio(reference: f64, ours: f64) -> String {
-    format!("{:.0}×", reference / ours.max(0.01))
+    let times = reference / ours.max(0.01);
+    if times < 10.0 {
+        format!("{times:.1}×")
+    } else {
+        format!("{times:.0}×")
+    }
 }
 
 fn machine_description() -> String {
@@ -519,7 +524,7 @@ mod tests {
         assert!(text.contains("0.27 error"), "{text}");
         assert!(text.contains("1.12"), "{text}");
         // Reference median 1.08 s over our median 0.27 s.
-        assert!(text.contains("4×"), "{text}");
+        assert!(text.contains("4.0×"), "{text}");
         assert!(
             !text.contains("db-bulk"),
             "workloads without runs are left out"

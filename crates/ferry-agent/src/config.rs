@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use ferry_api::auth::TokenConfig;
+use ferry_model::monitor::{default_host_monitors, Check, Ladder, Monitor};
 use ferry_model::{Bytes, HostName};
 use serde::{Deserialize, Serialize};
 
@@ -40,6 +41,32 @@ pub struct AgentConfig {
     /// Networks this host is attached to, by name (`management`, `migration`, `business`).
     #[serde(default)]
     pub networks: BTreeMap<String, NetworkConfig>,
+    /// Host monitors (`[[monitor]]`); none: the defaults (each network's carrier, each
+    /// pool's and the run directory's I/O).
+    #[serde(default, rename = "monitor")]
+    pub monitors: Vec<HostMonitorConfig>,
+}
+
+/// One `[[monitor]]` of the agent config.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostMonitorConfig {
+    /// Default: the kind and what it watches (`carrier-business`).
+    pub id: Option<String>,
+    /// `carrier`, `ping`, `storage` or `local-disk`.
+    pub kind: String,
+    /// carrier and ping: the network (its `interface` for carrier).
+    pub network: Option<String>,
+    /// ping: the address to ping.
+    pub address: Option<String>,
+    /// storage: the pool.
+    pub pool: Option<String>,
+    /// e.g. `1s`.
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub failures: Option<u32>,
+    /// `migrate-away` or `none`.
+    pub ladder: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -304,6 +331,134 @@ impl AgentConfig {
         Ok(config)
     }
 
+    /// The host monitors to run: the configured ones, checked, or the defaults.
+    pub fn host_monitors(&self) -> Result<Vec<Monitor>, String> {
+        if self.monitors.is_empty() {
+            let networks: Vec<(String, String)> = self
+                .networks
+                .iter()
+                .filter_map(|(name, network)| Some((name.clone(), network.interface.clone()?)))
+                .collect();
+            let pools: Vec<(String, PathBuf)> = self
+                .pools
+                .iter()
+                .map(|pool| (pool.name.clone(), pool.path.clone()))
+                .collect();
+            return Ok(default_host_monitors(
+                &networks,
+                &pools,
+                self.paths.run_dir.clone(),
+            ));
+        }
+        let mut monitors: Vec<Monitor> = Vec::new();
+        for (index, config) in self.monitors.iter().enumerate() {
+            let monitor = self
+                .host_monitor(config)
+                .map_err(|problem| format!("monitor[{index}] ({}): {problem}", config.kind))?;
+            if monitors.iter().any(|known| known.id == monitor.id) {
+                return Err(format!(
+                    "monitor[{index}]: a second monitor with id {}",
+                    monitor.id
+                ));
+            }
+            monitors.push(monitor);
+        }
+        Ok(monitors)
+    }
+
+    fn host_monitor(&self, config: &HostMonitorConfig) -> Result<Monitor, String> {
+        let network = |config: &HostMonitorConfig| -> Result<(String, &NetworkConfig), String> {
+            let name = config.network.clone().ok_or("needs network")?;
+            let network = self
+                .networks
+                .get(&name)
+                .ok_or_else(|| format!("network {name} is not in [networks]"))?;
+            Ok((name, network))
+        };
+        let (check, what) = match config.kind.as_str() {
+            "carrier" => {
+                let (name, settings) = network(config)?;
+                let interface = settings
+                    .interface
+                    .clone()
+                    .ok_or_else(|| format!("networks.{name} has no interface to watch"))?;
+                (
+                    Check::Carrier {
+                        network: name.clone(),
+                        interface,
+                    },
+                    name,
+                )
+            }
+            "ping" => {
+                let (name, _) = network(config)?;
+                let address = config.address.clone().ok_or("needs address")?;
+                address
+                    .parse::<std::net::IpAddr>()
+                    .map_err(|_| format!("address {address:?} is not an IP address"))?;
+                (
+                    Check::Ping {
+                        network: name.clone(),
+                        address,
+                    },
+                    name,
+                )
+            }
+            "storage" => {
+                let name = config.pool.clone().ok_or("needs pool")?;
+                let pool = self
+                    .pools
+                    .iter()
+                    .find(|pool| pool.name == name)
+                    .ok_or_else(|| format!("pool {name} is not in [[pools]]"))?;
+                (
+                    Check::Storage {
+                        pool: name.clone(),
+                        path: pool.path.clone(),
+                    },
+                    name,
+                )
+            }
+            "local-disk" => (
+                Check::LocalDisk {
+                    path: self.paths.run_dir.clone(),
+                },
+                "run-dir".into(),
+            ),
+            other => {
+                return Err(format!(
+                    "unknown host monitor kind {other:?}: expected carrier, ping, storage or local-disk"
+                ))
+            }
+        };
+        let duration = |field: &str, text: &Option<String>, default_ms: u64| match text {
+            None => Ok(default_ms),
+            Some(text) => humantime::parse_duration(text)
+                .map(|duration| duration.as_millis() as u64)
+                .map_err(|error| format!("{field} {text:?}: {error}")),
+        };
+        let interval_ms = duration("interval", &config.interval, 1_000)?;
+        let monitor = Monitor {
+            id: config
+                .id
+                .clone()
+                .unwrap_or_else(|| format!("{}-{what}", config.kind)),
+            check,
+            interval_ms,
+            timeout_ms: duration("timeout", &config.timeout, interval_ms.min(1_000))?,
+            failures: config.failures.unwrap_or(2),
+            ladder: config
+                .ladder
+                .as_deref()
+                .unwrap_or("migrate-away")
+                .parse::<Ladder>()?,
+            restart_command: None,
+            builtin: false,
+        };
+        monitor.validate()?;
+        Ok(monitor)
+    }
+
     fn check(&self) -> Result<(), String> {
         if self.cluster.etcd.is_empty() {
             return Err("cluster.etcd: at least one etcd URL is needed".into());
@@ -326,6 +481,7 @@ impl AgentConfig {
                 ));
             }
         }
+        self.host_monitors()?;
         if self.migration.max_concurrent == 0 {
             return Err("migration.max_concurrent: must be at least 1".into());
         }
@@ -431,6 +587,17 @@ bandwidth = "10G"
 # address = "10.0.2.11/24"
 # bridge = "br-business"
 # interface = "eth2"
+
+# Host monitors. Without any: each network's carrier (business: migrate its VMs away),
+# each pool's and the run directory's I/O (migrate the VMs using them away).
+# [[monitor]]
+# kind = "ping"              # carrier, ping, storage or local-disk
+# network = "business"
+# address = "10.0.2.1"
+# interval = "1s"
+# timeout = "1s"
+# failures = 3
+# ladder = "migrate-away"    # or none
 "#;
 
 #[cfg(test)]
@@ -494,6 +661,45 @@ mod tests {
         )
         .unwrap_err();
         assert!(problem.contains("chosen by Ferry"), "{problem}");
+    }
+
+    #[test]
+    fn host_monitors_default_to_links_and_storage_and_bad_ones_are_named() {
+        let base = "host = \"h\"\n[[pools]]\nname = \"shared\"\npath = \"/srv/shared\"\n[networks.business]\ninterface = \"eth2\"\n";
+        let defaults = AgentConfig::parse(base).unwrap().host_monitors().unwrap();
+        let ids: Vec<&str> = defaults.iter().map(|monitor| monitor.id.as_str()).collect();
+        assert_eq!(ids, ["carrier-business", "storage-shared", "local-disk"]);
+
+        let ping = format!(
+            "{base}[[monitor]]\nkind = \"ping\"\nnetwork = \"business\"\naddress = \"10.0.2.1\"\nfailures = 3\n"
+        );
+        let configured = AgentConfig::parse(&ping).unwrap().host_monitors().unwrap();
+        assert_eq!(configured.len(), 1);
+        assert_eq!(configured[0].check.to_string(), "ping 10.0.2.1 (business)");
+
+        for (extra, reason) in [
+            (
+                "kind = \"ping\"\nnetwork = \"business\"\naddress = \"gateway\"",
+                "not an IP address",
+            ),
+            (
+                "kind = \"carrier\"\nnetwork = \"storage\"",
+                "not in [networks]",
+            ),
+            (
+                "kind = \"storage\"\npool = \"shared\"\nladder = \"reset-vm\"",
+                "host monitor",
+            ),
+            (
+                "kind = \"storage\"\npool = \"shared\"\ninterval = \"0s\"",
+                "interval",
+            ),
+            ("kind = \"smoke\"", "unknown host monitor kind"),
+        ] {
+            let problem = AgentConfig::parse(&format!("{base}[[monitor]]\n{extra}\n")).unwrap_err();
+            assert!(problem.contains(reason), "{extra}: {problem}");
+            assert!(problem.starts_with("monitor[0]"), "{problem}");
+        }
     }
 
     #[test]

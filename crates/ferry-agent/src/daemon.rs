@@ -189,6 +189,14 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         api.clone(),
         runtime.clone(),
     ));
+    // Checked when the config was loaded.
+    let host_monitors = config.host_monitors().unwrap_or_default();
+    tokio::spawn(crate::host_monitors::run_forever(
+        host_monitors,
+        store.clone(),
+        runtime.clone(),
+        api.clone(),
+    ));
     reconcile_forever(store, runtime, api).await
 }
 

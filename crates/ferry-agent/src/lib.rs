@@ -5,6 +5,7 @@ pub mod config;
 pub mod daemon;
 pub mod fence_device;
 pub mod fencing;
+pub mod host_monitors;
 pub mod migration;
 pub mod monitors;
 pub mod reconcile;

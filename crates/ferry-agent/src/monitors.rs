@@ -443,6 +443,12 @@ impl Watch {
                     .await,
                 )
             }
+            Check::Carrier { .. }
+            | Check::Ping { .. }
+            | Check::Storage { .. }
+            | Check::LocalDisk { .. } => {
+                Probe::Failed(format!("{} is a host check, not a VM's", monitor.check))
+            }
         }
     }
 

@@ -157,6 +157,10 @@ fn default_ladder(check: &Check, can_restart_app: bool) -> Ladder {
             "restart-app*2,reset-vm,failover-vm"
         }
         Check::Process { .. } | Check::Tcp { .. } | Check::Http { .. } => "reset-vm,failover-vm",
+        Check::Carrier { .. }
+        | Check::Ping { .. }
+        | Check::Storage { .. }
+        | Check::LocalDisk { .. } => "migrate-away",
     };
     text.parse().unwrap_or(Ladder(Vec::new()))
 }

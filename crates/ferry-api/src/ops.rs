@@ -203,9 +203,31 @@ impl ClusterApi {
         let hosts = self.hosts().await?;
         let entries = self.vm_entries().await?;
         let leader = self.store.leader().await.ok().flatten();
+        let (healths, _) = self
+            .store
+            .list::<ferry_model::monitor::HostHealth>(&self.store.keys().host_healths())
+            .await?;
         Ok(hosts
             .iter()
-            .map(|host| host_view(host, &entries, leader.as_deref()))
+            .map(|host| {
+                let mut view = host_view(host, &entries, leader.as_deref());
+                let key = self.store.keys().host_health(&host.name);
+                if let Some((_, health)) = healths.iter().find(|(known, _)| *known == key) {
+                    view.monitors = health
+                        .value
+                        .monitors
+                        .iter()
+                        .map(|monitor| crate::types::HostMonitorView {
+                            id: monitor.id.clone(),
+                            check: monitor.check.clone(),
+                            state: monitor.state.clone(),
+                            failed_probes: monitor.failures,
+                            last_error: monitor.last_error.clone(),
+                        })
+                        .collect();
+                }
+                view
+            })
             .collect())
     }
 
@@ -799,6 +821,7 @@ fn host_view(
         accel: host.accel.clone(),
         cpu_model: host.cpu_model.clone(),
         leader: leader == Some(host.name.as_str()),
+        monitors: Vec::new(),
     }
 }
 

@@ -21,8 +21,8 @@ use crate::auth::{role_of, Role, TokenConfig};
 use crate::ops::ClusterApi;
 use crate::types::{
     AddMonitorRequest, CreateVmRequest, ErrorBody, ErrorDetail, EventView, ExecRequest,
-    ExecResponse, HostView, MigrateRequest, MonitorView, MoveDiskRequest, OpView, ProgressView,
-    UpdateHaRequest, VmView,
+    ExecResponse, HostMonitorView, HostView, MigrateRequest, MonitorView, MoveDiskRequest, OpView,
+    ProgressView, UpdateHaRequest, VmView,
 };
 use crate::ApiError;
 
@@ -412,7 +412,7 @@ impl utoipa::Modify for BearerAuth {
 #[openapi(
     info(title = "Ferry API", description = "A high-availability virtualization cluster for QEMU/KVM."),
     paths(list_hosts, get_host, list_vms, create_vm, get_vm, delete_vm, start_vm, stop_vm, reset_vm, update_ha, list_monitors, add_monitor, remove_monitor, exec_vm, migrate_vm, move_disk, list_ops, get_op, cancel_op, list_events, stream_events),
-    components(schemas(HostView, VmView, CreateVmRequest, UpdateHaRequest, AddMonitorRequest, MonitorView, ExecRequest, ExecResponse, EventView, ErrorBody, ErrorDetail, MigrateRequest, MoveDiskRequest, OpView, ProgressView)),
+    components(schemas(HostView, HostMonitorView, VmView, CreateVmRequest, UpdateHaRequest, AddMonitorRequest, MonitorView, ExecRequest, ExecResponse, EventView, ErrorBody, ErrorDetail, MigrateRequest, MoveDiskRequest, OpView, ProgressView)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

@@ -22,6 +22,19 @@ pub struct HostView {
     pub cpu_model: String,
     /// This host's agent runs the manager.
     pub leader: bool,
+    /// The host's monitors (links, storage) as its agent last wrote them.
+    #[serde(default)]
+    pub monitors: Vec<HostMonitorView>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HostMonitorView {
+    pub id: String,
+    pub check: String,
+    /// `ok`, `failing`, `down` or `unknown`.
+    pub state: String,
+    pub failed_probes: u32,
+    pub last_error: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -4,6 +4,7 @@
 //! at the first fault.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -33,6 +34,15 @@ pub enum Check {
     Tcp { port: u16, via: Via },
     /// `GET http://VM:port/path` answers 2xx.
     Http { port: u16, path: String, via: Via },
+    /// The host's interface on a network has carrier (link up at both ends).
+    Carrier { network: String, interface: String },
+    /// An address on a network answers ping from this host.
+    Ping { network: String, address: String },
+    /// A timed write and read-back of a file on a pool completes (a stuck write counts as
+    /// failed after the timeout).
+    Storage { pool: String, path: PathBuf },
+    /// The same on the host's own (boot) disk.
+    LocalDisk { path: PathBuf },
 }
 
 /// Where an application check runs from.
@@ -52,6 +62,10 @@ impl Check {
         match self {
             Check::Qemu | Check::Heartbeat | Check::Stall => "vm",
             Check::Process { .. } | Check::Tcp { .. } | Check::Http { .. } => "application",
+            Check::Carrier { .. }
+            | Check::Ping { .. }
+            | Check::Storage { .. }
+            | Check::LocalDisk { .. } => "host",
         }
     }
 
@@ -132,6 +146,12 @@ impl fmt::Display for Check {
             Check::Http { port, path, via: v } => {
                 write!(formatter, "http :{port}{path}{}", via(v))
             }
+            Check::Carrier { network, interface } => {
+                write!(formatter, "carrier {network} ({interface})")
+            }
+            Check::Ping { network, address } => write!(formatter, "ping {address} ({network})"),
+            Check::Storage { pool, .. } => write!(formatter, "storage {pool}"),
+            Check::LocalDisk { path } => write!(formatter, "local disk {}", path.display()),
         }
     }
 }
@@ -385,9 +405,20 @@ impl Monitor {
             ));
         }
         self.ladder.validate()?;
+        if self.check.layer() == "host" {
+            return match self.ladder.0.iter().find(|step| {
+                !matches!(step.action, Action::MigrateAway | Action::None)
+            }) {
+                Some(step) => Err(format!(
+                    "{}: a host monitor moves the VMs the fault affects (migrate-away) or only reports (none)",
+                    step.action
+                )),
+                None => Ok(()),
+            };
+        }
         if self.ladder.contains(Action::FenceHost) {
             return Err(
-                "fence-host is a host monitor's action; a VM's monitor can fail the VM over instead"
+                "fence-host is not an action of a VM's monitor; fail the VM over instead (failover-vm)"
                     .into(),
             );
         }
@@ -469,6 +500,64 @@ pub fn builtin_monitors() -> Vec<Monitor> {
     ]
 }
 
+/// The host monitors an agent runs when its config names none: the carrier of each
+/// network's interface (a dead business link moves the VMs away; the others only
+/// report, since the lease and the migration's own errors cover them), a timed write on
+/// each pool (the VMs with disks there move away) and on the host's run directory.
+pub fn default_host_monitors(
+    networks: &[(String, String)],
+    pools: &[(String, PathBuf)],
+    run_dir: PathBuf,
+) -> Vec<Monitor> {
+    let step = |action| Ladder(vec![Step { action, times: 1 }]);
+    let mut monitors = Vec::new();
+    for (network, interface) in networks {
+        monitors.push(Monitor {
+            id: format!("carrier-{network}"),
+            check: Check::Carrier {
+                network: network.clone(),
+                interface: interface.clone(),
+            },
+            interval_ms: 1_000,
+            timeout_ms: 1_000,
+            failures: 2,
+            ladder: step(if network == "business" {
+                Action::MigrateAway
+            } else {
+                Action::None
+            }),
+            restart_command: None,
+            builtin: true,
+        });
+    }
+    for (pool, path) in pools {
+        monitors.push(Monitor {
+            id: format!("storage-{pool}"),
+            check: Check::Storage {
+                pool: pool.clone(),
+                path: path.clone(),
+            },
+            interval_ms: 2_000,
+            timeout_ms: 2_000,
+            failures: 3,
+            ladder: step(Action::MigrateAway),
+            restart_command: None,
+            builtin: true,
+        });
+    }
+    monitors.push(Monitor {
+        id: "local-disk".into(),
+        check: Check::LocalDisk { path: run_dir },
+        interval_ms: 2_000,
+        timeout_ms: 2_000,
+        failures: 3,
+        ladder: step(Action::MigrateAway),
+        restart_command: None,
+        builtin: true,
+    });
+    monitors
+}
+
 /// The state of one monitor as its host last saw it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MonitorHealth {
@@ -482,6 +571,13 @@ pub struct MonitorHealth {
     /// The last action taken for the current fault, if any.
     pub last_action: Option<String>,
     pub since_ms: u64,
+}
+
+/// Every monitor of a host, written by its agent on each change (`hosts/NAME/health`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostHealth {
+    pub version: u32,
+    pub monitors: Vec<MonitorHealth>,
 }
 
 /// Every monitor of a VM, written by its host on each change (`vms/NAME/health`).
@@ -571,7 +667,7 @@ mod tests {
         assert!(monitor("fence-host")
             .validate()
             .unwrap_err()
-            .contains("host monitor"));
+            .contains("not an action"));
         let never = Monitor {
             failures: 0,
             ..monitor("reset-vm")
@@ -580,6 +676,29 @@ mod tests {
         for builtin in builtin_monitors() {
             builtin.validate().unwrap();
         }
+        let host_defaults = default_host_monitors(
+            &[
+                ("business".into(), "biz0".into()),
+                ("management".into(), "mgmt0".into()),
+            ],
+            &[("shared".into(), "/srv/shared".into())],
+            "/run/ferry".into(),
+        );
+        assert_eq!(host_defaults.len(), 4);
+        for monitor in &host_defaults {
+            monitor.validate().unwrap();
+        }
+        let reset_a_host = Monitor {
+            check: Check::Carrier {
+                network: "business".into(),
+                interface: "biz0".into(),
+            },
+            ..monitor("reset-vm")
+        };
+        assert!(reset_a_host
+            .validate()
+            .unwrap_err()
+            .contains("host monitor"));
     }
 
     #[test]

@@ -60,6 +60,15 @@ impl Keys {
         format!("{}vms/{vm}/health", self.prefix)
     }
 
+    /// A host's monitors as its agent last saw them (`ferry_model::monitor::HostHealth`).
+    pub fn host_health(&self, host: &HostName) -> String {
+        format!("{}host-health/{host}", self.prefix)
+    }
+
+    pub fn host_healths(&self) -> String {
+        format!("{}host-health/", self.prefix)
+    }
+
     /// How to power a host off from elsewhere (`ferry_model::ha::FenceDevice`).
     pub fn fence_device(&self, host: &HostName) -> String {
         format!("{}fence/{host}", self.prefix)

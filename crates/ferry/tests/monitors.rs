@@ -269,3 +269,67 @@ async fn a_stalled_guest_is_reset_by_the_built_in_stall_monitor() {
         "reset in place, not failed over"
     );
 }
+
+#[tokio::test]
+async fn a_host_whose_business_link_dies_live_migrates_its_vms_away_without_a_failed_request() {
+    let (mut lab, _guard, client) = common::lab(23, 2).await;
+    let vm = vm_on(&client, "web", "host1").await;
+    let ip = vm.ip.clone().unwrap();
+    let first_boot = boot_id(&ip).await.unwrap();
+    let scenario = ferry_lab::flows::SCENARIOS
+        .into_iter()
+        .find(|scenario| scenario.name == "db-every-0.5s")
+        .unwrap();
+    let flow = ferry_lab::flows::Flow::start(&ip, scenario, "link-", Duration::from_secs(10));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    lab.fault(
+        1,
+        ferry_lab::lab::Fault::LinkDown(ferry_lab::lab::LabNet::Business),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let vm = client.get_vm("web").await.unwrap();
+        if vm.host.as_deref() == Some("host2") && vm.state == "running" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "web never left host1: {vm:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let log = flow.stop().await;
+    assert!(log.failed.is_empty(), "failed requests: {:?}", log.failed);
+    let lost = ferry_lab::flows::lost_writes(&ip, &log).await.unwrap();
+    assert!(lost.is_empty(), "lost writes: {lost:?}");
+    assert_eq!(
+        boot_id(&ip).await.unwrap(),
+        first_boot,
+        "moved live, no reboot"
+    );
+
+    let actions: Vec<EventView> = client
+        .list_events(500)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|event| event.subject == "host/host1" && event.kind == "monitor-action")
+        .collect();
+    assert!(
+        actions
+            .iter()
+            .any(|event| event.message.contains("carrier-business")
+                && event.message.contains("migrate-away")
+                && event.message.contains("web")),
+        "{actions:?}"
+    );
+    let hosts = client.list_hosts().await.unwrap();
+    let host1 = hosts.iter().find(|host| host.name == "host1").unwrap();
+    assert!(
+        host1
+            .monitors
+            .iter()
+            .any(|monitor| monitor.id == "carrier-business" && monitor.state == "down"),
+        "{host1:?}"
+    );
+}

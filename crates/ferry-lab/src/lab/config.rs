@@ -91,6 +91,9 @@ pub fn agent_config(
             },
         ],
         networks,
+        // The default host monitors: each link's carrier, each pool's and the run
+        // directory's I/O.
+        monitors: Vec::new(),
     })
 }
 

@@ -89,6 +89,19 @@ impl HostWatch {
                     attempt,
                     detected_after_ms,
                 } => {
+                    self.event(
+                        "monitor-down",
+                        &format!(
+                            "host {me}: monitor {} ({}) down after {} failed probe(s) in {:.1} s ({}); {action} (attempt {attempt} of ladder {})",
+                            monitor.id,
+                            monitor.check,
+                            monitor.failures,
+                            detected_after_ms as f64 / 1000.0,
+                            outcome.clone().err().unwrap_or_default(),
+                            monitor.ladder,
+                        ),
+                    )
+                    .await;
                     let started = Instant::now();
                     let result = self.act(&monitor, action).await;
                     self.event(

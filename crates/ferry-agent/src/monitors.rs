@@ -477,6 +477,19 @@ impl Watch {
         detected_after_ms: u64,
         evidence: String,
     ) -> bool {
+        self.event(
+            "monitor-down",
+            &format!(
+                "VM {}: monitor {} ({}) down after {} failed probe(s) in {:.1} s ({evidence}); {action} (attempt {attempt} of ladder {})",
+                self.vm,
+                monitor.id,
+                monitor.check,
+                monitor.failures,
+                detected_after_ms as f64 / 1000.0,
+                monitor.ladder,
+            ),
+        )
+        .await;
         let started = Instant::now();
         self.set_health(monitor, "down", 0, Some(evidence.clone()), Some(action))
             .await;

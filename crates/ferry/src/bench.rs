@@ -86,6 +86,16 @@ pub enum BenchVerb {
         #[arg(long)]
         json: bool,
     },
+    /// REFERENCE §2's fault matrix in the lab: each fault the lab can make, whether Ferry
+    /// detected it and how fast, what it did, the client's outage, ◎/○/△/× next to the
+    /// reference's column E.
+    Faults {
+        #[arg(long, default_value = ferry_lab::lab::DEFAULT_NAME)]
+        lab: String,
+        /// Also write every fault's result to this file.
+        #[arg(long = "json", value_name = "FILE")]
+        json_file: Option<std::path::PathBuf>,
+    },
     /// Boot the appliance repeatedly and report QEMU start → guest ready.
     Boot {
         /// Boots after the first (the first also formats the data disk).
@@ -146,6 +156,7 @@ pub async fn run(verb: BenchVerb) -> anyhow::Result<()> {
             })
             .await
         }
+        BenchVerb::Faults { lab, json_file } => crate::bench_faults::run(&lab, json_file).await,
         BenchVerb::Report {
             json_file,
             html_file,

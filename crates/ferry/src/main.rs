@@ -5,6 +5,7 @@
 mod agent;
 mod bench;
 mod bench_downtime;
+mod bench_faults;
 mod bench_ha;
 mod bench_migrate;
 mod bench_report;

@@ -72,6 +72,8 @@ struct Watch {
     /// A monitor reset or restarted the guest and its agent has not answered since:
     /// the other monitors of the guest wait instead of counting the boot as a fault.
     rebooting: Arc<std::sync::atomic::AtomicBool>,
+    /// The guest agent has answered since this QEMU started: the guest has one.
+    agent_seen: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Supervisor {
@@ -174,6 +176,7 @@ impl Supervisor {
                 trackers: self.trackers.clone(),
                 health: Arc::new(tokio::sync::Mutex::new(health)),
                 rebooting: Arc::default(),
+                agent_seen: Arc::default(),
             };
             let mut tasks = JoinSet::new();
             for monitor in monitors {
@@ -220,7 +223,17 @@ impl Watch {
             let probe = if rebooting && monitor.check != Check::Qemu {
                 Probe::NotApplicable
             } else {
-                self.probe(&monitor).await
+                match self.probe(&monitor).await {
+                    // The application is down because the whole guest is: that is the
+                    // stall monitor's fault to act on (a reset), not a reason to restart
+                    // the application or fail it over.
+                    Probe::Failed(_)
+                        if monitor.check.layer() == "application" && self.guest_silent().await =>
+                    {
+                        Probe::NotApplicable
+                    }
+                    probe => probe,
+                }
             };
             let (passed, evidence) = match probe {
                 Probe::NotApplicable => continue,
@@ -309,6 +322,17 @@ impl Watch {
         }
     }
 
+    /// The guest has an agent, and it does not answer now.
+    async fn guest_silent(&self) -> bool {
+        self.agent_seen.load(std::sync::atomic::Ordering::SeqCst)
+            && self
+                .machine
+                .guest_agent()
+                .ping(Duration::from_secs(1))
+                .await
+                .is_err()
+    }
+
     /// Waits until the guest agent answers; `false` if QEMU exited first.
     async fn wait_for_guest(&self) -> bool {
         let deadline = Instant::now() + GUEST_BOOT_GRACE;
@@ -325,6 +349,8 @@ impl Watch {
             {
                 self.rebooting
                     .store(false, std::sync::atomic::Ordering::SeqCst);
+                self.agent_seen
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
                 return true;
             }
             tokio::time::sleep(Duration::from_millis(500)).await;

@@ -5,7 +5,8 @@
 //! - ferry-guest hung (SIGSTOP), with a restart command that cannot help → the ladder
 //!   goes on to reset the VM, and the guest answers again after its reboot;
 //! - the guest OS stalled (userspace frozen, the kernel alive) → the built-in stall
-//!   monitor resets it;
+//!   monitor resets it, and the application monitor does not restart or fail it over;
+//! - a host's business link dies → its VMs live-migrate away, no request fails;
 //! - bad monitors are refused at create time with the reason.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly by design
@@ -231,6 +232,13 @@ async fn a_stalled_guest_is_reset_by_the_built_in_stall_monitor() {
     let ip = vm.ip.clone().unwrap();
     let first_boot = boot_id(&ip).await.unwrap();
     wait_state(&client, "stuck", "stall", "ok").await;
+    // An application monitor that would restart or fail over ferry-guest: a stalled
+    // guest must be reset before it does anything.
+    client
+        .add_monitor("stuck", &http_monitor("restart-app,failover-vm", None))
+        .await
+        .unwrap();
+    wait_state(&client, "stuck", "m1", "ok").await;
 
     let stall = format!(
         "setsid {} 300 </dev/null >/dev/null 2>&1 &",
@@ -248,6 +256,12 @@ async fn a_stalled_guest_is_reset_by_the_built_in_stall_monitor() {
     assert!(
         actions[0].message.contains("monitor stall") && actions[0].message.contains("reset-vm"),
         "{actions:?}"
+    );
+    assert!(
+        !actions
+            .iter()
+            .any(|event| event.message.contains("monitor m1")),
+        "the application monitor acted on a stalled guest: {actions:?}"
     );
     wait_events(
         &client,

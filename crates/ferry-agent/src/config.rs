@@ -43,7 +43,7 @@ pub struct AgentConfig {
     pub networks: BTreeMap<String, NetworkConfig>,
     /// Host monitors (`[[monitor]]`); none: the defaults (each network's carrier, each
     /// pool's and the run directory's I/O).
-    #[serde(default, rename = "monitor")]
+    #[serde(default, rename = "monitor", skip_serializing_if = "Vec::is_empty")]
     pub monitors: Vec<HostMonitorConfig>,
 }
 
@@ -339,15 +339,16 @@ impl AgentConfig {
                 .iter()
                 .filter_map(|(name, network)| Some((name.clone(), network.interface.clone()?)))
                 .collect();
-            let pools: Vec<(String, PathBuf)> = self
+            let pools: Vec<(String, PathBuf, bool)> = self
                 .pools
                 .iter()
-                .map(|pool| (pool.name.clone(), pool.path.clone()))
+                .map(|pool| (pool.name.clone(), pool.path.clone(), pool.shared))
                 .collect();
             return Ok(default_host_monitors(
                 &networks,
                 &pools,
                 self.paths.run_dir.clone(),
+                self.fence.is_some(),
             ));
         }
         let mut monitors: Vec<Monitor> = Vec::new();
@@ -456,6 +457,13 @@ impl AgentConfig {
             builtin: false,
         };
         monitor.validate()?;
+        if monitor
+            .ladder
+            .contains(ferry_model::monitor::Action::FenceHost)
+            && self.fence.is_none()
+        {
+            return Err("fence-host needs this host's fence device ([fence])".into());
+        }
         Ok(monitor)
     }
 
@@ -669,6 +677,11 @@ mod tests {
         let defaults = AgentConfig::parse(base).unwrap().host_monitors().unwrap();
         let ids: Vec<&str> = defaults.iter().map(|monitor| monitor.id.as_str()).collect();
         assert_eq!(ids, ["carrier-business", "storage-shared", "local-disk"]);
+        assert_eq!(
+            defaults[1].ladder.to_string(),
+            "migrate-away",
+            "no fence device"
+        );
 
         let ping = format!(
             "{base}[[monitor]]\nkind = \"ping\"\nnetwork = \"business\"\naddress = \"10.0.2.1\"\nfailures = 3\n"
@@ -695,6 +708,10 @@ mod tests {
                 "interval",
             ),
             ("kind = \"smoke\"", "unknown host monitor kind"),
+            (
+                "kind = \"storage\"\npool = \"shared\"\nladder = \"migrate-away,fence-host\"",
+                "fence device",
+            ),
         ] {
             let problem = AgentConfig::parse(&format!("{base}[[monitor]]\n{extra}\n")).unwrap_err();
             assert!(problem.contains(reason), "{extra}: {problem}");

@@ -166,6 +166,10 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         started_ms: now_ms(),
     };
     tokio::spawn(publish_fence_device(store.clone(), config.clone()));
+    // A request to be fenced is answered by this very start (the host was powered off).
+    if let Err(error) = store.delete(&store.keys().fence_request(&host)).await {
+        tracing::warn!("cannot remove this host's old fence request: {error}");
+    }
     let (lease_tx, lease_rx) = watch::channel(None);
     tokio::spawn(hold_lease(
         store.clone(),

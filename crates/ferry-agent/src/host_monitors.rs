@@ -12,6 +12,7 @@ use ferry_api::ops::{ClusterApi, VmEntry};
 use ferry_api::types::MigrateRequest;
 use ferry_manager::monitor::{Tracker, Verdict};
 use ferry_model::cluster::{now_ms, PowerState};
+use ferry_model::ha::FenceRequest;
 use ferry_model::monitor::{Action, Check, HostHealth, Monitor, MonitorHealth};
 use ferry_store::Store;
 use tokio::sync::Mutex;
@@ -213,8 +214,29 @@ impl HostWatch {
     async fn act(&self, monitor: &Monitor, action: Action) -> String {
         match action {
             Action::MigrateAway => self.migrate_away(&monitor.check).await,
+            Action::FenceHost => self.ask_to_be_fenced(monitor).await,
             Action::None => "no action (events only)".into(),
             other => format!("{other} is not a host monitor's action"),
+        }
+    }
+
+    /// Asks the leader to power this host off through its fence device; the VMs then
+    /// restart elsewhere as after any host failure.
+    async fn ask_to_be_fenced(&self, monitor: &Monitor) -> String {
+        let me = &self.runtime.config.host;
+        let request = FenceRequest {
+            version: 1,
+            host: me.clone(),
+            reason: format!("monitor {} ({}) stayed down", monitor.id, monitor.check),
+            at_ms: now_ms(),
+        };
+        match self
+            .store
+            .put(&self.store.keys().fence_request(me), &request, None)
+            .await
+        {
+            Ok(_) => format!("asked the leader to power {me} off through its fence device"),
+            Err(error) => format!("cannot ask to be fenced: {error}"),
         }
     }
 

@@ -12,7 +12,7 @@ use ferry_manager::ha::{
     judge_host, may_restart, restart_allowed, wants_fence_device, FenceEvidence, HostFate,
 };
 use ferry_model::cluster::{now_ms, HostRecord, Placement, PowerState, RECORD_VERSION};
-use ferry_model::ha::{FenceDevice, RestartCause, RestartEntry, RestartLog};
+use ferry_model::ha::{FenceDevice, FenceRequest, RestartCause, RestartEntry, RestartLog};
 use ferry_model::{HostName, VmName};
 use ferry_store::{Store, StoreError, Versioned};
 
@@ -85,10 +85,34 @@ pub async fn restartable(
     memory: &mut ManagerMemory,
 ) -> BTreeMap<VmName, Restart> {
     let live: BTreeSet<&HostName> = hosts.iter().map(|(_, host)| &host.value.name).collect();
+    let requested = fence_requests(store).await;
     memory.verdicts.retain(|host, _| !live.contains(host));
-    // A host that is back needs no fencing: dropping the job stops its retries.
-    memory.fences.retain(|host, _| !live.contains(host));
-    memory.fence_reported.retain(|host, _| !live.contains(host));
+    // A host that is back needs no fencing: dropping the job stops its retries. One that
+    // asked to be fenced keeps its job until it starts again.
+    let keep = |host: &HostName| !live.contains(host) || requested.iter().any(|r| &r.host == host);
+    memory.fences.retain(|host, _| keep(host));
+    memory.fence_reported.retain(|host, _| keep(host));
+    for request in &requested {
+        if memory.fences.contains_key(&request.host) {
+            continue;
+        }
+        let host = &request.host;
+        match fence_device(store, host).await {
+            Some(device) => {
+                events
+                    .record(
+                        &format!("host/{host}"),
+                        "fence-requested",
+                        &format!("host {host} asked to be fenced: {}", request.reason),
+                    )
+                    .await;
+                memory
+                    .fences
+                    .insert(host.clone(), start_fence(&device, events).await);
+            }
+            None => tracing::warn!("host {host} asked to be fenced but has no fence device"),
+        }
+    }
     report_fences(events, memory).await;
     let now = now_ms();
     let mut restarts = leaving(entries);
@@ -258,6 +282,23 @@ fn within_limit(
 }
 
 /// The host's fence device, if it has one (read errors count as none, with a warning).
+/// The hosts' requests to be fenced (a host monitor's `fence-host`).
+async fn fence_requests(store: &Store) -> Vec<FenceRequest> {
+    match store
+        .list::<FenceRequest>(&store.keys().fence_requests())
+        .await
+    {
+        Ok((requests, _)) => requests
+            .into_iter()
+            .map(|(_, request)| request.value)
+            .collect(),
+        Err(error) => {
+            tracing::warn!("cannot read the fence requests: {error}");
+            Vec::new()
+        }
+    }
+}
+
 async fn fence_device(store: &Store, host: &HostName) -> Option<FenceDevice> {
     match store
         .get::<FenceDevice>(&store.keys().fence_device(host))

@@ -253,3 +253,14 @@ mod tests {
         assert!(policy.preferred_hosts.is_empty());
     }
 }
+
+/// A host asks the leader to power it off through its fence device (a host monitor's
+/// `fence-host`): its VMs then restart elsewhere as after any host failure. The agent
+/// removes its request when it starts again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FenceRequest {
+    pub version: u32,
+    pub host: HostName,
+    pub reason: String,
+    pub at_ms: u64,
+}

@@ -407,10 +407,13 @@ impl Monitor {
         self.ladder.validate()?;
         if self.check.layer() == "host" {
             return match self.ladder.0.iter().find(|step| {
-                !matches!(step.action, Action::MigrateAway | Action::None)
+                !matches!(
+                    step.action,
+                    Action::MigrateAway | Action::FenceHost | Action::None
+                )
             }) {
                 Some(step) => Err(format!(
-                    "{}: a host monitor moves the VMs the fault affects (migrate-away) or only reports (none)",
+                    "{}: a host monitor moves the VMs the fault affects (migrate-away), has the host fenced (fence-host) or only reports (none)",
                     step.action
                 )),
                 None => Ok(()),
@@ -506,10 +509,12 @@ pub fn builtin_monitors() -> Vec<Monitor> {
 /// each pool (the VMs with disks there move away) and on the host's run directory.
 pub fn default_host_monitors(
     networks: &[(String, String)],
-    pools: &[(String, PathBuf)],
+    pools: &[(String, PathBuf, bool)],
     run_dir: PathBuf,
+    can_fence: bool,
 ) -> Vec<Monitor> {
     let step = |action| Ladder(vec![Step { action, times: 1 }]);
+    let once = |action| Step { action, times: 1 };
     let mut monitors = Vec::new();
     for (network, interface) in networks {
         monitors.push(Monitor {
@@ -530,17 +535,24 @@ pub fn default_host_monitors(
             builtin: true,
         });
     }
-    for (pool, path) in pools {
+    // Storage is judged slowly: a busy disk must not look like a stuck one.
+    for (pool, path, shared) in pools {
+        // VMs whose shared pool is stuck on this host cannot finish a migration (their
+        // last writes never drain): the host is fenced so they restart elsewhere.
+        let mut ladder = vec![once(Action::MigrateAway)];
+        if *shared && can_fence {
+            ladder.push(once(Action::FenceHost));
+        }
         monitors.push(Monitor {
             id: format!("storage-{pool}"),
             check: Check::Storage {
                 pool: pool.clone(),
                 path: path.clone(),
             },
-            interval_ms: 2_000,
-            timeout_ms: 2_000,
+            interval_ms: 5_000,
+            timeout_ms: 5_000,
             failures: 3,
-            ladder: step(Action::MigrateAway),
+            ladder: Ladder(ladder),
             restart_command: None,
             builtin: true,
         });
@@ -548,8 +560,8 @@ pub fn default_host_monitors(
     monitors.push(Monitor {
         id: "local-disk".into(),
         check: Check::LocalDisk { path: run_dir },
-        interval_ms: 2_000,
-        timeout_ms: 2_000,
+        interval_ms: 5_000,
+        timeout_ms: 5_000,
         failures: 3,
         ladder: step(Action::MigrateAway),
         restart_command: None,
@@ -681,10 +693,15 @@ mod tests {
                 ("business".into(), "biz0".into()),
                 ("management".into(), "mgmt0".into()),
             ],
-            &[("shared".into(), "/srv/shared".into())],
+            &[("shared".into(), "/srv/shared".into(), true)],
             "/run/ferry".into(),
+            true,
         );
         assert_eq!(host_defaults.len(), 4);
+        assert_eq!(
+            host_defaults[2].ladder.to_string(),
+            "migrate-away,fence-host"
+        );
         for monitor in &host_defaults {
             monitor.validate().unwrap();
         }

@@ -69,6 +69,15 @@ impl Keys {
         format!("{}host-health/", self.prefix)
     }
 
+    /// A host's request to be fenced (`ferry_model::ha::FenceRequest`).
+    pub fn fence_request(&self, host: &HostName) -> String {
+        format!("{}fence-requests/{host}", self.prefix)
+    }
+
+    pub fn fence_requests(&self) -> String {
+        format!("{}fence-requests/", self.prefix)
+    }
+
     /// How to power a host off from elsewhere (`ferry_model::ha::FenceDevice`).
     pub fn fence_device(&self, host: &HostName) -> String {
         format!("{}fence/{host}", self.prefix)

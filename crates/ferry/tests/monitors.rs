@@ -347,3 +347,63 @@ async fn a_host_whose_business_link_dies_live_migrates_its_vms_away_without_a_fa
         "{host1:?}"
     );
 }
+
+#[tokio::test]
+async fn a_host_monitor_whose_ladder_ends_in_fence_host_has_its_host_powered_off() {
+    let (mut lab, _guard, client) = common::lab(24, 2).await;
+    // host1 watches its business link with a ladder that fences the host.
+    let config = lab.spec().agent_config_path(1);
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(
+        "\n[[monitor]]\nkind = \"carrier\"\nnetwork = \"business\"\nfailures = 2\nladder = \"fence-host\"\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    lab.fault(1, ferry_lab::lab::Fault::AgentKill).unwrap();
+    lab.heal(1).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !client.list_hosts().await.is_ok_and(|hosts| {
+        hosts.iter().any(|host| {
+            host.name == "host1" && host.monitors.iter().any(|m| m.id == "carrier-business")
+        })
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "host1 never came back with its monitor"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let vm = common::ha_vm_on(&client, "db", "host1", 1).await;
+    let first_boot = boot_id(vm.ip.as_deref().unwrap()).await.unwrap();
+
+    lab.fault(
+        1,
+        ferry_lab::lab::Fault::LinkDown(ferry_lab::lab::LabNet::Business),
+    )
+    .unwrap();
+    let survivor = ApiClient::new(&lab.spec().api_url(2), lab.token().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let moved = loop {
+        if let Ok(vm) = survivor.get_vm("db").await {
+            if vm.host.as_deref() == Some("host2") && vm.state == "running" {
+                if let Ok(boot) = boot_id(vm.ip.as_deref().unwrap()).await {
+                    break boot;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "db never restarted on host2");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_ne!(
+        moved, first_boot,
+        "restarted after its host was powered off"
+    );
+    let events = survivor.list_events(500).await.unwrap();
+    for kind in ["fence-requested", "fenced-off"] {
+        assert!(
+            events
+                .iter()
+                .any(|event| event.subject == "host/host1" && event.kind == kind),
+            "no {kind} event: {events:?}"
+        );
+    }
+}

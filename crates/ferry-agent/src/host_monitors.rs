@@ -30,13 +30,7 @@ pub async fn run_forever(
         version: 1,
         monitors: monitors
             .iter()
-            .map(|monitor| MonitorHealth {
-                id: monitor.id.clone(),
-                check: monitor.check.to_string(),
-                state: "unknown".into(),
-                since_ms: now_ms(),
-                ..MonitorHealth::default()
-            })
+            .map(|monitor| MonitorHealth::unknown(monitor, now_ms()))
             .collect(),
     }));
     let mut tasks = tokio::task::JoinSet::new();
@@ -289,16 +283,8 @@ impl HostWatch {
             else {
                 return;
             };
-            if entry.state == state && entry.failures == failures {
+            if !entry.update(state, failures, error, None, now_ms()) {
                 return;
-            }
-            if entry.state != state {
-                entry.since_ms = now_ms();
-            }
-            entry.state = state.into();
-            entry.failures = failures;
-            if error.is_some() || state == "ok" {
-                entry.last_error = error;
             }
             health.clone()
         };

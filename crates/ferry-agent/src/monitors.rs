@@ -155,13 +155,7 @@ impl Supervisor {
                 host: me.to_string(),
                 monitors: monitors
                     .iter()
-                    .map(|monitor| MonitorHealth {
-                        id: monitor.id.clone(),
-                        check: monitor.check.to_string(),
-                        state: "unknown".into(),
-                        since_ms: now_ms(),
-                        ..MonitorHealth::default()
-                    })
+                    .map(|monitor| MonitorHealth::unknown(monitor, now_ms()))
                     .collect(),
             };
             let watch = Watch {
@@ -659,20 +653,8 @@ impl Watch {
             else {
                 return;
             };
-            let changed = entry.state != state || entry.failures != failures;
-            if !changed && action.is_none() {
+            if !entry.update(state, failures, last_error, action, now_ms()) {
                 return;
-            }
-            if entry.state != state {
-                entry.since_ms = now_ms();
-            }
-            entry.state = state.into();
-            entry.failures = failures;
-            if last_error.is_some() || state == "ok" {
-                entry.last_error = last_error;
-            }
-            if let Some(action) = action {
-                entry.last_action = Some(action.to_string());
             }
             health.clone()
         };

@@ -144,6 +144,42 @@ impl Appliance {
         Ok(appliance)
     }
 
+    /// A one-vCPU VM booting this appliance with `disk` as its data disk and one NIC on
+    /// `tap`, as the lab runs it outside Ferry (a sandbox, the bare-QEMU baseline).
+    pub fn vm_spec(
+        &self,
+        name: &str,
+        memory: ferry_model::Bytes,
+        disk: PathBuf,
+        tap: String,
+        network: &GuestNetwork,
+    ) -> Result<ferry_model::VmSpec, ferry_model::NameError> {
+        use ferry_model::{Boot, CacheMode, DiskFormat, DiskSpec, MacAddr, NicSpec, VmSpec};
+        Ok(VmSpec {
+            name: name.parse()?,
+            cpus: 1,
+            memory,
+            cpu_model: ferry_model::vm_default_cpu_model(),
+            disks: vec![DiskSpec {
+                id: "data".into(),
+                path: disk,
+                format: DiskFormat::Qcow2,
+                cache: CacheMode::None,
+                read_only: false,
+                size: None,
+            }],
+            nics: vec![NicSpec {
+                tap,
+                mac: MacAddr::derived_from(&format!("{name}/0")),
+            }],
+            boot: Boot::Kernel {
+                kernel: self.kernel(),
+                initrd: Some(self.initrd()),
+                cmdline: self.cmdline(name, Some(network)),
+            },
+        })
+    }
+
     /// The kernel command line for a VM booting this appliance.
     pub fn cmdline(&self, hostname: &str, network: Option<&GuestNetwork>) -> String {
         let mut line = format!("console=ttyS0 quiet panic=1 ferry.hostname={hostname}");

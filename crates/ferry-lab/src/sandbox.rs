@@ -9,9 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ferry_model::{
-    Boot, Bytes, CacheMode, DiskFormat, DiskSpec, HostLimits, MacAddr, NicSpec, VmSpec,
-};
+use ferry_model::{Bytes, HostLimits, VmSpec};
 use ferry_qemu::{Accel, LaunchOptions, Machine, QemuError, RunDir};
 
 use crate::appliance::{Appliance, GuestNetwork, GUEST_PORT, READY_MARKER};
@@ -74,31 +72,9 @@ impl Sandbox {
             address: format!("{GUEST_ADDRESS}/24"),
             gateway: Some(HOST_ADDRESS.into()),
         };
-        let spec = VmSpec {
-            name: name
-                .parse()
-                .map_err(|error| SandboxError::Setup(format!("{error}")))?,
-            cpus: 1,
-            memory: options.memory,
-            cpu_model: "qemu64".into(),
-            disks: vec![DiskSpec {
-                id: "data".into(),
-                path: disk,
-                format: DiskFormat::Qcow2,
-                cache: CacheMode::None,
-                read_only: false,
-                size: None,
-            }],
-            nics: vec![NicSpec {
-                tap: "tap0".into(),
-                mac: MacAddr::derived_from(&format!("{name}/0")),
-            }],
-            boot: Boot::Kernel {
-                kernel: appliance.kernel(),
-                initrd: Some(appliance.initrd()),
-                cmdline: appliance.cmdline(name, Some(&network)),
-            },
-        };
+        let spec = appliance
+            .vm_spec(name, options.memory, disk, "tap0".into(), &network)
+            .map_err(|error| SandboxError::Setup(format!("{error}")))?;
         let mut sandbox = Sandbox {
             name: name.to_string(),
             spec,

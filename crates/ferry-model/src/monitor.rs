@@ -585,6 +585,46 @@ pub struct MonitorHealth {
     pub since_ms: u64,
 }
 
+impl MonitorHealth {
+    /// A monitor not probed yet.
+    pub fn unknown(monitor: &Monitor, now_ms: u64) -> MonitorHealth {
+        MonitorHealth {
+            id: monitor.id.clone(),
+            check: monitor.check.to_string(),
+            state: "unknown".into(),
+            since_ms: now_ms,
+            ..MonitorHealth::default()
+        }
+    }
+
+    /// Takes in a probe's outcome; `true` if anything worth writing changed (an action
+    /// always is).
+    pub fn update(
+        &mut self,
+        state: &str,
+        failures: u32,
+        error: Option<String>,
+        action: Option<Action>,
+        now_ms: u64,
+    ) -> bool {
+        if self.state == state && self.failures == failures && action.is_none() {
+            return false;
+        }
+        if self.state != state {
+            self.since_ms = now_ms;
+        }
+        self.state = state.into();
+        self.failures = failures;
+        if error.is_some() || state == "ok" {
+            self.last_error = error;
+        }
+        if let Some(action) = action {
+            self.last_action = Some(action.to_string());
+        }
+        true
+    }
+}
+
 /// Every monitor of a host, written by its agent on each change (`hosts/NAME/health`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostHealth {
@@ -761,6 +801,21 @@ mod tests {
                 .to_string(),
             "process ferry-guest"
         );
+    }
+
+    #[test]
+    fn health_changes_only_when_the_state_the_count_or_an_action_does() {
+        let mut health = MonitorHealth::unknown(&monitor("reset-vm"), 1);
+        assert_eq!((health.state.as_str(), health.since_ms), ("unknown", 1));
+        assert!(health.update("ok", 0, None, None, 2));
+        assert!(!health.update("ok", 0, None, None, 3), "nothing new");
+        assert!(health.update("failing", 1, Some("refused".into()), None, 4));
+        assert_eq!(health.since_ms, 4);
+        assert!(health.update("down", 0, Some("refused".into()), Some(Action::ResetVm), 5));
+        assert!(health.update("down", 0, None, Some(Action::ResetVm), 6), "an action is news");
+        assert_eq!(health.last_error.as_deref(), Some("refused"), "kept until ok");
+        assert!(health.update("ok", 0, None, None, 7));
+        assert_eq!((health.last_error, health.last_action.as_deref()), (None, Some("reset-vm")));
     }
 
     #[test]

@@ -10,9 +10,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use ferry_model::{
-    Boot, Bytes, CacheMode, DiskFormat, DiskSpec, HostLimits, MacAddr, NicSpec, VmSpec,
-};
+use ferry_model::{Bytes, HostLimits, MacAddr, VmSpec};
 use ferry_qemu::{Accel, Incoming, LaunchOptions, Machine, MigrationInfo, RunDir};
 
 use super::spec::{LabNet, LabSpec, HOST_BUSINESS_BRIDGE};
@@ -68,29 +66,9 @@ impl BareVm {
             address: format!("{address}/{}", business.prefix),
             gateway: business.gateway.map(|gateway| gateway.to_string()),
         };
-        let vm_spec = VmSpec {
-            name: name.parse().map_err(|error| fail(format!("{error}")))?,
-            cpus: 1,
-            memory,
-            cpu_model: ferry_model::vm_default_cpu_model(),
-            disks: vec![DiskSpec {
-                id: "data".into(),
-                path: disk,
-                format: DiskFormat::Qcow2,
-                cache: CacheMode::None,
-                read_only: false,
-                size: None,
-            }],
-            nics: vec![NicSpec {
-                tap: MacAddr::tap_name(name, 0),
-                mac: MacAddr::derived_from(&format!("{name}/0")),
-            }],
-            boot: Boot::Kernel {
-                kernel: appliance.kernel(),
-                initrd: Some(appliance.initrd()),
-                cmdline: appliance.cmdline(name, Some(&network)),
-            },
-        };
+        let vm_spec = appliance
+            .vm_spec(name, memory, disk, MacAddr::tap_name(name, 0), &network)
+            .map_err(|error| fail(format!("{error}")))?;
         let mut vm = BareVm {
             spec: vm_spec,
             lab: spec,

@@ -812,10 +812,20 @@ mod tests {
         assert!(health.update("failing", 1, Some("refused".into()), None, 4));
         assert_eq!(health.since_ms, 4);
         assert!(health.update("down", 0, Some("refused".into()), Some(Action::ResetVm), 5));
-        assert!(health.update("down", 0, None, Some(Action::ResetVm), 6), "an action is news");
-        assert_eq!(health.last_error.as_deref(), Some("refused"), "kept until ok");
+        assert!(
+            health.update("down", 0, None, Some(Action::ResetVm), 6),
+            "an action is news"
+        );
+        assert_eq!(
+            health.last_error.as_deref(),
+            Some("refused"),
+            "kept until ok"
+        );
         assert!(health.update("ok", 0, None, None, 7));
-        assert_eq!((health.last_error, health.last_action.as_deref()), (None, Some("reset-vm")));
+        assert_eq!(
+            (health.last_error, health.last_action.as_deref()),
+            (None, Some("reset-vm"))
+        );
     }
 
     #[test]

@@ -370,20 +370,20 @@ async fn a_disk_moves_under_writes_and_a_local_disk_migrates_live() {
 #[tokio::test]
 async fn the_bare_qemu_baseline_migrates_the_guest_by_hand_and_cleans_up() {
     let (lab, _guard, _client) = common::lab(25, 2).await;
-    let mut bare = ferry_lab::lab::bare::BareVm::boot(
-        &lab,
-        "bare-test",
-        ferry_model::Bytes::mib(256),
-        1,
-    )
-    .await
-    .unwrap();
+    let mut bare =
+        ferry_lab::lab::bare::BareVm::boot(&lab, "bare-test", ferry_model::Bytes::mib(256), 1)
+            .await
+            .unwrap();
     let ip = bare.address().to_string();
     let boot = boot_id(&ip).await.unwrap();
     let info = bare.migrate_to(2).await.unwrap();
     assert_eq!(bare.host(), 2);
     assert!(info.downtime_ms.is_some(), "{info:?}");
-    assert_eq!(boot_id(&ip).await.unwrap(), boot, "the same guest, not a reboot");
+    assert_eq!(
+        boot_id(&ip).await.unwrap(),
+        boot,
+        "the same guest, not a reboot"
+    );
     let run_dir = lab.spec().host_run_dir(1).join("bare");
     bare.destroy().await;
     assert!(!run_dir.exists(), "{} left behind", run_dir.display());

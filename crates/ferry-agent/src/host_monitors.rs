@@ -13,7 +13,7 @@ use ferry_api::types::MigrateRequest;
 use ferry_manager::monitor::{Tracker, Verdict};
 use ferry_model::cluster::{now_ms, PowerState};
 use ferry_model::ha::FenceRequest;
-use ferry_model::monitor::{Action, Check, HostHealth, Monitor, MonitorHealth};
+use ferry_model::monitor::{update_health, Action, Check, HostHealth, Monitor, MonitorHealth};
 use ferry_store::Store;
 use tokio::sync::Mutex;
 
@@ -276,14 +276,16 @@ impl HostWatch {
     ) {
         let snapshot = {
             let mut health = self.health.lock().await;
-            let Some(entry) = health
-                .monitors
-                .iter_mut()
-                .find(|entry| entry.id == monitor.id)
-            else {
-                return;
-            };
-            if !entry.update(state, failures, error, None, now_ms()) {
+            let id = &monitor.id;
+            if !update_health(
+                &mut health.monitors,
+                id,
+                state,
+                failures,
+                error,
+                None,
+                now_ms(),
+            ) {
                 return;
             }
             health.clone()

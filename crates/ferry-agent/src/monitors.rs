@@ -17,7 +17,7 @@ use ferry_manager::monitor::{Tracker, Verdict};
 use ferry_model::cluster::now_ms;
 use ferry_model::ha::LeaveHost;
 use ferry_model::monitor::{
-    builtin_monitors, Action, Check, Monitor, MonitorHealth, Via, VmHealth,
+    builtin_monitors, update_health, Action, Check, Monitor, MonitorHealth, Via, VmHealth,
 };
 use ferry_model::{HostName, VmName};
 use ferry_qemu::{Machine, RunState};
@@ -646,14 +646,16 @@ impl Watch {
     ) {
         let snapshot = {
             let mut health = self.health.lock().await;
-            let Some(entry) = health
-                .monitors
-                .iter_mut()
-                .find(|entry| entry.id == monitor.id)
-            else {
-                return;
-            };
-            if !entry.update(state, failures, last_error, action, now_ms()) {
+            let (id, now) = (&monitor.id, now_ms());
+            if !update_health(
+                &mut health.monitors,
+                id,
+                state,
+                failures,
+                last_error,
+                action,
+                now,
+            ) {
                 return;
             }
             health.clone()

@@ -625,6 +625,22 @@ impl MonitorHealth {
     }
 }
 
+/// Takes a probe's outcome into the entry of monitor `id`; `true` if it changed.
+pub fn update_health(
+    monitors: &mut [MonitorHealth],
+    id: &str,
+    state: &str,
+    failures: u32,
+    error: Option<String>,
+    action: Option<Action>,
+    now_ms: u64,
+) -> bool {
+    monitors
+        .iter_mut()
+        .find(|entry| entry.id == id)
+        .is_some_and(|entry| entry.update(state, failures, error, action, now_ms))
+}
+
 /// Every monitor of a host, written by its agent on each change (`hosts/NAME/health`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostHealth {

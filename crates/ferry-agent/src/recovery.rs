@@ -368,18 +368,14 @@ pub async fn update_restart_log(
     change: impl Fn(&mut RestartLog),
 ) -> Result<RestartLog, StoreError> {
     let key = store.keys().vm_restarts(vm);
-    loop {
-        let current = store.get::<RestartLog>(&key).await?;
-        let revision = current.as_ref().map_or(0, |log| log.mod_revision);
-        let mut log = current.map(|log| log.value).unwrap_or_default();
-        log.version = RECORD_VERSION;
-        change(&mut log);
-        match store.compare_and_swap(&key, revision, &log).await {
-            Ok(_) => return Ok(log),
-            Err(StoreError::Conflict { .. }) => continue,
-            Err(error) => return Err(error),
-        }
-    }
+    store
+        .update(&key, |current: Option<&RestartLog>| {
+            let mut log = current.cloned().unwrap_or_default();
+            log.version = RECORD_VERSION;
+            change(&mut log);
+            Ok::<_, StoreError>(log)
+        })
+        .await
 }
 
 /// Sets the VM's desired state to stopped: it reached its restart limit. `ferry vm

@@ -283,6 +283,22 @@ impl ClusterApi {
                 ApiError::BadRequest(format!("image {:?} does not exist", request.image))
             })?
             .value;
+        let mut monitors = ferry_model::monitor::MonitorSet {
+            version: 1,
+            monitors: Vec::new(),
+        };
+        for (index, monitor) in request.monitors.iter().enumerate() {
+            let monitor =
+                crate::monitors::monitor_from(monitor, &monitors, image.restart_command.clone())
+                    .map_err(|error| ApiError::BadRequest(format!("monitors[{index}]: {error}")))?;
+            if monitors.monitors.iter().any(|known| known.id == monitor.id) {
+                return Err(ApiError::BadRequest(format!(
+                    "monitors[{index}]: a second monitor with id {}",
+                    monitor.id
+                )));
+            }
+            monitors.monitors.push(monitor);
+        }
         let ha_settings = UpdateHaRequest {
             ha: Some(request.ha),
             ha_priority: Some(request.ha_priority),
@@ -379,6 +395,21 @@ impl ClusterApi {
         {
             self.release_address(address).await;
             return Err(error.into());
+        }
+        if !monitors.monitors.is_empty() {
+            if let Err(error) = self
+                .store
+                .put(&keys.vm_monitors(&name), &monitors, None)
+                .await
+            {
+                // Not half a VM: without its monitors it is removed again.
+                let _ = self
+                    .store
+                    .delete_prefix(&format!("{}{name}/", keys.vms()))
+                    .await;
+                self.release_address(address).await;
+                return Err(error.into());
+            }
         }
         self.events
             .record(
@@ -483,30 +514,18 @@ impl ClusterApi {
     ) -> Result<VmRecord, ApiError> {
         self.refuse_while_migrating(name).await?;
         let key = self.store.keys().vm_spec(name);
-        for _ in 0..10 {
-            let current = self
-                .store
-                .get::<VmRecord>(&key)
-                .await?
-                .ok_or_else(|| ApiError::NotFound(format!("VM {name} does not exist")))?;
-            let mut record = current.value.clone();
-            if record.deleting {
-                return Err(ApiError::Conflict(format!("VM {name} is being deleted")));
-            }
-            change(&mut record)?;
-            match self
-                .store
-                .compare_and_swap(&key, current.mod_revision, &record)
-                .await
-            {
-                Ok(_) => return Ok(record),
-                Err(ferry_store::StoreError::Conflict { .. }) => continue,
-                Err(error) => return Err(error.into()),
-            }
-        }
-        Err(ApiError::Conflict(format!(
-            "VM {name} keeps changing; try again"
-        )))
+        self.store
+            .update(&key, |current: Option<&VmRecord>| {
+                let mut record = current
+                    .cloned()
+                    .ok_or_else(|| ApiError::NotFound(format!("VM {name} does not exist")))?;
+                if record.deleting {
+                    return Err(ApiError::Conflict(format!("VM {name} is being deleted")));
+                }
+                change(&mut record)?;
+                Ok(record)
+            })
+            .await
     }
 
     /// Power changes wait until a migration ends: the VM is between two hosts.

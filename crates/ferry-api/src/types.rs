@@ -153,6 +153,10 @@ pub struct CreateVmRequest {
     /// With `ha`: the window of `max_restarts`, e.g. `1h`, `30m` (default 1h).
     #[serde(default)]
     pub restart_window: Option<String>,
+    /// Monitors to add with the VM, each as `ferry vm monitor add` takes it; all are
+    /// checked before anything is created.
+    #[serde(default)]
+    pub monitors: Vec<AddMonitorRequest>,
 }
 
 /// Changes a VM's HA policy; fields left out keep their value.

@@ -7,7 +7,9 @@ use clap::{Args, Subcommand};
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 use ferry_api::client::ApiClient;
 use ferry_api::client_config::{self, ClientConfig};
-use ferry_api::types::{CreateVmRequest, ExecRequest, HostView, UpdateHaRequest, VmView};
+use ferry_api::types::{
+    AddMonitorRequest, CreateVmRequest, ExecRequest, HostView, UpdateHaRequest, VmView,
+};
 
 use crate::output::print_json;
 
@@ -126,6 +128,11 @@ pub enum VmVerb {
         ha: bool,
         #[command(flatten)]
         policy: HaArgs,
+        /// A monitor with the default interval, failures and ladder, as
+        /// KIND[:TARGET], e.g. `http:8080/health`, `process:sshd`; repeatable
+        /// (`ferry vm monitor add` takes every option).
+        #[arg(long = "monitor", value_name = "KIND[:TARGET]")]
+        monitors: Vec<String>,
         /// Return once placed, without waiting for the guest.
         #[arg(long)]
         no_wait: bool,
@@ -403,10 +410,25 @@ pub async fn run_vm(endpoint: &Endpoint, verb: VmVerb) -> anyhow::Result<()> {
             host,
             ha,
             policy,
+            monitors,
             no_wait,
             json,
         } => {
             let policy = policy.update(Some(ha));
+            let monitors = monitors
+                .iter()
+                .map(|text| {
+                    let (kind, target) = match text.split_once(':') {
+                        Some((kind, target)) => (kind, Some(target.to_string())),
+                        None => (text.as_str(), None),
+                    };
+                    AddMonitorRequest {
+                        kind: kind.into(),
+                        target,
+                        ..AddMonitorRequest::default()
+                    }
+                })
+                .collect();
             let request = CreateVmRequest {
                 name: name.clone(),
                 image,
@@ -420,6 +442,7 @@ pub async fn run_vm(endpoint: &Endpoint, verb: VmVerb) -> anyhow::Result<()> {
                 anti_affinity: policy.anti_affinity,
                 max_restarts: policy.max_restarts,
                 restart_window: policy.restart_window,
+                monitors,
             };
             let mut vm = client.create_vm(&request).await?;
             if !no_wait {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use common::vm_on;
 use ferry_api::client::ApiClient;
-use ferry_api::types::{AddMonitorRequest, EventView, ExecRequest};
+use ferry_api::types::{AddMonitorRequest, CreateVmRequest, EventView, ExecRequest};
 use ferry_api::ApiError;
 use ferry_lab::workload::boot_id;
 
@@ -100,9 +100,56 @@ async fn wait_state(client: &ApiClient, vm: &str, id: &str, state: &str) {
 #[tokio::test]
 async fn a_killed_application_is_restarted_and_a_hung_one_escalates_to_a_reset() {
     let (_lab, _guard, client) = common::lab(21, 1).await;
-    let vm = vm_on(&client, "app", "host1").await;
+    // A VM whose monitors are bad is not created at all.
+    let bad = CreateVmRequest {
+        name: "bad".into(),
+        image: "appliance".into(),
+        cpus: 1,
+        memory: "256M".into(),
+        monitors: vec![
+            http_monitor("reset-vm", None),
+            http_monitor("reset-vm*inf", None),
+        ],
+        ..CreateVmRequest::default()
+    };
+    match client.create_vm(&bad).await {
+        Err(ApiError::BadRequest(message)) => {
+            assert!(message.starts_with("monitors[1]"), "{message}");
+            assert!(message.contains("never ends"), "{message}");
+        }
+        other => panic!("a VM with a bad monitor was not refused: {other:?}"),
+    }
+    assert!(matches!(
+        client.get_vm("bad").await,
+        Err(ApiError::NotFound(_))
+    ));
+
+    // The monitor given at create time is there from the start, with the image's
+    // restart command as its default.
+    client
+        .create_vm(&CreateVmRequest {
+            name: "app".into(),
+            image: "appliance".into(),
+            cpus: 1,
+            memory: "256M".into(),
+            host: Some("host1".into()),
+            monitors: vec![http_monitor("restart-app*2,reset-vm", None)],
+            ..CreateVmRequest::default()
+        })
+        .await
+        .unwrap();
+    let vm = common::running(&client, "app").await;
     let ip = vm.ip.clone().unwrap();
     let first_boot = boot_id(&ip).await.unwrap();
+    let monitor = vm
+        .monitors
+        .iter()
+        .find(|monitor| monitor.id == "m1")
+        .unwrap();
+    assert_eq!(
+        monitor.restart_command.as_deref(),
+        Some(ferry_lab::appliance::RESTART_COMMAND)
+    );
 
     // Bad monitors are refused before anything is written.
     for (request, reason) in [
@@ -124,15 +171,6 @@ async fn a_killed_application_is_restarted_and_a_hung_one_escalates_to_a_reset()
         }
     }
 
-    // The image's restart command is the default.
-    let monitor = client
-        .add_monitor("app", &http_monitor("restart-app*2,reset-vm", None))
-        .await
-        .unwrap();
-    assert_eq!(
-        monitor.restart_command.as_deref(),
-        Some(ferry_lab::appliance::RESTART_COMMAND)
-    );
     wait_state(&client, "app", "m1", "ok").await;
 
     // One lost probe, not three in a row: nothing happens.

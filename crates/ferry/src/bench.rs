@@ -256,6 +256,32 @@ struct ApiLatencyReport {
     worst_ms: f64,
 }
 
+/// The lab a benchmark that moves VMs between hosts runs in (`ferry lab up` made it).
+pub(crate) fn load_lab(name: &str) -> anyhow::Result<ferry_lab::lab::Lab> {
+    use anyhow::Context;
+    let lab = ferry_lab::lab::Lab::load(&defaults::lab_dir().join(name))
+        .with_context(|| format!("lab {name} (start it with `ferry lab up`)"))?;
+    anyhow::ensure!(lab.spec().hosts >= 2, "lab {name} needs two hosts");
+    Ok(lab)
+}
+
+/// A client of the lab's host1 that falls back to the other hosts, so it keeps
+/// answering when a benchmark or the tour powers host1 off.
+pub(crate) fn lab_client(
+    lab: &ferry_lab::lab::Lab,
+) -> anyhow::Result<ferry_api::client::ApiClient> {
+    let spec = lab.spec();
+    let token = lab
+        .token()
+        .ok_or_else(|| anyhow::anyhow!("lab {} has no API token", spec.name))?;
+    let others: Vec<String> = spec
+        .host_numbers()
+        .skip(1)
+        .map(|host| spec.api_url(host))
+        .collect();
+    Ok(ferry_api::client::ApiClient::new(&spec.api_url(1), token).with_fallbacks(&others))
+}
+
 /// Registers `count` stopped VMs straight in etcd (as the API would, minus the boot),
 /// times `vm list` through the API, and removes them again.
 async fn api_latency(count: u32, requests: u32, lab_name: &str, json: bool) -> anyhow::Result<()> {

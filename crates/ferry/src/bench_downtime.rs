@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 use ferry_api::client::ApiClient;
-use ferry_lab::defaults;
 use ferry_lab::flows::{lost_writes, Flow, Scenario, SCENARIOS};
 use ferry_lab::lab::bare::BareVm;
 use ferry_lab::lab::{Fault, Lab};
@@ -94,21 +93,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             "--modes: {mode:?} is not live, quick, ha or qemu"
         );
     }
-    let mut lab = Lab::load(&defaults::lab_dir().join(&options.lab))
-        .with_context(|| format!("lab {} (start it with `ferry lab up`)", options.lab))?;
-    anyhow::ensure!(lab.spec().hosts >= 2, "lab {} needs two hosts", options.lab);
-    let token = lab
-        .token()
-        .ok_or_else(|| anyhow::anyhow!("lab {} has no token", options.lab))?
-        .to_string();
-    // Any agent answers; when the one asked dies with its host, the next one does.
-    let others: Vec<String> = lab
-        .spec()
-        .host_numbers()
-        .skip(1)
-        .map(|host| lab.spec().api_url(host))
-        .collect();
-    let client = ApiClient::new(&lab.spec().api_url(1), &token).with_fallbacks(&others);
+    let mut lab = crate::bench::load_lab(&options.lab)?;
+    let client = crate::bench::lab_client(&lab)?;
     crate::bench_ha::create_bench_vm(&client, VM, &options.memory).await?;
     let result = measure_all(&mut lab, &client, &options).await;
     let _ = client.delete_vm(VM).await;

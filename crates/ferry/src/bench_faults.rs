@@ -15,7 +15,6 @@ use anyhow::Context;
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 use ferry_api::client::ApiClient;
 use ferry_api::types::{AddMonitorRequest, CreateVmRequest, EventView, ExecRequest};
-use ferry_lab::defaults;
 use ferry_lab::flows::{Flow, SCENARIOS};
 use ferry_lab::lab::{Fault, Lab, LabNet};
 use ferry_lab::workload::boot_id;
@@ -77,17 +76,8 @@ pub fn symbol(detected: bool, served: bool, rebooted: bool) -> &'static str {
 }
 
 pub async fn run(lab_name: &str, json_file: Option<PathBuf>) -> anyhow::Result<()> {
-    let mut lab = Lab::load(&defaults::lab_dir().join(lab_name))
-        .with_context(|| format!("lab {lab_name} (start it with `ferry lab up`)"))?;
-    anyhow::ensure!(lab.spec().hosts >= 2, "lab {lab_name} needs two hosts");
-    let token = lab.token().context("the lab has no token")?.to_string();
-    let others: Vec<String> = lab
-        .spec()
-        .host_numbers()
-        .skip(1)
-        .map(|host| lab.spec().api_url(host))
-        .collect();
-    let client = ApiClient::new(&lab.spec().api_url(1), &token).with_fallbacks(&others);
+    let mut lab = crate::bench::load_lab(lab_name)?;
+    let client = crate::bench::lab_client(&lab)?;
     create_vm(&client).await?;
     let result = run_all(&mut lab, &client).await;
     let _ = client.delete_vm(VM).await;

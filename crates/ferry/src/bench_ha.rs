@@ -12,7 +12,6 @@ use anyhow::Context;
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 use ferry_api::client::ApiClient;
 use ferry_api::types::CreateVmRequest;
-use ferry_lab::defaults;
 use ferry_lab::lab::{Fault, Lab};
 use ferry_lab::workload::{boot_id, lost_writes, Writer};
 use ferry_model::cluster::now_ms;
@@ -48,9 +47,7 @@ pub async fn run(
     json: bool,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(runs >= 1, "--runs must be at least 1");
-    let mut lab = Lab::load(&defaults::lab_dir().join(lab_name))
-        .with_context(|| format!("lab {lab_name} (start it with `ferry lab up`)"))?;
-    anyhow::ensure!(lab.spec().hosts >= 2, "lab {lab_name} needs two hosts");
+    let mut lab = crate::bench::load_lab(lab_name)?;
     let token = lab
         .token()
         .ok_or_else(|| anyhow::anyhow!("lab {lab_name} has no token"))?

@@ -10,8 +10,6 @@ use anyhow::Context;
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 use ferry_api::client::ApiClient;
 use ferry_api::types::{CreateVmRequest, MigrateRequest, OpView};
-use ferry_lab::defaults;
-use ferry_lab::lab::Lab;
 use ferry_lab::workload::{boot_id, lost_writes, Writer};
 use serde::Serialize;
 
@@ -64,9 +62,7 @@ pub async fn run(
             "--modes: {mode:?} is not live or quick"
         );
     }
-    let lab = Lab::load(&defaults::lab_dir().join(lab_name))
-        .with_context(|| format!("lab {lab_name} (start it with `ferry lab up`)"))?;
-    anyhow::ensure!(lab.spec().hosts >= 2, "lab {lab_name} needs two hosts");
+    let lab = crate::bench::load_lab(lab_name)?;
     let token = lab
         .token()
         .ok_or_else(|| anyhow::anyhow!("lab {lab_name} has no token"))?;

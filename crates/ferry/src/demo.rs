@@ -63,14 +63,7 @@ pub async fn demo() -> anyhow::Result<()> {
     };
     let spec = lab.spec().clone();
     anyhow::ensure!(spec.hosts >= 3, "the tour needs a lab of 3 hosts");
-    let token = lab.token().context("the lab has no API token")?.to_string();
-    // Any agent answers; when host1 is powered off, the next one does.
-    let others: Vec<String> = spec
-        .host_numbers()
-        .skip(1)
-        .map(|host| spec.api_url(host))
-        .collect();
-    let client = ApiClient::new(&spec.api_url(1), &token).with_fallbacks(&others);
+    let client = crate::bench::lab_client(&lab)?;
 
     step("the hosts (`ferry host list`)");
     println!(

@@ -14,7 +14,7 @@ use ferry_api::rest::{self, RestState};
 use ferry_manager::ha::{after_vm_failure, AfterFailure};
 use ferry_manager::{plan, Action, ClusterView, HostSnapshot, VmSnapshot};
 use ferry_model::cluster::{
-    now_ms, HostRecord, HostState, ImageRecord, Placement, PlacementPhase, PoolInfo, VmRecord,
+    now_ms, HostRecord, HostState, ImageContent, ImageRecord, Placement, PlacementPhase, PoolInfo, VmRecord,
     VmState, VmStatus, RECORD_VERSION,
 };
 use ferry_model::ha::{LeaveHost, RestartCause, RestartEntry};
@@ -56,10 +56,16 @@ pub enum AgentError {
         path: String,
         source: std::io::Error,
     },
+    /// QEMU is missing or older than Ferry supports.
+    #[error("{0}")]
+    Qemu(ferry_qemu::QemuError),
 }
 
 pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let host = config.host.clone();
+    // Before anything else: an agent on an old QEMU would fail later, mid-migration.
+    let qemu = ferry_qemu::version::check(&config.qemu.binary).map_err(AgentError::Qemu)?;
+    tracing::info!("QEMU {qemu} at {}", config.qemu.binary.display());
     // Opened first: a configured watchdog that cannot be fed must stop the start-up.
     // It is fed while the start-up waits for etcd, then by the fencing loop.
     let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -227,13 +233,14 @@ async fn choose_accel(config: &AgentConfig, store: &Store) -> Accel {
                 .ok()
                 .flatten()
                 .map(|image| image.value);
-            let probe = image.and_then(|image| {
-                Some(ProbeImage {
-                    kernel: image.kernel,
-                    initrd: image.initrd,
+            let probe = image.and_then(|image| match image.content {
+                ImageContent::Appliance { kernel, initrd, .. } => Some(ProbeImage {
+                    kernel,
+                    initrd,
                     cmdline: image.probe_cmdline?,
                     marker: image.probe_marker?,
-                })
+                }),
+                _ => None,
             });
             let Some(probe) = probe else {
                 tracing::warn!("no probe image registered; using TCG");
@@ -408,6 +415,8 @@ async fn manage_once(
                 cpus: host.value.cpus,
                 memory: host.value.memory,
                 state: host.value.state,
+                pools: host.value.pools.iter().map(|pool| pool.name.clone()).collect(),
+                networks: host.value.networks.iter().cloned().collect(),
             })
             .collect(),
         vms: entries
@@ -443,6 +452,18 @@ async fn manage_once(
                         .map(|placement| placement.value.host.clone()),
                     deleting: record.deleting,
                     priority: record.ha.priority,
+                    needs_pools: record
+                        .spec
+                        .disks
+                        .iter()
+                        .filter_map(|disk| disk.pool.clone())
+                        .collect(),
+                    needs_networks: record
+                        .spec
+                        .nics
+                        .iter()
+                        .map(|nic| nic.network.clone())
+                        .collect(),
                 })
             })
             .collect(),
@@ -867,14 +888,8 @@ async fn carry_out(
     match (step, record) {
         (Step::Start, Some(record)) => {
             write_status(VmState::Starting, None, None).await;
-            let image = store
-                .get::<ImageRecord>(&keys.image(&record.image))
-                .await
-                .ok()
-                .flatten()
-                .map(|image| image.value);
             let started = Instant::now();
-            match runtime.start(&record, image.as_ref()).await {
+            match runtime.start(&record).await {
                 Ok(machine) => {
                     write_status(VmState::Running, Some(machine.pid()), None).await;
                     events
@@ -939,16 +954,12 @@ async fn carry_out(
                     .await;
                 return;
             }
-            for disk in &record.spec.disks {
-                // Only the VM's own directory ({pool}/vms/{vm}) is ever removed.
-                if let Some(dir) = disk.path.parent().filter(|dir| {
-                    dir.file_name().and_then(|name| name.to_str()) == Some(vm.as_str())
-                }) {
-                    let _ = std::fs::remove_dir_all(dir);
+            // Only the VM's own directories ({pool}/vms/{vm}) are ever removed.
+            ferry_api::provision::remove_dirs(&ferry_api::provision::dirs_of(&record.spec));
+            for (network, ip) in ferry_api::ops::record_addresses(&record) {
+                if let Err(error) = store.delete(&keys.address(&network, &ip.to_string())).await {
+                    tracing::warn!("VM {vm}: address {ip} not released: {error}");
                 }
-            }
-            if let Some(ip) = &record.ip {
-                let _ = store.delete(&keys.address("business", ip)).await;
             }
             let _ = store.delete_prefix(&format!("{}{vm}/", keys.vms())).await;
             events

@@ -1159,7 +1159,7 @@ async fn resume_here(
                 .ok()
                 .flatten();
             match record {
-                Some(record) => match context.runtime.start(&record.value, None).await {
+                Some(record) => match context.runtime.start(&record.value).await {
                     Ok(started) => machine = started,
                     Err(error) => {
                         tracing::warn!("VM {vm}: cold boot failed: {error}");

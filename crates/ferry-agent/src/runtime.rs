@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use ferry_api::types::ExecResponse;
 use ferry_api::ApiError;
-use ferry_model::cluster::{ImageRecord, VmRecord};
+use ferry_model::cluster::VmRecord;
 use ferry_model::{Bytes, HostLimits, VmName, VmSpec};
 use ferry_qemu::{Accel, Incoming, LaunchOptions, Machine, RunDir};
 use futures::future::BoxFuture;
@@ -178,22 +178,10 @@ impl Runtime {
         }
     }
 
-    pub async fn start(
-        &self,
-        record: &VmRecord,
-        image: Option<&ImageRecord>,
-    ) -> Result<Arc<Machine>, String> {
-        let spec = &record.spec;
-        for disk in &spec.disks {
-            if !disk.path.exists() {
-                let size = disk
-                    .size
-                    .or(image.map(|image| image.data_disk))
-                    .unwrap_or(Bytes(Bytes::GIB));
-                create_disk(&disk.path, size)?;
-            }
-        }
-        self.launch(spec, record.reset_serial, false).await
+    /// Starts the VM. Its disks were made when it was created; a start never makes
+    /// one (a disk that vanished must not come back blank), it fails and says so.
+    pub async fn start(&self, record: &VmRecord) -> Result<Arc<Machine>, String> {
+        self.launch(&record.spec, record.reset_serial, false).await
     }
 
     /// Starts a QEMU that waits for an incoming migration (`-incoming defer`) with its
@@ -224,20 +212,25 @@ impl Runtime {
         let machine = Machine::launch(spec, &options)
             .await
             .map_err(|error| error.to_string())?;
-        if let Some(bridge) = self
-            .config
-            .networks
-            .get("business")
-            .and_then(|network| network.bridge.clone())
-        {
-            for nic in &spec.nics {
-                if let Err(error) = ip(&["link", "set", &nic.tap, "master", &bridge, "up"]) {
-                    let _ = machine.kill().await;
-                    return Err(format!(
-                        "cannot attach tap {} to bridge {bridge}: {error}",
-                        nic.tap
-                    ));
-                }
+        for nic in &spec.nics {
+            let Some(network) = self.config.networks.get(&nic.network) else {
+                let killed = machine.kill().await;
+                return Err(format!(
+                    "network {} is not configured on this host{}",
+                    nic.network,
+                    killed.err().map(|error| format!(" (and killing QEMU failed: {error})")).unwrap_or_default()
+                ));
+            };
+            let Some(bridge) = network.bridge.as_deref() else {
+                continue;
+            };
+            if let Err(error) = ip(&["link", "set", &nic.tap, "master", bridge, "up"]) {
+                let killed = machine.kill().await;
+                return Err(format!(
+                    "cannot attach tap {} to bridge {bridge}: {error}{}",
+                    nic.tap,
+                    killed.err().map(|error| format!(" (and killing QEMU failed: {error})")).unwrap_or_default()
+                ));
             }
         }
         let machine = Arc::new(machine);
@@ -344,27 +337,30 @@ impl ferry_api::ops::LocalVms for LocalExec {
             })
         })
     }
+
+    fn change_cdrom(
+        &self,
+        vm: VmName,
+        drive: String,
+        iso: Option<PathBuf>,
+    ) -> BoxFuture<'_, Result<(), ApiError>> {
+        Box::pin(async move {
+            let machine = self.0.machine(&vm).await.ok_or_else(|| {
+                ApiError::Conflict(format!("VM {vm} is not running on this host"))
+            })?;
+            let changed = match &iso {
+                Some(iso) => machine.cdrom_insert(&drive, iso).await,
+                None => machine.cdrom_eject(&drive).await,
+            };
+            changed.map_err(|error| ApiError::Conflict(error.to_string()))
+        })
+    }
 }
 
+/// A blank qcow2 disk: the target of a disk copy (migration of a local disk, a move
+/// between pools).
 pub fn create_disk(path: &std::path::Path, size: Bytes) -> Result<(), String> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|error| format!("cannot create {}: {error}", dir.display()))?;
-    }
-    let output = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-o", "compat=1.1"])
-        .arg(path)
-        .arg(size.0.to_string())
-        .output()
-        .map_err(|error| format!("cannot run qemu-img: {error}"))?;
-    if !output.status.success() {
-        return Err(format!(
-            "qemu-img create {}: {}",
-            path.display(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
-    }
-    Ok(())
+    ferry_qemu::image::create_blank(path, ferry_model::DiskFormat::Qcow2, size)
 }
 
 pub fn ip(args: &[&str]) -> Result<(), String> {

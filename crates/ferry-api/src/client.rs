@@ -7,7 +7,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::types::{
-    CreateVmRequest, ErrorBody, EventView, ExecRequest, ExecResponse, HostView, MigrateRequest,
+    CreateVmRequest, ErrorBody, EventView, ExecRequest, ExecResponse, HostView, ImageView,
+    MigrateRequest,
     MoveDiskRequest, OpView, VmView,
 };
 use crate::ApiError;
@@ -162,8 +163,84 @@ impl ApiClient {
     }
 
     pub async fn create_vm(&self, request: &CreateVmRequest) -> Result<VmView, ApiError> {
-        self.post("/vms", Some(request), Duration::from_secs(60))
+        // Copying a large image into the VM's first disk takes a while.
+        self.post("/vms", Some(request), Duration::from_secs(900))
             .await
+    }
+
+    pub async fn change_cdrom(
+        &self,
+        name: &str,
+        drive: &str,
+        image: Option<&str>,
+    ) -> Result<VmView, ApiError> {
+        self.post(
+            &format!("/vms/{name}/cdrom/{drive}"),
+            Some(&crate::types::CdromRequest {
+                image: image.map(str::to_string),
+            }),
+            Duration::from_secs(60),
+        )
+        .await
+    }
+
+    pub async fn list_images(&self) -> Result<Vec<ImageView>, ApiError> {
+        self.get("/images").await
+    }
+
+    pub async fn get_image(&self, name: &str) -> Result<ImageView, ApiError> {
+        self.get(&format!("/images/{name}")).await
+    }
+
+    pub async fn delete_image(&self, name: &str) -> Result<serde_json::Value, ApiError> {
+        self.call(
+            reqwest::Method::DELETE,
+            &format!("/images/{name}"),
+            None::<&()>,
+            Duration::from_secs(60),
+        )
+        .await
+    }
+
+    /// Uploads `file` as image `name`; `sent` is told the bytes sent so far.
+    pub async fn import_image(
+        &self,
+        name: &str,
+        file: &std::path::Path,
+        format: Option<&str>,
+        guest_agent: bool,
+        sent: impl Fn(u64) + Send + Sync + 'static,
+    ) -> Result<ImageView, ApiError> {
+        use futures::StreamExt;
+        let opened = tokio::fs::File::open(file)
+            .await
+            .map_err(|error| ApiError::BadRequest(format!("cannot read {}: {error}", file.display())))?;
+        let mut total = 0u64;
+        let stream = tokio_util::io::ReaderStream::with_capacity(opened, 1 << 20).map(move |chunk| {
+            if let Ok(bytes) = &chunk {
+                total += bytes.len() as u64;
+                sent(total);
+            }
+            chunk
+        });
+        let base = &self.bases[self.current.load(std::sync::atomic::Ordering::Relaxed)];
+        let mut query = vec![("guest_agent", guest_agent.to_string())];
+        if let Some(format) = format {
+            query.push(("format", format.to_string()));
+        }
+        let response = self
+            .http
+            .put(format!("{base}/api/v1/images/{name}"))
+            .query(&query)
+            .bearer_auth(&self.token)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(reqwest::Body::wrap_stream(stream))
+            .send()
+            .await
+            .map_err(|error| {
+                ApiError::Unavailable(format!("uploading to {base}: {}", root_cause(&error)))
+            })?;
+        decode_response(response).await
     }
 
     pub async fn start_vm(&self, name: &str) -> Result<VmView, ApiError> {

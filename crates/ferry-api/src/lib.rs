@@ -5,10 +5,13 @@
 pub mod auth;
 pub mod client;
 pub mod client_config;
+pub mod cloud_init;
 mod error;
+pub mod images;
 pub mod migrate;
 pub mod monitors;
 pub mod ops;
+pub mod provision;
 pub mod rest;
 pub mod types;
 

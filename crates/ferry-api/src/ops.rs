@@ -14,7 +14,7 @@ use ferry_model::cluster::{
     VmState, VmStatus,
 };
 use ferry_model::{
-    Boot, Bytes, CacheMode, DiskFormat, DiskSpec, HostName, MacAddr, NicSpec, VmName, VmSpec,
+    Bytes, HostName, MacAddr, VmName,
     MIN_MEMORY,
 };
 use ferry_store::{Store, Versioned};
@@ -26,6 +26,8 @@ use crate::types::{
 };
 use crate::ApiError;
 
+/// The image a VM is made from when the request names none.
+pub const DEFAULT_IMAGE: &str = "appliance";
 /// How long `create` waits for the manager to place the VM.
 const PLACEMENT_WAIT: Duration = Duration::from_secs(15);
 /// How long `delete` waits for the owning agent to remove the VM.
@@ -41,6 +43,15 @@ pub trait LocalVms: Send + Sync {
         command: Vec<String>,
         timeout: Duration,
     ) -> BoxFuture<'_, Result<ExecResponse, ApiError>>;
+
+    /// Puts `iso` into (or, with `None`, ejects) CD-ROM drive `drive` of a VM running
+    /// here.
+    fn change_cdrom(
+        &self,
+        vm: VmName,
+        drive: String,
+        iso: Option<PathBuf>,
+    ) -> BoxFuture<'_, Result<(), ApiError>>;
 }
 
 /// Everything known about one VM, read in one go.
@@ -110,13 +121,13 @@ impl VmEntry {
 }
 
 pub struct ClusterApi {
-    store: Store,
-    host: HostName,
+    pub(crate) store: Store,
+    pub(crate) host: HostName,
     /// The shared pool's path (the same on every host): new VMs' disks go here.
-    shared_pool: PathBuf,
-    local: Arc<dyn LocalVms>,
-    http: reqwest::Client,
-    events: EventLog,
+    pub(crate) shared_pool: PathBuf,
+    pub(crate) local: Arc<dyn LocalVms>,
+    pub(crate) http: reqwest::Client,
+    pub(crate) events: EventLog,
 }
 
 impl ClusterApi {
@@ -260,7 +271,11 @@ impl ClusterApi {
 
     // ----- changing it -----
 
-    pub async fn create_vm(&self, request: CreateVmRequest) -> Result<VmView, ApiError> {
+    pub async fn create_vm(
+        &self,
+        request: CreateVmRequest,
+        token: &str,
+    ) -> Result<VmView, ApiError> {
         let name = parse_vm_name(&request.name)?;
         let memory: Bytes = request
             .memory
@@ -275,21 +290,33 @@ impl ClusterApi {
             return Err(ApiError::BadRequest("cpus: must be at least 1".into()));
         }
         let keys = self.store.keys().clone();
-        let image = self
-            .store
-            .get::<ImageRecord>(&keys.image(&request.image))
-            .await?
-            .ok_or_else(|| {
-                ApiError::BadRequest(format!("image {:?} does not exist", request.image))
-            })?
-            .value;
+        let sources = [request.image.is_some(), request.iso.is_some(), request.blank]
+            .iter()
+            .filter(|given| **given)
+            .count();
+        if sources > 1 {
+            return Err(ApiError::BadRequest(
+                "give one of image, iso and blank".into(),
+            ));
+        }
+        let image = match (&request.image, &request.iso, request.blank) {
+            (Some(image), _, _) => Some(self.image_named(image, "image").await?),
+            (None, Some(iso), _) => Some(self.image_named(iso, "iso").await?),
+            (None, None, true) => None,
+            (None, None, false) => Some(self.image_named(DEFAULT_IMAGE, "image").await?),
+        };
+        let cdrom = match &request.cdrom {
+            Some(cdrom) => Some(self.image_named(cdrom, "cdrom").await?),
+            None => None,
+        };
+        let restart_command = image.as_ref().and_then(|image| image.restart_command.clone());
         let mut monitors = ferry_model::monitor::MonitorSet {
             version: 1,
             monitors: Vec::new(),
         };
         for (index, monitor) in request.monitors.iter().enumerate() {
             let monitor =
-                crate::monitors::monitor_from(monitor, &monitors, image.restart_command.clone())
+                crate::monitors::monitor_from(monitor, &monitors, restart_command.clone())
                     .map_err(|error| ApiError::BadRequest(format!("monitors[{index}]: {error}")))?;
             if monitors.monitors.iter().any(|known| known.id == monitor.id) {
                 return Err(ApiError::BadRequest(format!(
@@ -318,7 +345,7 @@ impl ClusterApi {
             ));
         }
         let hosts = self.hosts().await?;
-        let preferred_host = match &request.host {
+        let mut preferred_host = match &request.host {
             Some(host) => {
                 let host: HostName = host
                     .parse()
@@ -349,6 +376,92 @@ impl ClusterApi {
                 request.cpus
             )));
         }
+        if let Some(model) = &request.cpu_model {
+            let known = hosts.iter().any(|host| {
+                model == "host" || model == "qemu64" || host.cpu_models.contains_key(model)
+            });
+            if !known {
+                return Err(ApiError::BadRequest(format!(
+                    "cpu_model: no host knows the CPU model {model:?}"
+                )));
+            }
+        }
+
+        // Disks on a pool only one other host has are made by that host: the request
+        // goes there whole.
+        let wanted_disks = request
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(index, disk)| {
+                let size = match &disk.size {
+                    Some(size) => Some(size.parse::<Bytes>().map_err(|error| {
+                        ApiError::BadRequest(format!("disks[{index}].size: {error}"))
+                    })?),
+                    None => None,
+                };
+                Ok(crate::provision::WantedDisk {
+                    size,
+                    pool: disk.pool.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, ApiError>>()?;
+        let me = hosts
+            .iter()
+            .find(|host| host.name == self.host)
+            .ok_or_else(|| {
+                ApiError::Unavailable(format!(
+                    "this host ({}) is not registered yet; try again",
+                    self.host
+                ))
+            })?;
+        for (index, disk) in wanted_disks.iter().enumerate() {
+            let Some(pool) = &disk.pool else { continue };
+            if me.pool(pool).is_some() {
+                continue;
+            }
+            let owner = hosts.iter().find(|host| host.pool(pool).is_some());
+            let Some(owner) = owner else {
+                return Err(ApiError::BadRequest(format!(
+                    "disks[{index}]: pool {pool:?} is not offered by any host"
+                )));
+            };
+            if request.host.as_deref().is_some_and(|host| host != owner.name.as_str()) {
+                return Err(ApiError::BadRequest(format!(
+                    "disks[{index}]: pool {pool} is local to {}, not to host {}",
+                    owner.name,
+                    request.host.as_deref().unwrap_or_default()
+                )));
+            }
+            let mut forwarded = request.clone();
+            forwarded.host = Some(owner.name.to_string());
+            return self.forward_create(&owner.api_url, &forwarded, token).await;
+        }
+        if let Some(local) = wanted_disks
+            .iter()
+            .filter_map(|disk| disk.pool.as_deref())
+            .find(|pool| me.pool(pool).is_some_and(|pool| !pool.shared))
+        {
+            // A disk on this host's local pool: the VM runs here.
+            if preferred_host.as_ref().is_some_and(|host| *host != self.host) {
+                return Err(ApiError::BadRequest(format!(
+                    "pool {local} is local to {}, not to the host asked for",
+                    self.host
+                )));
+            }
+            preferred_host = Some(self.host.clone());
+        }
+        let pools: Vec<crate::provision::PoolSite> = me
+            .pools
+            .iter()
+            .map(|pool| crate::provision::PoolSite {
+                name: pool.name.clone(),
+                path: pool.path.clone(),
+                shared: pool.shared,
+                free: free_space(&pool.path),
+            })
+            .collect();
+
         if self
             .store
             .get::<VmRecord>(&keys.vm_spec(&name))
@@ -358,31 +471,145 @@ impl ClusterApi {
             return Err(ApiError::Conflict(format!("VM {name} already exists")));
         }
 
-        let network = self
-            .store
-            .get::<NetworkRecord>(&keys.network("business"))
-            .await?
-            .map(|record| record.value);
-        let address = match &network {
-            Some(network) => Some(self.allocate_address(network, &name).await?),
-            None => None,
+        // NICs: the networks some host has, an address from the network's pool.
+        let nic_requests = if request.nics.is_empty() {
+            let has_business = self
+                .store
+                .get::<NetworkRecord>(&keys.network("business"))
+                .await?
+                .is_some();
+            if has_business {
+                vec![crate::types::NicRequest {
+                    network: "business".into(),
+                    mac: None,
+                    model: None,
+                }]
+            } else {
+                Vec::new()
+            }
+        } else {
+            request.nics.clone()
         };
-        let spec = build_spec(
-            &name,
-            &request,
+        let mut planned_nics = Vec::new();
+        let mut addresses: Vec<(String, Ipv4Addr)> = Vec::new();
+        let nics_result: Result<(), ApiError> = async {
+            for (index, nic) in nic_requests.iter().enumerate() {
+                if !hosts.iter().any(|host| host.networks.contains(&nic.network)) {
+                    return Err(ApiError::BadRequest(format!(
+                        "nics[{index}]: no host is on network {:?}",
+                        nic.network
+                    )));
+                }
+                let mac = match &nic.mac {
+                    Some(mac) => mac.parse::<MacAddr>().map_err(|error| {
+                        ApiError::BadRequest(format!("nics[{index}].mac: {error}"))
+                    })?,
+                    None => MacAddr::derived_from(&format!("{name}/{index}")),
+                };
+                let network = self
+                    .store
+                    .get::<NetworkRecord>(&keys.network(&nic.network))
+                    .await?
+                    .map(|record| record.value);
+                let address = match &network {
+                    Some(network) => {
+                        let address = self.allocate_address(network, &name).await?;
+                        addresses.push((network.name.clone(), address));
+                        Some((address, network.prefix, network.gateway))
+                    }
+                    None => None,
+                };
+                planned_nics.push(crate::provision::PlannedNic {
+                    network: nic.network.clone(),
+                    mac,
+                    model: nic.model.unwrap_or_default(),
+                    address,
+                });
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(error) = nics_result {
+            self.release_addresses(&addresses).await;
+            return Err(error);
+        }
+        let mut cmdline = format!("console=ttyS0 quiet panic=1 ferry.hostname={name}");
+        if let Some((address, prefix, gateway)) = planned_nics.first().and_then(|nic| nic.address) {
+            cmdline.push_str(&format!(" ferry.ip={address}/{prefix}"));
+            if let Some(gateway) = gateway {
+                cmdline.push_str(&format!(" ferry.gw={gateway}"));
+            }
+        }
+        let source = match (&image, request.iso.is_some()) {
+            (Some(image), true) => crate::provision::Source::Iso(image),
+            (Some(image), false) => crate::provision::Source::Image(image),
+            (None, _) => crate::provision::Source::Blank,
+        };
+        let stop_command = request.stop_command.clone().map(|command| ferry_model::StopCommand {
+            command,
+            timeout_seconds: request
+                .stop_timeout_seconds
+                .unwrap_or(crate::provision::DEFAULT_STOP_TIMEOUT_SECONDS),
+        });
+        let instance_id = format!("{name}-{}", now_ms());
+        let planned = crate::provision::plan(&crate::provision::Request {
+            name: &name,
+            cpus: request.cpus,
             memory,
-            &image,
-            network.as_ref(),
-            address,
-            &self.shared_pool,
-        );
+            cpu_model: request.cpu_model.as_deref(),
+            source,
+            disks: &wanted_disks,
+            bus: request.disk_bus.unwrap_or_default(),
+            firmware: request.firmware.unwrap_or(crate::types::FirmwareKind::Bios),
+            nics: &planned_nics,
+            cdrom: cdrom.as_ref(),
+            boot_order: &request.boot_order,
+            cloud_init: request.cloud_init.as_ref(),
+            instance_id: &instance_id,
+            stop_command,
+            appliance_cmdline: cmdline,
+            shared_pool: &self.shared_pool,
+            pools: &pools,
+        })
+        .and_then(|plan| {
+            plan.spec
+                .validate(&ferry_model::HostLimits {
+                    cpus: most_cpus,
+                    memory: largest,
+                })
+                .map_err(|error| error.to_string())?;
+            Ok(plan)
+        });
+        let planned = match planned {
+            Ok(plan) => plan,
+            Err(error) => {
+                self.release_addresses(&addresses).await;
+                return Err(ApiError::BadRequest(error));
+            }
+        };
+        let made = {
+            let planned = planned.clone();
+            tokio::task::spawn_blocking(move || crate::provision::make(&planned))
+                .await
+                .map_err(|error| ApiError::Internal(format!("disk creation: {error}")))
+                .and_then(|made| made.map_err(ApiError::Conflict))
+        };
+        if let Err(error) = made {
+            self.release_addresses(&addresses).await;
+            return Err(error);
+        }
+        // From here on, a failure removes the records, files and addresses again.
+        let undo = |reason: String| self.undo_create(&name, &planned.dirs, &addresses, reason);
         let record = VmRecord {
             version: ferry_model::cluster::RECORD_VERSION,
-            spec,
+            spec: planned.spec.clone(),
             desired: PowerState::Running,
-            image: image.name.clone(),
+            image: image
+                .as_ref()
+                .map(|image| image.name.clone())
+                .unwrap_or_default(),
             preferred_host,
-            ip: address.map(|address| address.to_string()),
+            ip: addresses.first().map(|(_, address)| address.to_string()),
             deleting: false,
             reset_serial: 0,
             migration: Default::default(),
@@ -393,7 +620,9 @@ impl ClusterApi {
             .create(&keys.vm_spec(&name), &record, &format!("VM {name}"))
             .await
         {
-            self.release_address(address).await;
+            // Not ours to remove: the records may be another create's that won.
+            crate::provision::remove_dirs(&planned.dirs);
+            self.release_addresses(&addresses).await;
             return Err(error.into());
         }
         if !monitors.monitors.is_empty() {
@@ -403,19 +632,20 @@ impl ClusterApi {
                 .await
             {
                 // Not half a VM: without its monitors it is removed again.
-                let _ = self
-                    .store
-                    .delete_prefix(&format!("{}{name}/", keys.vms()))
-                    .await;
-                self.release_address(address).await;
-                return Err(error.into());
+                let error = undo(error.to_string()).await;
+                return Err(ApiError::Unavailable(format!("VM {name}: {error}")));
             }
         }
         self.events
             .record(
                 &name.subject(),
                 "created",
-                &format!("VM {name} created ({} vCPU, {memory})", request.cpus),
+                &format!(
+                    "VM {name} created ({} vCPU, {memory}, {} disk(s), {})",
+                    request.cpus,
+                    planned.spec.disks.len(),
+                    planned.spec.firmware.name()
+                ),
             )
             .await;
 
@@ -438,11 +668,7 @@ impl ClusterApi {
                 let reason = refused.unwrap_or_else(|| {
                     "no manager placed it in time (is a leader elected?)".into()
                 });
-                let _ = self
-                    .store
-                    .delete_prefix(&format!("{}{name}/", keys.vms()))
-                    .await;
-                self.release_address(address).await;
+                let reason = undo(reason).await;
                 self.events
                     .record(
                         &name.subject(),
@@ -456,6 +682,56 @@ impl ClusterApi {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    async fn image_named(&self, name: &str, field: &str) -> Result<ImageRecord, ApiError> {
+        self.store
+            .get::<ImageRecord>(&self.store.keys().image(name))
+            .await?
+            .map(|record| record.value)
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "{field}: image {name:?} does not exist (ferry image list)"
+                ))
+            })
+    }
+
+    async fn undo_create(
+        &self,
+        name: &VmName,
+        dirs: &[PathBuf],
+        addresses: &[(String, Ipv4Addr)],
+        reason: String,
+    ) -> String {
+        let removed = self
+            .store
+            .delete_prefix(&format!("{}{name}/", self.store.keys().vms()))
+            .await;
+        if let Err(error) = removed {
+            tracing::warn!("VM {name}: records not removed after a failed create: {error}");
+        }
+        crate::provision::remove_dirs(dirs);
+        self.release_addresses(addresses).await;
+        reason
+    }
+
+    /// Sends a create to the host that owns the pool its disks go on.
+    async fn forward_create(
+        &self,
+        owner_url: &str,
+        request: &CreateVmRequest,
+        token: &str,
+    ) -> Result<VmView, ApiError> {
+        let response = self
+            .http
+            .post(format!("{owner_url}/api/v1/vms"))
+            .bearer_auth(token)
+            .json(request)
+            .timeout(PLACEMENT_WAIT + Duration::from_secs(600))
+            .send()
+            .await
+            .map_err(|error| ApiError::Unavailable(format!("{owner_url}: {error}")))?;
+        crate::client::decode_response(response).await
     }
 
     async fn allocate_address(
@@ -497,12 +773,15 @@ impl ClusterApi {
         )))
     }
 
-    async fn release_address(&self, address: Option<Ipv4Addr>) {
-        if let Some(address) = address {
-            let _ = self
+    async fn release_addresses(&self, addresses: &[(String, Ipv4Addr)]) {
+        for (network, address) in addresses {
+            if let Err(error) = self
                 .store
-                .delete(&self.store.keys().address("business", &address.to_string()))
-                .await;
+                .delete(&self.store.keys().address(network, &address.to_string()))
+                .await
+            {
+                tracing::warn!("address {address} on {network} not released: {error}");
+            }
         }
     }
 
@@ -636,12 +915,13 @@ impl ClusterApi {
         let entry = self.vm_entry(&name).await?;
         let record = entry.record.map(|record| record.value);
         if entry.placement.is_none() {
-            // Never placed: nothing runs anywhere, remove the records directly.
+            // Never placed: nothing runs anywhere, remove the records and files directly.
             self.store
                 .delete_prefix(&format!("{}{name}/", keys.vms()))
                 .await?;
-            if let Some(ip) = record.and_then(|record| record.ip) {
-                let _ = self.store.delete(&keys.address("business", &ip)).await;
+            if let Some(record) = record {
+                crate::provision::remove_dirs(&crate::provision::dirs_of(&record.spec));
+                self.release_addresses(&record_addresses(&record)).await;
             }
             self.events
                 .record(&name.subject(), "deleted", &format!("VM {name} deleted"))
@@ -715,16 +995,7 @@ impl ClusterApi {
             return self.local.exec(name, request.command, timeout).await;
         }
         // Any host answers any request: forward to the owner.
-        let hosts = self.hosts().await?;
-        let owner_url = hosts
-            .iter()
-            .find(|host| host.name == owner)
-            .map(|host| host.api_url.clone())
-            .ok_or_else(|| {
-                ApiError::Unavailable(format!(
-                    "VM {name} runs on {owner}, whose agent is not reachable"
-                ))
-            })?;
+        let owner_url = self.api_url_of(&owner, &name).await?;
         let response = self
             .http
             .post(format!("{owner_url}/api/v1/vms/{name}/exec"))
@@ -735,6 +1006,106 @@ impl ClusterApi {
             .await
             .map_err(|error| ApiError::Unavailable(format!("host {owner}: {error}")))?;
         crate::client::decode_response(response).await
+    }
+
+    async fn api_url_of(&self, owner: &HostName, vm: &VmName) -> Result<String, ApiError> {
+        self.hosts()
+            .await?
+            .iter()
+            .find(|host| host.name == *owner)
+            .map(|host| host.api_url.clone())
+            .ok_or_else(|| {
+                ApiError::Unavailable(format!(
+                    "VM {vm} runs on {owner}, whose agent is not reachable"
+                ))
+            })
+    }
+
+    /// Puts an ISO image of the library into CD-ROM drive `drive`, or ejects it
+    /// (`image` none). A running VM sees it at once; the record keeps it for the next
+    /// start, a migration and an HA restart.
+    pub async fn change_cdrom(
+        &self,
+        name: &str,
+        drive: &str,
+        image: Option<&str>,
+        token: &str,
+    ) -> Result<VmView, ApiError> {
+        let name = parse_vm_name(name)?;
+        let iso = match image {
+            Some(image) => {
+                let record = self
+                    .store
+                    .get::<ImageRecord>(&self.store.keys().image(image))
+                    .await?
+                    .ok_or_else(|| ApiError::BadRequest(format!("image {image:?} does not exist")))?
+                    .value;
+                match record.content {
+                    ferry_model::cluster::ImageContent::Iso { path } => Some(path),
+                    other => {
+                        return Err(ApiError::BadRequest(format!(
+                            "image {image} is {}, not an ISO",
+                            other.kind().as_str()
+                        )))
+                    }
+                }
+            }
+            None => None,
+        };
+        let (entry, record) = self.vm_entry_and_record(&name).await?;
+        if !record.spec.cdroms.iter().any(|cdrom| cdrom.id == drive) {
+            let drives: Vec<&str> = record.spec.cdroms.iter().map(|cd| cd.id.as_str()).collect();
+            return Err(ApiError::NotFound(format!(
+                "VM {name} has no CD-ROM drive {drive:?} (it has: {})",
+                if drives.is_empty() { "none".to_string() } else { drives.join(", ") }
+            )));
+        }
+        let running = vm_view(&entry).is_some_and(|view| view.state == VmState::Running.as_str());
+        if running {
+            let owner = entry
+                .placement
+                .as_ref()
+                .map(|placement| placement.value.host.clone())
+                .ok_or_else(|| ApiError::Conflict(format!("VM {name} is not placed")))?;
+            if owner == self.host {
+                self.local
+                    .change_cdrom(name.clone(), drive.to_string(), iso.clone())
+                    .await?;
+            } else {
+                let owner_url = self.api_url_of(&owner, &name).await?;
+                let response = self
+                    .http
+                    .post(format!("{owner_url}/api/v1/vms/{name}/cdrom/{drive}"))
+                    .bearer_auth(token)
+                    .json(&crate::types::CdromRequest {
+                        image: image.map(str::to_string),
+                    })
+                    .timeout(Duration::from_secs(30))
+                    .send()
+                    .await
+                    .map_err(|error| ApiError::Unavailable(format!("host {owner}: {error}")))?;
+                // The owner changed the medium and the record.
+                return crate::client::decode_response(response).await;
+            }
+        }
+        self.update_record(&name, |record| {
+            for cdrom in record.spec.cdroms.iter_mut().filter(|cdrom| cdrom.id == drive) {
+                cdrom.path = iso.clone();
+            }
+            Ok(())
+        })
+        .await?;
+        self.events
+            .record(
+                &name.subject(),
+                "cdrom",
+                &match image {
+                    Some(image) => format!("VM {name}: image {image} in CD-ROM drive {drive}"),
+                    None => format!("VM {name}: CD-ROM drive {drive} ejected"),
+                },
+            )
+            .await;
+        self.get_vm(name.as_str()).await
     }
 
     pub async fn list_events(&self, limit: usize) -> Result<Vec<EventView>, ApiError> {
@@ -754,55 +1125,6 @@ impl ClusterApi {
 pub(crate) fn parse_vm_name(name: &str) -> Result<VmName, ApiError> {
     name.parse()
         .map_err(|error: ferry_model::NameError| ApiError::BadRequest(error.to_string()))
-}
-
-fn build_spec(
-    name: &VmName,
-    request: &CreateVmRequest,
-    memory: Bytes,
-    image: &ImageRecord,
-    network: Option<&NetworkRecord>,
-    address: Option<Ipv4Addr>,
-    shared_pool: &std::path::Path,
-) -> VmSpec {
-    let mut cmdline = format!("console=ttyS0 quiet panic=1 ferry.hostname={name}");
-    if let (Some(network), Some(address)) = (network, address) {
-        cmdline.push_str(&format!(" ferry.ip={address}/{}", network.prefix));
-        if let Some(gateway) = network.gateway {
-            cmdline.push_str(&format!(" ferry.gw={gateway}"));
-        }
-    }
-    let nics = if address.is_some() {
-        vec![NicSpec {
-            tap: MacAddr::tap_name(name.as_str(), 0),
-            mac: MacAddr::derived_from(&format!("{name}/0")),
-        }]
-    } else {
-        Vec::new()
-    };
-    VmSpec {
-        name: name.clone(),
-        cpus: request.cpus,
-        memory,
-        cpu_model: ferry_model::vm_default_cpu_model(),
-        disks: vec![DiskSpec {
-            id: "data".into(),
-            path: shared_pool
-                .join("vms")
-                .join(name.as_str())
-                .join("data.qcow2"),
-            format: DiskFormat::Qcow2,
-            cache: CacheMode::None,
-            read_only: false,
-            size: Some(image.data_disk),
-        }],
-        nics,
-        boot: Boot::Kernel {
-            kernel: image.kernel.clone(),
-            initrd: Some(image.initrd.clone()),
-            cmdline,
-        },
-    }
 }
 
 fn host_view(
@@ -1076,4 +1398,28 @@ impl EventLog {
         self.store.put(&key, &event, Some(lease)).await?;
         Ok(())
     }
+}
+
+/// The addresses a VM holds, by network: its first NIC's is `record.ip`.
+pub fn record_addresses(record: &VmRecord) -> Vec<(String, Ipv4Addr)> {
+    let network = record
+        .spec
+        .nics
+        .first()
+        .map(|nic| nic.network.clone())
+        .unwrap_or_else(ferry_model::default_network);
+    record
+        .ip
+        .as_deref()
+        .and_then(|ip| ip.parse().ok())
+        .map(|ip| vec![(network, ip)])
+        .unwrap_or_default()
+}
+
+/// Free bytes on the filesystem holding `path`, or `None` if it cannot be read.
+pub(crate) fn free_space(path: &std::path::Path) -> Option<Bytes> {
+    let stat = nix::sys::statvfs::statvfs(path).ok()?;
+    Some(Bytes(
+        (stat.blocks_available() as u64).saturating_mul(stat.fragment_size() as u64),
+    ))
 }

@@ -20,7 +20,8 @@ use utoipa::OpenApi;
 use crate::auth::{role_of, Role, TokenConfig};
 use crate::ops::ClusterApi;
 use crate::types::{
-    AddMonitorRequest, CreateVmRequest, ErrorBody, ErrorDetail, EventView, ExecRequest,
+    AddMonitorRequest, CdromRequest, CloudInitRequest, CreateVmRequest, DiskRequest, ImageView,
+    NicRequest, ErrorBody, ErrorDetail, EventView, ExecRequest,
     ExecResponse, HostMonitorView, HostView, MigrateRequest, MonitorView, MoveDiskRequest, OpView,
     ProgressView, UpdateHaRequest, VmView,
 };
@@ -119,6 +120,15 @@ pub fn router(state: RestState) -> Router {
         .route("/api/v1/vms/{name}/exec", post(exec_vm))
         .route("/api/v1/vms/{name}/migrate", post(migrate_vm))
         .route("/api/v1/vms/{name}/disks/{disk}/move", post(move_disk))
+        .route("/api/v1/vms/{name}/cdrom/{drive}", post(change_cdrom))
+        .route("/api/v1/images", get(list_images))
+        .route(
+            "/api/v1/images/{name}",
+            get(get_image)
+                .put(import_image)
+                .delete(delete_image)
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .route("/api/v1/ops", get(list_ops))
         .route("/api/v1/ops/{id}", get(get_op))
         .route("/api/v1/ops/{id}/cancel", post(cancel_op))
@@ -162,8 +172,86 @@ async fn create_vm(
     caller.require(Role::Admin)?;
     Ok((
         StatusCode::CREATED,
-        Json(state.api.create_vm(request).await?),
+        Json(state.api.create_vm(request, &caller.token).await?),
     ))
+}
+
+#[utoipa::path(post, path = "/api/v1/vms/{name}/cdrom/{drive}", params(("name" = String, Path), ("drive" = String, Path)), request_body = CdromRequest,
+    responses((status = 200, body = VmView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+async fn change_cdrom(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    Path((name, drive)): Path<(String, String)>,
+    ApiJson(request): ApiJson<CdromRequest>,
+) -> Result<Json<VmView>, ApiError> {
+    caller.require(Role::Operator)?;
+    Ok(Json(
+        state
+            .api
+            .change_cdrom(&name, &drive, request.image.as_deref(), &caller.token)
+            .await?,
+    ))
+}
+
+#[utoipa::path(get, path = "/api/v1/images", responses((status = 200, body = [ImageView])), security(("bearer" = [])))]
+async fn list_images(State(state): State<RestState>) -> Result<Json<Vec<ImageView>>, ApiError> {
+    Ok(Json(state.api.list_images().await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/images/{name}", params(("name" = String, Path)), responses((status = 200, body = ImageView), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn get_image(
+    State(state): State<RestState>,
+    Path(name): Path<String>,
+) -> Result<Json<ImageView>, ApiError> {
+    Ok(Json(state.api.get_image(&name).await?))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+struct ImportQuery {
+    /// `qcow2`, `raw` or `iso`; detected when left out.
+    format: Option<String>,
+    /// The guests run a QEMU guest agent (default true).
+    guest_agent: Option<bool>,
+}
+
+/// Uploads an image: the request body is the file.
+#[utoipa::path(put, path = "/api/v1/images/{name}", params(("name" = String, Path), ImportQuery), request_body(content = Vec<u8>, content_type = "application/octet-stream"),
+    responses((status = 201, body = ImageView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+async fn import_image(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    Query(query): Query<ImportQuery>,
+    body: axum::body::Body,
+) -> Result<(StatusCode, Json<ImageView>), ApiError> {
+    caller.require(Role::Admin)?;
+    let format = query
+        .format
+        .as_deref()
+        .map(str::parse::<ferry_model::cluster::ImageKind>)
+        .transpose()
+        .map_err(|error| ApiError::BadRequest(format!("format: {error}")))?;
+    let view = state
+        .api
+        .import_image(
+            &name,
+            format,
+            query.guest_agent.unwrap_or(true),
+            body.into_data_stream(),
+        )
+        .await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+#[utoipa::path(delete, path = "/api/v1/images/{name}", params(("name" = String, Path)), responses((status = 200), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+async fn delete_image(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    caller.require(Role::Admin)?;
+    state.api.delete_image(&name).await?;
+    Ok(Json(serde_json::json!({"deleted": name})))
 }
 
 #[utoipa::path(get, path = "/api/v1/vms/{name}", params(("name" = String, Path)), responses((status = 200, body = VmView), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
@@ -411,8 +499,8 @@ impl utoipa::Modify for BearerAuth {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Ferry API", description = "A high-availability virtualization cluster for QEMU/KVM."),
-    paths(list_hosts, get_host, list_vms, create_vm, get_vm, delete_vm, start_vm, stop_vm, reset_vm, update_ha, list_monitors, add_monitor, remove_monitor, exec_vm, migrate_vm, move_disk, list_ops, get_op, cancel_op, list_events, stream_events),
-    components(schemas(HostView, HostMonitorView, VmView, CreateVmRequest, UpdateHaRequest, AddMonitorRequest, MonitorView, ExecRequest, ExecResponse, EventView, ErrorBody, ErrorDetail, MigrateRequest, MoveDiskRequest, OpView, ProgressView)),
+    paths(list_hosts, get_host, list_vms, create_vm, change_cdrom, list_images, get_image, import_image, delete_image, get_vm, delete_vm, start_vm, stop_vm, reset_vm, update_ha, list_monitors, add_monitor, remove_monitor, exec_vm, migrate_vm, move_disk, list_ops, get_op, cancel_op, list_events, stream_events),
+    components(schemas(HostView, HostMonitorView, VmView, CreateVmRequest, DiskRequest, NicRequest, CloudInitRequest, ImageView, CdromRequest, UpdateHaRequest, AddMonitorRequest, MonitorView, ExecRequest, ExecResponse, EventView, ErrorBody, ErrorDetail, MigrateRequest, MoveDiskRequest, OpView, ProgressView)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

@@ -124,8 +124,52 @@ pub struct MonitorView {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct CreateVmRequest {
     pub name: String,
-    /// An image registered in the cluster, e.g. `appliance`.
-    pub image: String,
+    /// An image of the library: a disk image (the first disk is a copy of it) or the
+    /// appliance. With none of `image`, `iso` and `blank`: the appliance.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Install from this ISO image of the library: it goes in the CD-ROM and the first
+    /// disk starts empty.
+    #[serde(default)]
+    pub iso: Option<String>,
+    /// Empty disks only (boot from the network or a CD-ROM inserted later).
+    #[serde(default)]
+    pub blank: bool,
+    /// Disks, the first one first: its size (for an image, grown to this size when
+    /// larger) and pool (default: the shared pool).
+    #[serde(default)]
+    pub disks: Vec<DiskRequest>,
+    /// `bios` (SeaBIOS, default) or `uefi` (OVMF with the VM's own NVRAM).
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub firmware: Option<FirmwareKind>,
+    /// NICs; default: one on `business` when the cluster has that network.
+    #[serde(default)]
+    pub nics: Vec<NicRequest>,
+    /// `virtio` (default), `scsi` or `sata` (guests without virtio drivers).
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub disk_bus: Option<ferry_model::DiskBus>,
+    /// An ISO image of the library for the CD-ROM drive (with `image` or `blank`).
+    #[serde(default)]
+    pub cdrom: Option<String>,
+    /// Devices firmware boots from, in order: `disk`, `cdrom`, `network`.
+    #[serde(default)]
+    #[schema(value_type = Vec<String>)]
+    pub boot_order: Vec<ferry_model::BootDevice>,
+    /// A QEMU CPU model every host can run (default `qemu64`).
+    #[serde(default)]
+    pub cpu_model: Option<String>,
+    /// cloud-init (NoCloud) personalisation of a disk image.
+    #[serde(default)]
+    pub cloud_init: Option<CloudInitRequest>,
+    /// Run in the guest (through its agent) before every shutdown, e.g.
+    /// `systemctl stop myapp`.
+    #[serde(default)]
+    pub stop_command: Option<String>,
+    /// How long `stop_command` may take (default 60 s).
+    #[serde(default)]
+    pub stop_timeout_seconds: Option<u64>,
     pub cpus: u32,
     /// Memory as bytes or with a unit: `256M`, `1G`.
     #[schema(value_type = String, example = "256M")]
@@ -157,6 +201,151 @@ pub struct CreateVmRequest {
     /// checked before anything is created.
     #[serde(default)]
     pub monitors: Vec<AddMonitorRequest>,
+}
+
+/// A disk of a new VM: `SIZE[@POOL]` on the command line.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DiskRequest {
+    /// Bytes or with a unit: `20G`. Empty: the image's own size.
+    #[serde(default)]
+    pub size: Option<String>,
+    /// A pool the hosts offer; default the shared pool.
+    #[serde(default)]
+    pub pool: Option<String>,
+}
+
+impl std::str::FromStr for DiskRequest {
+    type Err = String;
+    /// `20G`, `20G@fast`, `@fast` (the image's size on pool `fast`).
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (size, pool) = match text.split_once('@') {
+            Some((size, pool)) => (size, Some(pool)),
+            None => (text, None),
+        };
+        if let Some(pool) = pool {
+            if pool.is_empty() {
+                return Err(format!("disk {text:?}: name a pool after '@'"));
+            }
+        }
+        if size.is_empty() && pool.is_none() {
+            return Err("disk: give SIZE[@POOL], e.g. 20G or 20G@local".into());
+        }
+        if !size.is_empty() {
+            size.parse::<ferry_model::Bytes>()
+                .map_err(|error| format!("disk {text:?}: {error}"))?;
+        }
+        Ok(DiskRequest {
+            size: (!size.is_empty()).then(|| size.to_string()),
+            pool: pool.map(str::to_string),
+        })
+    }
+}
+
+/// A NIC of a new VM: `NETWORK[,mac=52:54:00:…][,model=virtio|e1000]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NicRequest {
+    pub network: String,
+    #[serde(default)]
+    pub mac: Option<String>,
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub model: Option<ferry_model::NicModel>,
+}
+
+impl std::str::FromStr for NicRequest {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let mut parts = text.split(',');
+        let network = parts.next().unwrap_or_default().trim();
+        if network.is_empty() {
+            return Err(format!("nic {text:?}: name the network first, e.g. business"));
+        }
+        let mut request = NicRequest {
+            network: network.to_string(),
+            mac: None,
+            model: None,
+        };
+        for part in parts {
+            match part.split_once('=') {
+                Some(("mac", mac)) => {
+                    mac.parse::<ferry_model::MacAddr>()
+                        .map_err(|error| format!("nic {text:?}: {error}"))?;
+                    request.mac = Some(mac.to_string());
+                }
+                Some(("model", model)) => {
+                    request.model = Some(model.parse().map_err(|error| format!("nic {text:?}: {error}"))?)
+                }
+                _ => {
+                    return Err(format!(
+                        "nic {text:?}: {part:?} is not mac=… or model=virtio|e1000"
+                    ))
+                }
+            }
+        }
+        Ok(request)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FirmwareKind {
+    Bios,
+    Uefi,
+}
+
+impl std::str::FromStr for FirmwareKind {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "bios" => Ok(FirmwareKind::Bios),
+            "uefi" => Ok(FirmwareKind::Uefi),
+            other => Err(format!("{other:?} is not a firmware (bios, uefi)")),
+        }
+    }
+}
+
+/// cloud-init (NoCloud) settings; Ferry writes the seed ISO.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CloudInitRequest {
+    /// Default: the VM's name.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// A user to create, with sudo and the SSH keys below.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Public keys (the contents of `id_ed25519.pub` …).
+    #[serde(default)]
+    pub ssh_keys: Vec<String>,
+    /// A whole `#cloud-config` document of your own, used as it is (instead of the
+    /// one Ferry writes from `user` and `ssh_keys`).
+    #[serde(default)]
+    pub user_data: Option<String>,
+}
+
+/// `ferry vm cdrom insert|eject`: the ISO image to put in the drive; none ejects.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CdromRequest {
+    #[serde(default)]
+    pub image: Option<String>,
+}
+
+/// An image of the library.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ImageView {
+    pub name: String,
+    /// `appliance`, `qcow2`, `raw` or `iso`.
+    pub format: String,
+    /// The files on the shared pool.
+    pub files: Vec<String>,
+    /// The size a VM's disk made from it starts with (disk images).
+    pub virtual_size: Option<u64>,
+    pub file_size: Option<u64>,
+    pub sha256: Option<String>,
+    pub imported_ms: u64,
+    /// Whether its guests run a QEMU guest agent.
+    pub guest_agent: bool,
+    /// VMs made from it or with it in their CD-ROM.
+    pub used_by: Vec<String>,
 }
 
 /// Changes a VM's HA policy; fields left out keep their value.

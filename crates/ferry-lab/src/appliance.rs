@@ -167,16 +167,24 @@ impl Appliance {
                 cache: CacheMode::None,
                 read_only: false,
                 size: None,
+                ..Default::default()
             }],
             nics: vec![NicSpec {
                 tap,
                 mac: MacAddr::derived_from(&format!("{name}/0")),
+                network: ferry_model::default_network(),
+                model: Default::default(),
             }],
             boot: Boot::Kernel {
                 kernel: self.kernel(),
                 initrd: Some(self.initrd()),
                 cmdline: self.cmdline(name, Some(network)),
             },
+            firmware: Default::default(),
+            cdroms: Vec::new(),
+            boot_order: ferry_model::default_boot_order(),
+            guest_agent: true,
+            stop_command: None,
         })
     }
 

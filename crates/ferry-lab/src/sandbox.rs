@@ -6,7 +6,6 @@
 //! the guest at `10.77.0.2`; every sandbox has its own namespace, so these never clash.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ferry_model::{Bytes, HostLimits, VmSpec};
@@ -246,20 +245,8 @@ impl Drop for Sandbox {
 
 /// A blank qcow2 disk (the appliance formats it on first boot).
 pub fn create_disk(path: &Path, size: Bytes) -> Result<(), SandboxError> {
-    let output = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-o", "compat=1.1"])
-        .arg(path)
-        .arg(size.0.to_string())
-        .output()
-        .map_err(|error| SandboxError::Setup(format!("cannot run qemu-img: {error}")))?;
-    if !output.status.success() {
-        return Err(SandboxError::Setup(format!(
-            "qemu-img create {}: {}",
-            path.display(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        )));
-    }
-    Ok(())
+    ferry_qemu::image::create_blank(path, ferry_model::DiskFormat::Qcow2, size)
+        .map_err(SandboxError::Setup)
 }
 
 fn num_cpus() -> u32 {

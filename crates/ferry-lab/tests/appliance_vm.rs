@@ -337,6 +337,7 @@ async fn qemu_start_failures_carry_qemus_reason_and_leave_nothing_running() {
             cache: ferry_model::CacheMode::Writethrough,
             read_only: false,
             size: None,
+            ..Default::default()
         }],
         nics: vec![],
         boot: ferry_model::Boot::Kernel {
@@ -344,6 +345,11 @@ async fn qemu_start_failures_carry_qemus_reason_and_leave_nothing_running() {
             initrd: Some(appliance.initrd()),
             cmdline: String::new(),
         },
+        firmware: Default::default(),
+        cdroms: Vec::new(),
+        boot_order: ferry_model::default_boot_order(),
+        guest_agent: true,
+        stop_command: None,
     };
     let run_dir = ferry_qemu::RunDir::new(dir.path().join("run"));
     let options = LaunchOptions {

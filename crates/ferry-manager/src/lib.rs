@@ -7,7 +7,8 @@
 //! failed on). Among those: first a host with no VM of the same anti-affinity group
 //! (a soft rule: sharing beats not running), then the earliest of the VM's preferred
 //! hosts, then the most free memory, then the name. Memory is never overcommitted; a
-//! VM's vCPUs must not exceed the host's CPUs. A VM that fits nowhere gets a
+//! VM's vCPUs must not exceed the host's CPUs; a host must offer every pool the VM's
+//! disks live on and every network its NICs join. A VM that fits nowhere gets a
 //! `CannotPlace` with the reason.
 
 pub mod fence;
@@ -26,6 +27,9 @@ pub struct HostSnapshot {
     pub cpus: u32,
     pub memory: Bytes,
     pub state: HostState,
+    /// The pools and networks the host offers.
+    pub pools: BTreeSet<String>,
+    pub networks: BTreeSet<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,6 +48,24 @@ pub struct VmSnapshot {
     pub deleting: bool,
     /// Higher is placed first when there is not room for all.
     pub priority: i32,
+    /// Pools its disks live on and networks its NICs join: a host must have them all.
+    pub needs_pools: BTreeSet<String>,
+    pub needs_networks: BTreeSet<String>,
+}
+
+impl HostSnapshot {
+    /// What the host lacks of what the VM needs, named for a refusal; empty: nothing.
+    pub fn lacks(&self, vm: &VmSnapshot) -> Vec<String> {
+        vm.needs_pools
+            .difference(&self.pools)
+            .map(|pool| format!("pool {pool}"))
+            .chain(
+                vm.needs_networks
+                    .difference(&self.networks)
+                    .map(|network| format!("network {network}")),
+            )
+            .collect()
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -103,6 +125,7 @@ pub fn plan(view: &ClusterView) -> Vec<Action> {
                 && *free >= vm.memory.0
                 && host.cpus >= vm.cpus
                 && !vm.avoid_hosts.contains(&host.name)
+                && host.lacks(vm).is_empty()
         };
         let shares_group = |host: &HostName| {
             vm.anti_affinity
@@ -153,7 +176,17 @@ fn no_room_reason(vm: &VmSnapshot, free: &[(HostSnapshot, u64)]) -> String {
         .iter()
         .filter(|(host, _)| host.state == HostState::Active && !vm.avoid_hosts.contains(&host.name))
         .collect();
-    let reason = match active.iter().max_by_key(|(_, free)| *free) {
+    let equipped: Vec<&(HostSnapshot, u64)> = active
+        .iter()
+        .copied()
+        .filter(|(host, _)| host.lacks(vm).is_empty())
+        .collect();
+    let reason = match equipped.iter().max_by_key(|(_, free)| *free) {
+        None if !active.is_empty() => {
+            let mut needs: Vec<String> = vm.needs_pools.iter().map(|pool| format!("pool {pool}")).collect();
+            needs.extend(vm.needs_networks.iter().map(|network| format!("network {network}")));
+            format!("no active host has {}", needs.join(" and "))
+        }
         None => "no active host".to_string(),
         Some((host, most)) => format!(
             "no host has {} and {} vCPUs free (most free memory: {} on {})",
@@ -185,6 +218,8 @@ mod tests {
             cpus: 4,
             memory: Bytes::mib(memory_mib),
             state: HostState::Active,
+            pools: ["shared".to_string()].into(),
+            networks: ["business".to_string()].into(),
         }
     }
 
@@ -199,7 +234,37 @@ mod tests {
             placed_on: None,
             deleting: false,
             priority: 0,
+            needs_pools: ["shared".to_string()].into(),
+            needs_networks: BTreeSet::new(),
         }
+    }
+
+    #[test]
+    fn a_vm_goes_only_to_a_host_with_its_pools_and_networks() {
+        let mut with_local = host("host1", 1024);
+        with_local.pools.insert("host1-local".into());
+        let mut with_storage_net = host("host2", 4096);
+        with_storage_net.networks.insert("storage".into());
+        let view = |vm: VmSnapshot| ClusterView {
+            hosts: vec![with_local.clone(), with_storage_net.clone()],
+            vms: vec![vm],
+        };
+        let mut local = vm("db", 256);
+        local.needs_pools.insert("host1-local".into());
+        assert_eq!(placed(&plan(&view(local)), "db").as_deref(), Some("host1"));
+        let mut storage = vm("nas", 256);
+        storage.needs_networks.insert("storage".into());
+        assert_eq!(placed(&plan(&view(storage)), "nas").as_deref(), Some("host2"));
+        let mut both = vm("odd", 256);
+        both.needs_pools.insert("host1-local".into());
+        both.needs_networks.insert("storage".into());
+        assert_eq!(
+            plan(&view(both)),
+            vec![Action::CannotPlace {
+                vm: "odd".parse().unwrap(),
+                reason: "no active host has pool host1-local and pool shared and network storage".into()
+            }]
+        );
     }
 
     fn names(names: &[&str]) -> Vec<HostName> {

@@ -208,16 +208,26 @@ pub struct VmStatus {
     pub updated_ms: u64,
 }
 
-/// A bootable image every host can read (on the shared pool).
+/// An image of the library (`images/{name}`): a file every host can read on the shared
+/// pool, from which VMs are made. The test appliance is one image among others.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageRecord {
     #[serde(default = "record_version")]
     pub version: u32,
     pub name: String,
-    pub kernel: std::path::PathBuf,
-    pub initrd: std::path::PathBuf,
-    /// Size of the data disk a VM from this image gets.
-    pub data_disk: Bytes,
+    #[serde(flatten)]
+    pub content: ImageContent,
+    /// SHA-256 of the imported file (hex), recorded at import.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// Bytes on the pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_size: Option<Bytes>,
+    #[serde(default)]
+    pub imported_ms: u64,
+    /// The guest runs a QEMU guest agent (heartbeat, exec, clean stops).
+    #[serde(default = "yes")]
+    pub guest_agent: bool,
     /// For the KVM probe: a command line under which the image prints `probe_marker`
     /// on its console and powers off.
     #[serde(default)]
@@ -228,6 +238,114 @@ pub struct ImageRecord {
     /// its VMs' `restart-app` monitor action.
     #[serde(default)]
     pub restart_command: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl ImageRecord {
+    /// A kernel-booted appliance image with a guest agent.
+    pub fn appliance(
+        name: &str,
+        kernel: std::path::PathBuf,
+        initrd: std::path::PathBuf,
+        data_disk: Bytes,
+    ) -> ImageRecord {
+        ImageRecord {
+            version: RECORD_VERSION,
+            name: name.to_string(),
+            content: ImageContent::Appliance {
+                kernel,
+                initrd,
+                data_disk,
+            },
+            sha256: None,
+            file_size: None,
+            imported_ms: now_ms(),
+            guest_agent: true,
+            probe_cmdline: None,
+            probe_marker: None,
+            restart_command: None,
+        }
+    }
+}
+
+/// What an image holds, and so how a VM boots from it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum ImageContent {
+    /// A kernel and initramfs booted directly, with a blank data disk (the appliance).
+    Appliance {
+        kernel: std::path::PathBuf,
+        initrd: std::path::PathBuf,
+        /// Size of the data disk a VM from this image gets.
+        data_disk: Bytes,
+    },
+    /// A bootable disk image (a distribution's cloud image); a VM's first disk is a
+    /// copy of it.
+    Disk {
+        path: std::path::PathBuf,
+        format: crate::DiskFormat,
+        /// The size the guest sees.
+        virtual_size: Bytes,
+    },
+    /// An installer or live ISO, put in a VM's CD-ROM drive.
+    Iso { path: std::path::PathBuf },
+}
+
+impl ImageContent {
+    pub fn kind(&self) -> ImageKind {
+        match self {
+            ImageContent::Appliance { .. } => ImageKind::Appliance,
+            ImageContent::Disk { format, .. } => match format {
+                crate::DiskFormat::Qcow2 => ImageKind::Qcow2,
+                crate::DiskFormat::Raw => ImageKind::Raw,
+            },
+            ImageContent::Iso { .. } => ImageKind::Iso,
+        }
+    }
+
+    /// The files of the image, to check and to remove with it.
+    pub fn files(&self) -> Vec<&std::path::Path> {
+        match self {
+            ImageContent::Appliance { kernel, initrd, .. } => vec![kernel, initrd],
+            ImageContent::Disk { path, .. } | ImageContent::Iso { path } => vec![path],
+        }
+    }
+}
+
+/// An image's format as users name it (`--format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageKind {
+    Appliance,
+    Qcow2,
+    Raw,
+    Iso,
+}
+
+impl ImageKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageKind::Appliance => "appliance",
+            ImageKind::Qcow2 => "qcow2",
+            ImageKind::Raw => "raw",
+            ImageKind::Iso => "iso",
+        }
+    }
+}
+
+impl std::str::FromStr for ImageKind {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "qcow2" => Ok(ImageKind::Qcow2),
+            "raw" | "img" => Ok(ImageKind::Raw),
+            "iso" => Ok(ImageKind::Iso),
+            other => Err(format!("{other:?} is not an image format (qcow2, raw, iso)")),
+        }
+    }
 }
 
 /// An entry of the event log.

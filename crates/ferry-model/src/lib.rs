@@ -13,6 +13,7 @@ mod vm;
 pub use bytes::{Bytes, BytesError};
 pub use names::{HostName, MacAddr, NameError, VmName};
 pub use vm::{
-    default_cpu_model as vm_default_cpu_model, Boot, CacheMode, DiskFormat, DiskSpec, HostLimits,
-    NicSpec, SpecError, VmSpec, MIN_MEMORY,
+    default_boot_order, default_cpu_model as vm_default_cpu_model, default_network, Boot,
+    BootDevice, CacheMode, CdromSpec, DiskBus, DiskFormat, DiskSpec, Firmware, HostLimits,
+    NicModel, NicSpec, SpecError, StopCommand, VmSpec, MAX_STOP_TIMEOUT_SECONDS, MIN_MEMORY,
 };

@@ -29,7 +29,139 @@ pub struct VmSpec {
     #[serde(default)]
     pub nics: Vec<NicSpec>,
     pub boot: Boot,
+    /// SeaBIOS, or OVMF with this VM's own NVRAM file (on the shared pool, so it moves
+    /// with the VM on migration and HA).
+    #[serde(default)]
+    pub firmware: Firmware,
+    /// CD-ROM drives (SATA), each with a medium or empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cdroms: Vec<CdromSpec>,
+    /// The order firmware tries devices in, when `boot` is `disk`.
+    #[serde(default = "default_boot_order")]
+    pub boot_order: Vec<BootDevice>,
+    /// The guest runs a QEMU guest agent: heartbeat and stall monitors use it, and
+    /// `stop_command` runs through it. Without one those monitors stay out of the way.
+    #[serde(default = "default_true")]
+    pub guest_agent: bool,
+    /// Stops the application cleanly before the guest is shut down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_command: Option<StopCommand>,
 }
+
+impl VmSpec {
+    /// A VM with nothing attached yet: one vCPU, 256 MiB, booting from disk with
+    /// SeaBIOS; the base that struct-update syntax fills in.
+    pub fn minimal(name: VmName) -> VmSpec {
+        VmSpec {
+            name,
+            cpus: 1,
+            memory: Bytes::mib(256),
+            cpu_model: default_cpu_model(),
+            disks: Vec::new(),
+            nics: Vec::new(),
+            boot: Boot::Disk,
+            firmware: Firmware::Bios,
+            cdroms: Vec::new(),
+            boot_order: default_boot_order(),
+            guest_agent: true,
+            stop_command: None,
+        }
+    }
+}
+
+pub fn default_boot_order() -> Vec<BootDevice> {
+    vec![BootDevice::Disk, BootDevice::Cdrom]
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// The firmware a VM boots with.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Firmware {
+    /// SeaBIOS.
+    #[default]
+    Bios,
+    /// OVMF; `nvram` is the VM's own copy of the UEFI variable store.
+    Uefi { nvram: PathBuf },
+}
+
+impl Firmware {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Firmware::Bios => "bios",
+            Firmware::Uefi { .. } => "uefi",
+        }
+    }
+}
+
+/// A device class firmware can boot from, in `boot_order`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootDevice {
+    Disk,
+    Cdrom,
+    Network,
+}
+
+impl std::str::FromStr for BootDevice {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "disk" => Ok(BootDevice::Disk),
+            "cdrom" => Ok(BootDevice::Cdrom),
+            "network" | "net" => Ok(BootDevice::Network),
+            other => Err(format!(
+                "{other:?} is not a boot device (disk, cdrom, network)"
+            )),
+        }
+    }
+}
+
+/// The bus a disk is attached to. `virtio` is fastest; `scsi` (virtio-scsi) supports
+/// discard and many disks; `sata` (AHCI) is for guests without virtio drivers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskBus {
+    #[default]
+    Virtio,
+    Scsi,
+    Sata,
+}
+
+impl std::str::FromStr for DiskBus {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "virtio" => Ok(DiskBus::Virtio),
+            "scsi" => Ok(DiskBus::Scsi),
+            "sata" => Ok(DiskBus::Sata),
+            other => Err(format!("{other:?} is not a disk bus (virtio, scsi, sata)")),
+        }
+    }
+}
+
+/// A CD-ROM drive; `path` is the ISO in it, `None` when the tray is empty.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CdromSpec {
+    pub id: String,
+    pub path: Option<PathBuf>,
+}
+
+/// A command run in the guest (through its agent) before the ACPI shutdown, so the
+/// application stops for sure before the OS does.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopCommand {
+    pub command: String,
+    pub timeout_seconds: u64,
+}
+
+/// The longest a stop command may take.
+pub const MAX_STOP_TIMEOUT_SECONDS: u64 = 3600;
+/// The AHCI controller of QEMU's q35 machine has six ports.
+const SATA_PORTS: usize = 6;
 
 pub fn default_cpu_model() -> String {
     "qemu64".to_string()
@@ -48,7 +180,7 @@ pub enum Boot {
     },
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskSpec {
     /// Short identifier, also the guest-visible serial (`data`, `root`…).
     pub id: String,
@@ -62,6 +194,11 @@ pub struct DiskSpec {
     /// The size the guest sees (known for disks Ferry created).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<Bytes>,
+    #[serde(default)]
+    pub bus: DiskBus,
+    /// The pool the disk lives in; placement only picks hosts that have it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +227,36 @@ pub struct NicSpec {
     /// The host tap device this NIC is attached to.
     pub tap: String,
     pub mac: MacAddr,
+    /// The network whose bridge the tap joins; placement only picks hosts that have it.
+    #[serde(default = "default_network")]
+    pub network: String,
+    #[serde(default)]
+    pub model: NicModel,
+}
+
+pub fn default_network() -> String {
+    "business".to_string()
+}
+
+/// The emulated network card: `virtio` is fastest, `e1000` is for guests without
+/// virtio drivers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NicModel {
+    #[default]
+    Virtio,
+    E1000,
+}
+
+impl std::str::FromStr for NicModel {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "virtio" => Ok(NicModel::Virtio),
+            "e1000" => Ok(NicModel::E1000),
+            other => Err(format!("{other:?} is not a NIC model (virtio, e1000)")),
+        }
+    }
 }
 
 /// What the host offers, for the checks that depend on it.
@@ -163,13 +330,7 @@ impl VmSpec {
         let mut disk_paths = HashSet::new();
         for (index, disk) in self.disks.iter().enumerate() {
             let field = format!("disks[{index}]");
-            let id_ok = !disk.id.is_empty()
-                && disk.id.len() <= 20
-                && disk
-                    .id
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-            if !id_ok {
+            if !valid_device_id(&disk.id) {
                 return fail(
                     &format!("{field}.id"),
                     format!("{:?} must be 1-20 of a-z 0-9 -", disk.id),
@@ -194,6 +355,72 @@ impl VmSpec {
                 return fail(
                     &format!("{field}.path"),
                     format!("{} is attached twice", disk.path.display()),
+                );
+            }
+        }
+        for (index, cdrom) in self.cdroms.iter().enumerate() {
+            let field = format!("cdroms[{index}]");
+            if !valid_device_id(&cdrom.id) {
+                return fail(
+                    &format!("{field}.id"),
+                    format!("{:?} must be 1-20 of a-z 0-9 -", cdrom.id),
+                );
+            }
+            if !disk_ids.insert(&cdrom.id) {
+                return fail(
+                    &format!("{field}.id"),
+                    format!("{:?} is used twice", cdrom.id),
+                );
+            }
+            if let Some(path) = &cdrom.path {
+                if !path.is_absolute() || has_qemu_separator(path) {
+                    return fail(
+                        &format!("{field}.path"),
+                        format!("{} must be an absolute path without ','", path.display()),
+                    );
+                }
+            }
+        }
+        let sata = self
+            .disks
+            .iter()
+            .filter(|disk| disk.bus == DiskBus::Sata)
+            .count()
+            + self.cdroms.len();
+        if sata > SATA_PORTS {
+            return fail(
+                "disks",
+                format!("{sata} SATA disks and CD-ROMs, but the machine has {SATA_PORTS} ports"),
+            );
+        }
+        let mut boot_devices = HashSet::new();
+        for device in &self.boot_order {
+            if !boot_devices.insert(device) {
+                return fail("boot_order", format!("{device:?} is listed twice"));
+            }
+        }
+        if let Firmware::Uefi { nvram } = &self.firmware {
+            if !nvram.is_absolute() || has_qemu_separator(nvram) {
+                return fail(
+                    "firmware.nvram",
+                    format!("{} must be an absolute path without ','", nvram.display()),
+                );
+            }
+        }
+        if let Some(stop) = &self.stop_command {
+            if stop.command.trim().is_empty() {
+                return fail("stop_command", "is empty".into());
+            }
+            if stop.timeout_seconds == 0 || stop.timeout_seconds > MAX_STOP_TIMEOUT_SECONDS {
+                return fail(
+                    "stop_command.timeout_seconds",
+                    format!("must be 1-{MAX_STOP_TIMEOUT_SECONDS}"),
+                );
+            }
+            if !self.guest_agent {
+                return fail(
+                    "stop_command",
+                    "needs a guest agent, and this VM has none".into(),
                 );
             }
         }
@@ -222,6 +449,12 @@ impl VmSpec {
                     format!("two NICs on tap {}", nic.tap),
                 );
             }
+            if !valid_device_id(&nic.network) {
+                return fail(
+                    &format!("{field}.network"),
+                    format!("{:?} is not a network name", nic.network),
+                );
+            }
             if !macs.insert(nic.mac) {
                 return fail(
                     &format!("{field}.mac"),
@@ -230,8 +463,8 @@ impl VmSpec {
             }
         }
         match &self.boot {
-            Boot::Disk if self.disks.is_empty() => {
-                fail("boot", "boot from disk needs a disk".into())
+            Boot::Disk if self.disks.is_empty() && self.cdroms.is_empty() => {
+                fail("boot", "boot from disk needs a disk or a CD-ROM".into())
             }
             Boot::Kernel {
                 kernel,
@@ -260,6 +493,15 @@ impl VmSpec {
             Boot::Disk => Ok(()),
         }
     }
+}
+
+/// Disk and CD-ROM ids name QEMU nodes and guest-visible serials.
+fn valid_device_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 20
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// QEMU's option syntax splits on ','; a path with one would be silently misparsed.
@@ -291,16 +533,24 @@ mod tests {
                 cache: CacheMode::Writethrough,
                 read_only: false,
                 size: None,
+                ..Default::default()
             }],
             nics: vec![NicSpec {
                 tap: "tap-web1".into(),
                 mac: MacAddr::derived_from("web-1/0"),
+                network: crate::default_network(),
+                model: Default::default(),
             }],
             boot: Boot::Kernel {
                 kernel: "/images/vmlinuz".into(),
                 initrd: Some("/images/initrd".into()),
                 cmdline: "console=ttyS0".into(),
             },
+            firmware: Default::default(),
+            cdroms: Vec::new(),
+            boot_order: crate::default_boot_order(),
+            guest_agent: true,
+            stop_command: None,
         }
     }
 
@@ -368,7 +618,7 @@ mod tests {
         spec.boot = Boot::Disk;
         assert_eq!(
             problem(&spec),
-            "VM web-1: boot: boot from disk needs a disk"
+            "VM web-1: boot: boot from disk needs a disk or a CD-ROM"
         );
     }
 

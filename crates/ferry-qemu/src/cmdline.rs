@@ -8,14 +8,23 @@
 //!   under which the guest's flush reaches the host's disk;
 //! - QMP and the guest agent on unix sockets in the run directory, QEMU as the server
 //!   (`wait=off`), so a restarted supervisor can connect again;
-//! - the serial console to a log file.
+//! - firmware: SeaBIOS, or OVMF from pflash with the VM's own NVRAM file;
+//! - disks on virtio-blk, virtio-scsi or SATA (for guests without virtio drivers),
+//!   CD-ROMs on SATA, NICs on virtio-net or e1000, boot order as `bootindex`;
+//! - the serial console on a unix socket (interactive) that QEMU also logs to a file,
+//!   and a VGA display served by QEMU's VNC server on a unix socket.
 
-use ferry_model::{Boot, CacheMode, DiskFormat, VmSpec};
+use ferry_model::{Boot, BootDevice, CacheMode, DiskBus, DiskFormat, Firmware, NicModel, VmSpec};
 
 use crate::{Accel, RunDir};
 
 /// Name of the guest agent's virtio-serial port, as qemu-ga expects it.
 pub const QGA_PORT_NAME: &str = "org.qemu.guest_agent.0";
+
+/// OVMF's code (read-only, shared by every VM) and the template of its variable store,
+/// as Debian's `ovmf` package installs them (4 MiB flash).
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub const OVMF_VARS_TEMPLATE: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 
 /// Options that are not part of the VM's desired shape but of one start of it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -48,7 +57,33 @@ pub fn build(spec: &VmSpec, run: &RunDir, accel: Accel, mode: StartMode) -> Vec<
     let mut push = |parts: &[&str]| args.extend(parts.iter().map(|part| part.to_string()));
 
     push(&["-name", &format!("guest={},debug-threads=on", spec.name)]);
-    push(&["-machine", "q35"]);
+    match &spec.firmware {
+        Firmware::Bios => push(&["-machine", "q35"]),
+        Firmware::Uefi { nvram } => {
+            push(&[
+                "-blockdev",
+                &format!(
+                    "driver=file,node-name=ovmf-code-file,filename={OVMF_CODE},read-only=on"
+                ),
+            ]);
+            push(&[
+                "-blockdev",
+                "driver=raw,node-name=ovmf-code,file=ovmf-code-file,read-only=on",
+            ]);
+            push(&[
+                "-blockdev",
+                &format!(
+                    "driver=file,node-name=ovmf-vars-file,filename={},locking=on",
+                    nvram.display()
+                ),
+            ]);
+            push(&[
+                "-blockdev",
+                "driver=raw,node-name=ovmf-vars,file=ovmf-vars-file",
+            ]);
+            push(&["-machine", "q35,pflash0=ovmf-code,pflash1=ovmf-vars"]);
+        }
+    }
     push(&["-accel", accel.qemu_name()]);
     push(&["-cpu", &spec.cpu_model]);
     push(&["-smp", &spec.cpus.to_string()]);
@@ -75,9 +110,20 @@ pub fn build(spec: &VmSpec, run: &RunDir, accel: Accel, mode: StartMode) -> Vec<
 
     push(&[
         "-chardev",
-        &format!("file,id=console,path={}", run.console_log().display()),
+        &format!(
+            "socket,id=console,path={},server=on,wait=off,logfile={},logappend=on",
+            run.console_socket().display(),
+            run.console_log().display()
+        ),
     ]);
     push(&["-serial", "chardev:console"]);
+    // A plain VGA card for installers and desktops, seen through VNC on a unix socket
+    // that only the agent reads (it serves RFB to browsers behind the API's token).
+    push(&["-device", "VGA"]);
+    push(&[
+        "-vnc",
+        &format!("unix:{}", run.vnc_socket().display()),
+    ]);
 
     push(&["-device", "virtio-serial-pci,id=vserial0"]);
     let qga = run.qga_socket();
@@ -94,6 +140,17 @@ pub fn build(spec: &VmSpec, run: &RunDir, accel: Accel, mode: StartMode) -> Vec<
     // looking like a silent hang.
     push(&["-device", "pvpanic"]);
 
+    let boots_from_firmware = matches!(spec.boot, Boot::Disk);
+    // bootindex by the position of a device's class in the boot order; classes left
+    // out of the order are not booted from.
+    let boot_index = |class: BootDevice, nth: usize| -> Option<usize> {
+        let position = spec.boot_order.iter().position(|wanted| *wanted == class)?;
+        (boots_from_firmware).then_some(position * 100 + nth + 1)
+    };
+    let mut sata_port = 0usize;
+    if spec.disks.iter().any(|disk| disk.bus == DiskBus::Scsi) {
+        push(&["-device", "virtio-scsi-pci,id=scsi0"]);
+    }
     for (index, disk) in spec.disks.iter().enumerate() {
         let direct = matches!(disk.cache, CacheMode::None);
         let file_node = format!("file-{}", disk.id);
@@ -119,13 +176,48 @@ pub fn build(spec: &VmSpec, run: &RunDir, accel: Accel, mode: StartMode) -> Vec<
         ]);
         // With `cache=none` the guest sees a volatile write cache and sends flushes, which
         // become host fdatasync; with writethrough, QEMU makes every write durable.
+        let device = match disk.bus {
+            DiskBus::Virtio => "virtio-blk-pci".to_string(),
+            DiskBus::Scsi => "scsi-hd,bus=scsi0.0".to_string(),
+            DiskBus::Sata => {
+                sata_port += 1;
+                format!("ide-hd,bus=ide.{}", sata_port - 1)
+            }
+        };
         let mut device = format!(
-            "virtio-blk-pci,id=vdisk-{id},drive={format_node},serial={id},write-cache={}",
+            "{device},id=vdisk-{id},drive={format_node},serial={id},write-cache={}",
             on_off(direct),
             id = disk.id,
         );
-        if matches!(spec.boot, Boot::Disk) && index == 0 {
-            device.push_str(",bootindex=1");
+        if let Some(boot) = boot_index(BootDevice::Disk, index) {
+            device.push_str(&format!(",bootindex={boot}"));
+        }
+        push(&["-device", &device]);
+    }
+
+    for (index, cdrom) in spec.cdroms.iter().enumerate() {
+        let mut device = format!("ide-cd,bus=ide.{sata_port},id=cd-{}", cdrom.id);
+        sata_port += 1;
+        if let Some(path) = &cdrom.path {
+            push(&[
+                "-blockdev",
+                &format!(
+                    "driver=file,node-name=cdfile-{id},filename={},read-only=on,locking=off",
+                    path.display(),
+                    id = cdrom.id
+                ),
+            ]);
+            push(&[
+                "-blockdev",
+                &format!(
+                    "driver=raw,node-name=cdrom-{id},file=cdfile-{id},read-only=on",
+                    id = cdrom.id
+                ),
+            ]);
+            device.push_str(&format!(",drive=cdrom-{}", cdrom.id));
+        }
+        if let Some(boot) = boot_index(BootDevice::Cdrom, index) {
+            device.push_str(&format!(",bootindex={boot}"));
         }
         push(&["-device", &device]);
     }
@@ -138,13 +230,15 @@ pub fn build(spec: &VmSpec, run: &RunDir, accel: Accel, mode: StartMode) -> Vec<
                 nic.tap
             ),
         ]);
-        push(&[
-            "-device",
-            &format!(
-                "virtio-net-pci,id=nic{index},netdev=net{index},mac={}",
-                nic.mac
-            ),
-        ]);
+        let model = match nic.model {
+            NicModel::Virtio => "virtio-net-pci",
+            NicModel::E1000 => "e1000",
+        };
+        let mut device = format!("{model},id=nic{index},netdev=net{index},mac={}", nic.mac);
+        if let Some(boot) = boot_index(BootDevice::Network, index) {
+            device.push_str(&format!(",bootindex={boot}"));
+        }
+        push(&["-device", &device]);
     }
 
     if let Boot::Kernel {
@@ -195,16 +289,24 @@ mod tests {
                 cache: CacheMode::None,
                 read_only: false,
                 size: None,
+                ..Default::default()
             }],
             nics: vec![NicSpec {
                 tap: "tap-db1".into(),
                 mac: "52:54:00:aa:bb:cc".parse::<MacAddr>().unwrap(),
+                network: ferry_model::default_network(),
+                model: Default::default(),
             }],
             boot: Boot::Kernel {
                 kernel: "/img/vmlinuz".into(),
                 initrd: Some("/img/initrd".into()),
                 cmdline: "console=ttyS0".into(),
             },
+            firmware: Default::default(),
+            cdroms: Vec::new(),
+            boot_order: ferry_model::default_boot_order(),
+            guest_agent: true,
+            stop_command: None,
         }
     }
 
@@ -248,7 +350,7 @@ mod tests {
         assert!(line.contains("-mon chardev=qmp,mode=control"));
         assert!(line.contains("-pidfile /run/ferry/vms/db-1/qemu.pid"));
         assert!(line.contains("name=org.qemu.guest_agent.0"));
-        assert!(line.contains("file,id=console,path=/run/ferry/vms/db-1/console.log"));
+        assert!(line.contains("logfile=/run/ferry/vms/db-1/console.log"));
     }
 
     #[test]
@@ -295,6 +397,77 @@ mod tests {
         assert!(args
             .join(" ")
             .contains("-kernel /img/vmlinuz -initrd /img/initrd"));
+    }
+
+    #[test]
+    fn uefi_boots_ovmf_from_pflash_with_the_vms_own_nvram() {
+        let mut spec = spec();
+        spec.firmware = Firmware::Uefi {
+            nvram: "/pool/vms/db-1/nvram.fd".into(),
+        };
+        let line = argv(&spec, StartMode::default());
+        assert!(line.contains("-machine q35,pflash0=ovmf-code,pflash1=ovmf-vars"), "{line}");
+        assert!(line.contains(&format!("filename={OVMF_CODE},read-only=on")));
+        assert!(line.contains("filename=/pool/vms/db-1/nvram.fd,locking=on"));
+        assert!(!argv(&self::spec(), StartMode::default()).contains("pflash"));
+    }
+
+    #[test]
+    fn disks_go_on_the_bus_the_spec_names() {
+        let mut spec = spec();
+        let mut second = spec.disks[0].clone();
+        second.id = "logs".into();
+        second.path = "/pool/db-1-logs.qcow2".into();
+        second.bus = DiskBus::Scsi;
+        let mut third = second.clone();
+        third.id = "old".into();
+        third.path = "/pool/db-1-old.qcow2".into();
+        third.bus = DiskBus::Sata;
+        spec.disks.push(second);
+        spec.disks.push(third);
+        let line = argv(&spec, StartMode::default());
+        assert!(line.contains("-device virtio-blk-pci,id=vdisk-data,drive=disk-data"));
+        assert!(line.contains("-device virtio-scsi-pci,id=scsi0"));
+        assert!(line.contains("-device scsi-hd,bus=scsi0.0,id=vdisk-logs,drive=disk-logs"));
+        assert!(line.contains("-device ide-hd,bus=ide.0,id=vdisk-old,drive=disk-old"));
+    }
+
+    #[test]
+    fn cdroms_follow_sata_disks_and_can_be_empty() {
+        let mut spec = spec();
+        spec.boot = Boot::Disk;
+        spec.disks[0].bus = DiskBus::Sata;
+        spec.cdroms = vec![
+            ferry_model::CdromSpec {
+                id: "install".into(),
+                path: Some("/pool/images/debian.iso".into()),
+            },
+            ferry_model::CdromSpec {
+                id: "spare".into(),
+                path: None,
+            },
+        ];
+        spec.boot_order = vec![BootDevice::Cdrom, BootDevice::Disk];
+        let line = argv(&spec, StartMode::default());
+        assert!(line.contains("ide-hd,bus=ide.0,id=vdisk-data,drive=disk-data,serial=data,write-cache=on,bootindex=101"), "{line}");
+        assert!(line.contains("filename=/pool/images/debian.iso,read-only=on"));
+        assert!(line.contains("ide-cd,bus=ide.1,id=cd-install,drive=cdrom-install,bootindex=1"));
+        assert!(line.contains("ide-cd,bus=ide.2,id=cd-spare,bootindex=2"), "{line}");
+    }
+
+    #[test]
+    fn an_e1000_nic_for_guests_without_virtio() {
+        let mut spec = spec();
+        spec.nics[0].model = NicModel::E1000;
+        let line = argv(&spec, StartMode::default());
+        assert!(line.contains("-device e1000,id=nic0,netdev=net0,mac=52:54:00:aa:bb:cc"));
+    }
+
+    #[test]
+    fn the_consoles_are_unix_sockets_and_the_serial_one_is_logged() {
+        let line = argv(&spec(), StartMode::default());
+        assert!(line.contains("socket,id=console,path=/run/ferry/vms/db-1/console.sock,server=on,wait=off,logfile=/run/ferry/vms/db-1/console.log"), "{line}");
+        assert!(line.contains("-vnc unix:/run/ferry/vms/db-1/vnc.sock"));
     }
 
     #[test]

@@ -12,11 +12,13 @@ pub mod accel;
 pub mod block;
 pub mod cmdline;
 mod error;
+pub mod image;
 pub mod machine;
 pub mod process;
 pub mod qga;
 pub mod qmp;
 mod run_dir;
+pub mod version;
 
 pub use accel::{Accel, AccelReport, ProbeImage};
 pub use block::{BlockJob, OpenDisk};

@@ -208,7 +208,13 @@ impl Machine {
                 pid: existing.pid(),
             });
         }
-        for stale in [run.qmp_socket(), run.qga_socket(), run.pidfile()] {
+        for stale in [
+            run.qmp_socket(),
+            run.qga_socket(),
+            run.console_socket(),
+            run.vnc_socket(),
+            run.pidfile(),
+        ] {
             let _ = std::fs::remove_file(stale);
         }
         let spec_json =
@@ -381,6 +387,28 @@ impl Machine {
         Ok(StopOutcome::Killed)
     }
 
+    /// Puts an ISO into the CD-ROM drive `id` (the tray closes over it).
+    pub async fn cdrom_insert(&self, id: &str, iso: &Path) -> Result<(), QemuError> {
+        self.command(
+            "blockdev-change-medium",
+            Some(json!({
+                "id": format!("cd-{id}"),
+                "filename": iso,
+                "format": "raw",
+                "read-only-mode": "read-only",
+            })),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Takes the medium out of the CD-ROM drive `id`, even if the guest locked the tray.
+    pub async fn cdrom_eject(&self, id: &str) -> Result<(), QemuError> {
+        self.command("eject", Some(json!({"id": format!("cd-{id}"), "force": true})))
+            .await
+            .map(drop)
+    }
+
     /// SIGKILL now, as a power cut would.
     pub async fn kill(&self) -> Result<(), QemuError> {
         self.process.kill().await
@@ -519,6 +547,20 @@ fn check_files(spec: &VmSpec) -> Result<(), QemuError> {
     for disk in &spec.disks {
         if !disk.path.exists() {
             return Err(missing("disk", &disk.path));
+        }
+    }
+    for cdrom in &spec.cdroms {
+        if let Some(iso) = cdrom.path.as_ref().filter(|iso| !iso.is_file()) {
+            return Err(missing("CD-ROM image", iso));
+        }
+    }
+    if let ferry_model::Firmware::Uefi { nvram } = &spec.firmware {
+        if !nvram.is_file() {
+            return Err(missing("UEFI NVRAM file", nvram));
+        }
+        let code = Path::new(cmdline::OVMF_CODE);
+        if !code.is_file() {
+            return Err(missing("OVMF firmware (package ovmf)", code));
         }
     }
     Ok(())

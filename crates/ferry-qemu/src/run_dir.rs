@@ -32,7 +32,17 @@ impl RunDir {
         self.dir.join("qemu.pid")
     }
 
-    /// The guest's serial console.
+    /// The guest's serial console, interactive (one client at a time).
+    pub fn console_socket(&self) -> PathBuf {
+        self.dir.join("console.sock")
+    }
+
+    /// The graphical console: QEMU's VNC server (RFB).
+    pub fn vnc_socket(&self) -> PathBuf {
+        self.dir.join("vnc.sock")
+    }
+
+    /// Everything the guest wrote to its serial console.
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
     }
@@ -75,7 +85,12 @@ impl RunDir {
 
     /// Fixed-name socket paths must fit in `sun_path` (108 bytes).
     pub fn check_socket_paths(&self) -> Result<(), String> {
-        for socket in [self.qmp_socket(), self.qga_socket()] {
+        for socket in [
+            self.qmp_socket(),
+            self.qga_socket(),
+            self.console_socket(),
+            self.vnc_socket(),
+        ] {
             if socket.as_os_str().len() >= 108 {
                 return Err(format!(
                     "socket path {} is longer than 107 bytes; use a shorter run directory",

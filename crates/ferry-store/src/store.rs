@@ -286,6 +286,26 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes `key` only if it is unmodified since `revision`.
+    pub async fn delete_if_unchanged(&self, key: &str, revision: i64) -> Result<(), StoreError> {
+        let response = self
+            .client
+            .clone()
+            .txn(
+                Txn::new()
+                    .when([Compare::mod_revision(key, CompareOp::Equal, revision)])
+                    .and_then([TxnOp::delete(key, None)]),
+            )
+            .await
+            .map_err(|error| self.etcd_error(error))?;
+        if !response.succeeded() {
+            return Err(StoreError::Conflict {
+                key: key.to_string(),
+            });
+        }
+        Ok(())
+    }
+
     pub async fn delete_prefix(&self, prefix: &str) -> Result<(), StoreError> {
         let options = etcd_client::DeleteOptions::new().with_prefix();
         self.client

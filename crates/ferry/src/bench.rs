@@ -298,6 +298,10 @@ async fn api_latency(count: u32, requests: u32, lab_name: &str, json: bool) -> a
         .await?
         .ok_or_else(|| anyhow::anyhow!("lab {lab_name} has no appliance image"))?
         .value;
+    let ferry_model::cluster::ImageContent::Appliance { kernel, initrd, .. } = &image.content
+    else {
+        anyhow::bail!("image appliance of lab {lab_name} is not the appliance");
+    };
     let names: Vec<ferry_model::VmName> = (0..count)
         .map(|index| format!("bench-api-{index}").parse())
         .collect::<Result<_, _>>()?;
@@ -312,10 +316,15 @@ async fn api_latency(count: u32, requests: u32, lab_name: &str, json: bool) -> a
                 disks: vec![],
                 nics: vec![],
                 boot: ferry_model::Boot::Kernel {
-                    kernel: image.kernel.clone(),
-                    initrd: Some(image.initrd.clone()),
+                    kernel: kernel.clone(),
+                    initrd: Some(initrd.clone()),
                     cmdline: String::new(),
                 },
+                firmware: Default::default(),
+                cdroms: Vec::new(),
+                boot_order: ferry_model::default_boot_order(),
+                guest_agent: true,
+                stop_command: None,
             },
             desired: PowerState::Stopped,
             image: image.name.clone(),

@@ -100,7 +100,7 @@ async fn create_vm(client: &ApiClient) -> anyhow::Result<()> {
     client
         .create_vm(&CreateVmRequest {
             name: VM.into(),
-            image: "appliance".into(),
+            image: Some("appliance".into()),
             cpus: 1,
             memory: "256M".into(),
             host: Some("host1".into()),

@@ -187,7 +187,7 @@ pub(crate) async fn create_bench_vm(
     client
         .create_vm(&CreateVmRequest {
             name: name.into(),
-            image: "appliance".into(),
+            image: Some("appliance".into()),
             cpus: 1,
             memory: memory.into(),
             host: Some("host1".into()),

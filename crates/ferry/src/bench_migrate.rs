@@ -73,7 +73,7 @@ pub async fn run(
     let vm = client
         .create_vm(&CreateVmRequest {
             name: VM.into(),
-            image: "appliance".into(),
+            image: Some("appliance".into()),
             cpus: 1,
             memory: "256M".into(),
             host: Some("host1".into()),

@@ -70,6 +70,145 @@ pub enum HostVerb {
     },
 }
 
+#[derive(Subcommand)]
+pub enum CdromVerb {
+    /// Put an ISO image of the library into a drive.
+    Insert {
+        name: String,
+        image: String,
+        /// The drive (default cd0).
+        #[arg(long, default_value = "cd0")]
+        drive: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take the medium out of a drive.
+    Eject {
+        name: String,
+        #[arg(long, default_value = "cd0")]
+        drive: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// What a new VM is made of: its source, disks, firmware, devices and cloud-init.
+#[derive(Args, Default)]
+pub struct MachineArgs {
+    /// An image of the library (`ferry image list`); the first disk is a copy of it.
+    /// Default: the appliance.
+    #[arg(long, conflicts_with_all = ["iso", "blank"])]
+    image: Option<String>,
+    /// Install from an ISO image of the library: it goes in the CD-ROM, the first disk
+    /// starts empty.
+    #[arg(long, conflicts_with = "blank")]
+    iso: Option<String>,
+    /// Empty disks only.
+    #[arg(long)]
+    blank: bool,
+    /// A disk as SIZE[@POOL] (repeatable; the first one is the image's copy or the
+    /// boot disk): `--disk 20G --disk 100G@host1-local`.
+    #[arg(long = "disk", value_name = "SIZE[@POOL]", value_parser = parse_disk)]
+    disks: Vec<ferry_api::types::DiskRequest>,
+    /// bios (SeaBIOS) or uefi (OVMF, with the VM's own NVRAM).
+    #[arg(long, value_parser = parse_firmware)]
+    firmware: Option<ferry_api::types::FirmwareKind>,
+    /// A NIC as NETWORK[,mac=52:54:00:…][,model=virtio|e1000] (repeatable; default one
+    /// on business).
+    #[arg(long = "nic", value_name = "NETWORK[,mac=…][,model=…]", value_parser = parse_nic)]
+    nics: Vec<ferry_api::types::NicRequest>,
+    /// virtio (default), scsi, or sata for guests without virtio drivers.
+    #[arg(long, value_parser = parse_disk_bus)]
+    disk_bus: Option<ferry_model::DiskBus>,
+    /// An ISO image of the library in the CD-ROM drive.
+    #[arg(long)]
+    cdrom: Option<String>,
+    /// Boot devices in order: disk,cdrom,network.
+    #[arg(long, value_delimiter = ',', value_parser = parse_boot_device)]
+    boot_order: Vec<ferry_model::BootDevice>,
+    /// A QEMU CPU model every host runs (default qemu64).
+    #[arg(long)]
+    cpu_model: Option<String>,
+    /// cloud-init: the guest's hostname (default: the VM's name).
+    #[arg(long)]
+    hostname: Option<String>,
+    /// cloud-init: a user to create, with sudo and the --ssh-key keys.
+    #[arg(long)]
+    user: Option<String>,
+    /// cloud-init: a public key file for the user (repeatable).
+    #[arg(long = "ssh-key", value_name = "FILE")]
+    ssh_keys: Vec<std::path::PathBuf>,
+    /// cloud-init: your own #cloud-config file, used as it is.
+    #[arg(long, value_name = "FILE")]
+    user_data: Option<std::path::PathBuf>,
+    /// Run in the guest before every shutdown, e.g. 'systemctl stop myapp'.
+    #[arg(long)]
+    stop_command: Option<String>,
+    /// How long --stop-command may take: 30s, 2m (default 60s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    stop_timeout: Option<Duration>,
+}
+
+fn parse_disk(text: &str) -> Result<ferry_api::types::DiskRequest, String> {
+    text.parse()
+}
+
+fn parse_nic(text: &str) -> Result<ferry_api::types::NicRequest, String> {
+    text.parse()
+}
+
+fn parse_firmware(text: &str) -> Result<ferry_api::types::FirmwareKind, String> {
+    text.parse()
+}
+
+fn parse_disk_bus(text: &str) -> Result<ferry_model::DiskBus, String> {
+    text.parse()
+}
+
+fn parse_boot_device(text: &str) -> Result<ferry_model::BootDevice, String> {
+    text.parse()
+}
+
+impl MachineArgs {
+    /// Fills the request's machine fields, reading the files named.
+    fn fill(self, request: &mut CreateVmRequest) -> anyhow::Result<()> {
+        let read = |path: &std::path::Path, what: &str| {
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the {what} {}", path.display()))
+        };
+        let ssh_keys = self
+            .ssh_keys
+            .iter()
+            .map(|path| read(path, "SSH key"))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let user_data = match &self.user_data {
+            Some(path) => Some(read(path, "user-data")?),
+            None => None,
+        };
+        if self.hostname.is_some() || self.user.is_some() || !ssh_keys.is_empty() || user_data.is_some() {
+            request.cloud_init = Some(ferry_api::types::CloudInitRequest {
+                hostname: self.hostname,
+                user: self.user,
+                ssh_keys,
+                user_data,
+            });
+        }
+        request.image = self.image;
+        request.iso = self.iso;
+        request.blank = self.blank;
+        request.disks = self.disks;
+        request.firmware = self.firmware;
+        request.nics = self.nics;
+        request.disk_bus = self.disk_bus;
+        request.cdrom = self.cdrom;
+        request.boot_order = self.boot_order;
+        request.cpu_model = self.cpu_model;
+        request.stop_command = self.stop_command;
+        request.stop_timeout_seconds = self.stop_timeout.map(|timeout| timeout.as_secs().max(1));
+        Ok(())
+    }
+}
+
 /// A VM's HA policy, on `vm create --ha` and `vm update`.
 #[derive(Args, Default)]
 pub struct HaArgs {
@@ -114,8 +253,8 @@ pub enum VmVerb {
     /// Create a VM from an image and start it.
     Create {
         name: String,
-        #[arg(long, default_value = "appliance")]
-        image: String,
+        #[command(flatten)]
+        machine: MachineArgs,
         #[arg(long, default_value_t = 1)]
         cpus: u32,
         #[arg(long, default_value = "256M")]
@@ -138,6 +277,11 @@ pub enum VmVerb {
         no_wait: bool,
         #[arg(long)]
         json: bool,
+    },
+    /// Insert or eject a CD-ROM, running or not.
+    Cdrom {
+        #[command(subcommand)]
+        verb: CdromVerb,
     },
     /// Change a VM's HA policy (options left out keep their value).
     Update {
@@ -404,7 +548,7 @@ pub async fn run_vm(endpoint: &Endpoint, verb: VmVerb) -> anyhow::Result<()> {
     match verb {
         VmVerb::Create {
             name,
-            image,
+            machine,
             cpus,
             memory,
             host,
@@ -429,9 +573,8 @@ pub async fn run_vm(endpoint: &Endpoint, verb: VmVerb) -> anyhow::Result<()> {
                     }
                 })
                 .collect();
-            let request = CreateVmRequest {
+            let mut request = CreateVmRequest {
                 name: name.clone(),
-                image,
                 cpus,
                 memory,
                 host,
@@ -443,7 +586,9 @@ pub async fn run_vm(endpoint: &Endpoint, verb: VmVerb) -> anyhow::Result<()> {
                 max_restarts: policy.max_restarts,
                 restart_window: policy.restart_window,
                 monitors,
+                ..CreateVmRequest::default()
             };
+            machine.fill(&mut request)?;
             let mut vm = client.create_vm(&request).await?;
             if !no_wait {
                 vm = wait_for(&client, &name, "running", Duration::from_secs(180), json).await?;
@@ -460,6 +605,21 @@ pub async fn run_vm(endpoint: &Endpoint, verb: VmVerb) -> anyhow::Result<()> {
         }
         VmVerb::Show { name, json } => print_vm(&client.get_vm(&name).await?, json),
         VmVerb::Monitor { verb } => crate::monitor_cli::run(&client, verb).await,
+        VmVerb::Cdrom { verb } => {
+            let (name, drive, image, json) = match verb {
+                CdromVerb::Insert { name, image, drive, json } => (name, drive, Some(image), json),
+                CdromVerb::Eject { name, drive, json } => (name, drive, None, json),
+            };
+            let vm = client.change_cdrom(&name, &drive, image.as_deref()).await?;
+            if !json {
+                match &image {
+                    Some(image) => println!("{name}: {image} in drive {drive}"),
+                    None => println!("{name}: drive {drive} ejected"),
+                }
+                return Ok(());
+            }
+            print_vm(&vm, json)
+        }
         VmVerb::Update {
             name,
             ha,

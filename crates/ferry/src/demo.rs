@@ -128,7 +128,7 @@ async fn create_vms(client: &ApiClient) -> anyhow::Result<Vec<VmView>> {
         let started = Instant::now();
         let request = CreateVmRequest {
             name: name.into(),
-            image: "appliance".into(),
+            image: Some("appliance".into()),
             cpus: 1,
             memory: "256M".into(),
             ha: true,

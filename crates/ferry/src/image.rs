@@ -7,10 +7,37 @@ use clap::Subcommand;
 use ferry_lab::appliance::{self, BuildRequest};
 use ferry_lab::defaults;
 
+use crate::cluster::Endpoint;
 use crate::output::print_json;
 
 #[derive(Subcommand)]
 pub enum ImageVerb {
+    /// Upload a disk image or ISO into the library on the shared pool.
+    Import {
+        name: String,
+        file: PathBuf,
+        /// qcow2, raw or iso; detected when left out, checked when given.
+        #[arg(long)]
+        format: Option<String>,
+        /// Its guests run no QEMU guest agent (heartbeat and stall monitors stay off).
+        #[arg(long)]
+        no_guest_agent: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The images of the library.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One image: files, checksum, the VMs that use it.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an image; refused while a VM uses it.
+    Delete { name: String },
     /// Build the test appliance (kernel + initramfs) from Debian packages.
     BuildAppliance {
         /// Where to put the appliance.
@@ -27,8 +54,73 @@ pub enum ImageVerb {
     },
 }
 
-pub async fn run_image(verb: ImageVerb) -> anyhow::Result<()> {
+pub async fn run_image(endpoint: &Endpoint, verb: ImageVerb) -> anyhow::Result<()> {
     match verb {
+        ImageVerb::Import {
+            name,
+            file,
+            format,
+            no_guest_agent,
+            json,
+        } => {
+            let size = std::fs::metadata(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?
+                .len();
+            let client = endpoint.client()?;
+            let bar = (!json).then(|| {
+                let bar = indicatif::ProgressBar::new(size);
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                );
+                bar.set_message(format!("importing {name}"));
+                bar
+            });
+            let progress = bar.clone();
+            let image = client
+                .import_image(&name, &file, format.as_deref(), !no_guest_agent, move |sent| {
+                    if let Some(bar) = &progress {
+                        bar.set_position(sent);
+                    }
+                })
+                .await;
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            print_image(&image?, json)
+        }
+        ImageVerb::List { json } => {
+            let images = endpoint.client()?.list_images().await?;
+            if json {
+                return print_json(&images);
+            }
+            let mut table = comfy_table::Table::new();
+            table.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
+            table.set_header(["NAME", "FORMAT", "SIZE", "GUEST AGENT", "USED BY"]);
+            for image in &images {
+                table.add_row([
+                    image.name.clone(),
+                    image.format.clone(),
+                    image
+                        .virtual_size
+                        .or(image.file_size)
+                        .map(|size| ferry_model::Bytes(size).to_string())
+                        .unwrap_or_default(),
+                    if image.guest_agent { "yes" } else { "no" }.to_string(),
+                    image.used_by.join(", "),
+                ]);
+            }
+            println!("{table}");
+            Ok(())
+        }
+        ImageVerb::Show { name, json } => print_image(&endpoint.client()?.get_image(&name).await?, json),
+        ImageVerb::Delete { name } => {
+            endpoint.client()?.delete_image(&name).await?;
+            println!("image {name} deleted");
+            Ok(())
+        }
         ImageVerb::BuildAppliance {
             out,
             cache,
@@ -77,6 +169,30 @@ pub async fn run_image(verb: ImageVerb) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn print_image(image: &ferry_api::types::ImageView, json: bool) -> anyhow::Result<()> {
+    if json {
+        return print_json(image);
+    }
+    println!("name         {}", image.name);
+    println!("format       {}", image.format);
+    if let Some(size) = image.virtual_size {
+        println!("size         {}", ferry_model::Bytes(size));
+    }
+    if let Some(size) = image.file_size {
+        println!("file size    {}", ferry_model::Bytes(size));
+    }
+    println!("files        {}", image.files.join(" "));
+    if let Some(sha256) = &image.sha256 {
+        println!("sha256       {sha256}");
+    }
+    println!("guest agent  {}", if image.guest_agent { "yes" } else { "no" });
+    println!(
+        "used by      {}",
+        if image.used_by.is_empty() { "-".to_string() } else { image.used_by.join(", ") }
+    );
+    Ok(())
 }
 
 /// `ferry host accel`: this machine's verdict on KVM versus TCG.

@@ -34,7 +34,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Noun {
-    /// VM images: the test appliance.
+    /// The image library (disk images, ISOs, the appliance) and image builders.
     Image {
         #[command(subcommand)]
         verb: image::ImageVerb,
@@ -108,7 +108,7 @@ fn main() {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Noun::Image { verb } => image::run_image(verb).await,
+            Noun::Image { verb } => image::run_image(&cli.endpoint, verb).await,
             Noun::Host { verb } => cluster::run_host(&cli.endpoint, verb).await,
             Noun::Vm { verb } => cluster::run_vm(&cli.endpoint, verb).await,
             Noun::Op { verb } => ops::run_op(&cli.endpoint, verb).await,

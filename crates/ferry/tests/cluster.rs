@@ -64,16 +64,12 @@ impl Cluster {
             .await
             .unwrap()
             .accel;
-        let image = ImageRecord {
-            version: 1,
-            name: "appliance".into(),
-            kernel: appliance.kernel(),
-            initrd: appliance.initrd(),
-            data_disk: Bytes(256 * Bytes::MIB),
-            probe_cmdline: None,
-            probe_marker: None,
-            restart_command: None,
-        };
+        let image = ImageRecord::appliance(
+            "appliance",
+            appliance.kernel(),
+            appliance.initrd(),
+            Bytes(256 * Bytes::MIB),
+        );
         store
             .put(&store.keys().image("appliance"), &image, None)
             .await
@@ -233,7 +229,7 @@ impl Drop for Cluster {
 fn request(name: &str) -> CreateVmRequest {
     CreateVmRequest {
         name: name.into(),
-        image: "appliance".into(),
+        image: Some("appliance".into()),
         cpus: 1,
         memory: "256M".into(),
         host: None,

@@ -113,7 +113,7 @@ async fn an_isolated_host_fences_its_vm_before_it_starts_elsewhere_and_rejoins_c
     let watch = DoubleRunWatch::start(lab.spec().run_dir.clone());
     let keeper_request = CreateVmRequest {
         name: "keeper".into(),
-        image: "appliance".into(),
+        image: Some("appliance".into()),
         cpus: 1,
         memory: "256M".into(),
         host: Some("host1".into()),
@@ -333,7 +333,7 @@ async fn big_ha_vm_on(client: &ApiClient, name: &str, host: &str, priority: i32)
     client
         .create_vm(&CreateVmRequest {
             name: name.into(),
-            image: "appliance".into(),
+            image: Some("appliance".into()),
             cpus: 1,
             memory: "1536M".into(),
             host: Some(host.into()),

@@ -52,7 +52,7 @@ async fn a_lab_vm_answers_on_the_business_network_survives_its_agent_and_goes_wi
 
     let request = CreateVmRequest {
         name: "web".into(),
-        image: "appliance".into(),
+        image: Some("appliance".into()),
         cpus: 1,
         memory: "256M".into(),
         host: Some("host2".into()),

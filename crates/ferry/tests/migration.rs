@@ -153,7 +153,7 @@ async fn live_and_quick_migration_lose_no_write_and_refusals_move_nothing() {
     client
         .create_vm(&CreateVmRequest {
             name: "hog".into(),
-            image: "appliance".into(),
+            image: Some("appliance".into()),
             cpus: 1,
             memory: "3900M".into(),
             host: Some("host2".into()),

@@ -103,7 +103,7 @@ async fn a_killed_application_is_restarted_and_a_hung_one_escalates_to_a_reset()
     // A VM whose monitors are bad is not created at all.
     let bad = CreateVmRequest {
         name: "bad".into(),
-        image: "appliance".into(),
+        image: Some("appliance".into()),
         cpus: 1,
         memory: "256M".into(),
         monitors: vec![
@@ -129,7 +129,7 @@ async fn a_killed_application_is_restarted_and_a_hung_one_escalates_to_a_reset()
     client
         .create_vm(&CreateVmRequest {
             name: "app".into(),
-            image: "appliance".into(),
+            image: Some("appliance".into()),
             cpus: 1,
             memory: "256M".into(),
             host: Some("host1".into()),

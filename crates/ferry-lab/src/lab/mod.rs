@@ -297,14 +297,10 @@ impl Lab {
         let store = self.store().await?;
         let probe = appliance.probe_image();
         let image = ImageRecord {
-            version: 1,
-            name: APPLIANCE_IMAGE.into(),
-            kernel,
-            initrd,
-            data_disk: APPLIANCE_DATA_DISK,
             probe_cmdline: Some(probe.cmdline),
             probe_marker: Some(probe.marker),
             restart_command: Some(crate::appliance::RESTART_COMMAND.into()),
+            ..ImageRecord::appliance(APPLIANCE_IMAGE, kernel, initrd, APPLIANCE_DATA_DISK)
         };
         store
             .put(&store.keys().image(APPLIANCE_IMAGE), &image, None)

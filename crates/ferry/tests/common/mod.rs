@@ -75,7 +75,7 @@ async fn create_on(client: &ApiClient, name: &str, host: &str, extra: CreateVmRe
     client
         .create_vm(&CreateVmRequest {
             name: name.into(),
-            image: "appliance".into(),
+            image: Some("appliance".into()),
             cpus: 1,
             memory: "256M".into(),
             host: Some(host.into()),

@@ -14,8 +14,8 @@ use ferry_api::rest::{self, RestState};
 use ferry_manager::ha::{after_vm_failure, AfterFailure};
 use ferry_manager::{plan, Action, ClusterView, HostSnapshot, VmSnapshot};
 use ferry_model::cluster::{
-    now_ms, HostRecord, HostState, ImageContent, ImageRecord, Placement, PlacementPhase, PoolInfo, VmRecord,
-    VmState, VmStatus, RECORD_VERSION,
+    now_ms, HostRecord, HostState, ImageContent, ImageRecord, Placement, PlacementPhase, PoolInfo,
+    VmRecord, VmState, VmStatus, RECORD_VERSION,
 };
 use ferry_model::ha::{LeaveHost, RestartCause, RestartEntry};
 use ferry_model::ops::{OpKind, OpRecord, OpState};
@@ -415,7 +415,12 @@ async fn manage_once(
                 cpus: host.value.cpus,
                 memory: host.value.memory,
                 state: host.value.state,
-                pools: host.value.pools.iter().map(|pool| pool.name.clone()).collect(),
+                pools: host
+                    .value
+                    .pools
+                    .iter()
+                    .map(|pool| pool.name.clone())
+                    .collect(),
                 networks: host.value.networks.iter().cloned().collect(),
             })
             .collect(),
@@ -922,10 +927,14 @@ async fn carry_out(
         (Step::Stop, _) => {
             write_status(VmState::Stopping, None, None).await;
             match runtime.stop(vm).await {
-                Ok(()) => {
+                Ok(report) => {
                     write_status(VmState::Stopped, None, None).await;
                     events
-                        .record(&subject, "stopped", &format!("VM {vm} stopped on {me}"))
+                        .record(
+                            &subject,
+                            "stopped",
+                            &format!("VM {vm} stopped on {me}: {report}"),
+                        )
                         .await;
                 }
                 Err(error) => {

@@ -198,7 +198,17 @@ enum Probe {
 
 impl Watch {
     async fn run(self, monitor: Monitor) {
+        let needs_agent = matches!(monitor.check, Check::Heartbeat | Check::Stall);
+        if needs_agent && !self.machine.spec().guest_agent {
+            // Silence is all a guest without an agent can give: never a stall.
+            self.set_health(&monitor, "off", 0, Some("no guest agent".into()), None)
+                .await;
+            return;
+        }
         if monitor.check != Check::Qemu && !self.wait_for_guest().await {
+            return;
+        }
+        if needs_agent && !self.wait_for_first_answer(&monitor).await {
             return;
         }
         let interval = Duration::from_millis(monitor.interval_ms);
@@ -351,6 +361,41 @@ impl Watch {
         }
         // A guest without an agent still gets its QEMU and application monitors.
         !self.machine.has_exited()
+    }
+
+    /// Holds a heartbeat or stall monitor off until the guest agent has answered once
+    /// since QEMU started (a guest that never ran one is not stalled); `false` if QEMU
+    /// exited first.
+    async fn wait_for_first_answer(&self, monitor: &Monitor) -> bool {
+        let mut said = false;
+        while !self.agent_seen.load(std::sync::atomic::Ordering::SeqCst) {
+            if self.machine.has_exited() {
+                return false;
+            }
+            if !said {
+                self.set_health(
+                    monitor,
+                    "off",
+                    0,
+                    Some("no guest agent has answered since the start; watching for one".into()),
+                    None,
+                )
+                .await;
+                said = true;
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            if self
+                .machine
+                .guest_agent()
+                .ping(Duration::from_secs(1))
+                .await
+                .is_ok()
+            {
+                self.agent_seen
+                    .store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        true
     }
 
     async fn probe(&self, monitor: &Monitor) -> Probe {

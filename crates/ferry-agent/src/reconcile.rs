@@ -121,7 +121,7 @@ mod tests {
                 stop_command: None,
             },
             desired,
-            image: Some("appliance".into()),
+            image: "appliance".into(),
             preferred_host: None,
             ip: None,
             deleting: false,

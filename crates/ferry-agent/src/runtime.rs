@@ -218,7 +218,10 @@ impl Runtime {
                 return Err(format!(
                     "network {} is not configured on this host{}",
                     nic.network,
-                    killed.err().map(|error| format!(" (and killing QEMU failed: {error})")).unwrap_or_default()
+                    killed
+                        .err()
+                        .map(|error| format!(" (and killing QEMU failed: {error})"))
+                        .unwrap_or_default()
                 ));
             };
             let Some(bridge) = network.bridge.as_deref() else {
@@ -229,7 +232,10 @@ impl Runtime {
                 return Err(format!(
                     "cannot attach tap {} to bridge {bridge}: {error}{}",
                     nic.tap,
-                    killed.err().map(|error| format!(" (and killing QEMU failed: {error})")).unwrap_or_default()
+                    killed
+                        .err()
+                        .map(|error| format!(" (and killing QEMU failed: {error})"))
+                        .unwrap_or_default()
                 ));
             }
         }
@@ -250,17 +256,28 @@ impl Runtime {
         Some(address.split('/').next().unwrap_or(address).to_string())
     }
 
-    pub async fn stop(&self, vm: &VmName) -> Result<(), String> {
+    /// Stops the VM cleanly: its stop command first (the application stops for sure
+    /// before the OS does), then the ACPI power button, then power-off when the guest
+    /// has not shut down within the grace period.
+    pub async fn stop(&self, vm: &VmName) -> Result<StopReport, String> {
         let Some(machine) = self.machine(vm).await else {
-            return Ok(());
+            return Ok(StopReport::default());
+        };
+        let application = match &machine.spec().stop_command {
+            Some(stop) => Some(stop_application(&machine, stop).await),
+            None => None,
         };
         let grace = Duration::from_secs(self.config.qemu.stop_grace_seconds);
-        machine
+        let started = std::time::Instant::now();
+        let outcome = machine
             .stop(grace)
             .await
             .map_err(|error| error.to_string())?;
         self.forget(vm).await;
-        Ok(())
+        Ok(StopReport {
+            application,
+            shutdown: Some((outcome, started.elapsed())),
+        })
     }
 
     pub async fn kill(&self, vm: &VmName) -> Result<(), String> {
@@ -287,6 +304,69 @@ impl Runtime {
         self.vms.lock().await.remove(vm);
         let _ = std::fs::remove_dir_all(self.run_dir(vm).path());
     }
+}
+
+/// What a stop did, for its event.
+#[derive(Debug, Default)]
+pub struct StopReport {
+    /// The stop command: how long it ran and how it ended.
+    pub application: Option<(Duration, Result<i64, String>)>,
+    pub shutdown: Option<(ferry_qemu::StopOutcome, Duration)>,
+}
+
+impl std::fmt::Display for StopReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        match &self.application {
+            Some((took, Ok(0))) => parts.push(format!(
+                "the application stopped in {:.1} s",
+                took.as_secs_f64()
+            )),
+            Some((took, Ok(code))) => parts.push(format!(
+                "the stop command exited {code} after {:.1} s",
+                took.as_secs_f64()
+            )),
+            Some((took, Err(error))) => parts.push(format!(
+                "the stop command failed after {:.1} s ({error})",
+                took.as_secs_f64()
+            )),
+            None => {}
+        }
+        match &self.shutdown {
+            Some((ferry_qemu::StopOutcome::Graceful, took)) => parts.push(format!(
+                "the guest shut down in {:.1} s",
+                took.as_secs_f64()
+            )),
+            Some((ferry_qemu::StopOutcome::Killed, took)) => parts.push(format!(
+                "the guest did not shut down within {:.0} s and was powered off",
+                took.as_secs_f64()
+            )),
+            Some((ferry_qemu::StopOutcome::AlreadyStopped, _)) | None => {
+                parts.push("it was not running".into())
+            }
+        }
+        write!(f, "{}", parts.join("; "))
+    }
+}
+
+/// Runs the VM's stop command in the guest through its agent, bounded by its timeout.
+/// A failure is reported, never a reason not to shut down.
+async fn stop_application(
+    machine: &Machine,
+    stop: &ferry_model::StopCommand,
+) -> (Duration, Result<i64, String>) {
+    let started = std::time::Instant::now();
+    let result = machine
+        .guest_agent()
+        .exec(
+            "/bin/sh",
+            &["-c", &stop.command],
+            Duration::from_secs(stop.timeout_seconds),
+        )
+        .await
+        .map(|output| output.exit_code.unwrap_or(-1))
+        .map_err(|error| error.to_string());
+    (started.elapsed(), result)
 }
 
 /// Releases a VM claimed for an operation.

@@ -8,8 +8,7 @@ use serde::Serialize;
 
 use crate::types::{
     CreateVmRequest, ErrorBody, EventView, ExecRequest, ExecResponse, HostView, ImageView,
-    MigrateRequest,
-    MoveDiskRequest, OpView, VmView,
+    MigrateRequest, MoveDiskRequest, OpView, VmView,
 };
 use crate::ApiError;
 
@@ -212,17 +211,18 @@ impl ApiClient {
         sent: impl Fn(u64) + Send + Sync + 'static,
     ) -> Result<ImageView, ApiError> {
         use futures::StreamExt;
-        let opened = tokio::fs::File::open(file)
-            .await
-            .map_err(|error| ApiError::BadRequest(format!("cannot read {}: {error}", file.display())))?;
+        let opened = tokio::fs::File::open(file).await.map_err(|error| {
+            ApiError::BadRequest(format!("cannot read {}: {error}", file.display()))
+        })?;
         let mut total = 0u64;
-        let stream = tokio_util::io::ReaderStream::with_capacity(opened, 1 << 20).map(move |chunk| {
-            if let Ok(bytes) = &chunk {
-                total += bytes.len() as u64;
-                sent(total);
-            }
-            chunk
-        });
+        let stream =
+            tokio_util::io::ReaderStream::with_capacity(opened, 1 << 20).map(move |chunk| {
+                if let Ok(bytes) = &chunk {
+                    total += bytes.len() as u64;
+                    sent(total);
+                }
+                chunk
+            });
         let base = &self.bases[self.current.load(std::sync::atomic::Ordering::Relaxed)];
         let mut query = vec![("guest_agent", guest_agent.to_string())];
         if let Some(format) = format {

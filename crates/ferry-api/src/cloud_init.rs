@@ -70,7 +70,9 @@ fn check_hostname(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("hostname {name:?} must be 1-63 of a-z 0-9 - (not at either end)"))
+        Err(format!(
+            "hostname {name:?} must be 1-63 of a-z 0-9 - (not at either end)"
+        ))
     }
 }
 
@@ -148,8 +150,11 @@ pub fn seed_files(
                     "ssh_authorized_keys": request.ssh_keys.iter().map(|key| key.trim()).collect::<Vec<_>>(),
                 }]);
             } else if !request.ssh_keys.is_empty() {
-                config["ssh_authorized_keys"] =
-                    json!(request.ssh_keys.iter().map(|key| key.trim()).collect::<Vec<_>>());
+                config["ssh_authorized_keys"] = json!(request
+                    .ssh_keys
+                    .iter()
+                    .map(|key| key.trim())
+                    .collect::<Vec<_>>());
             }
             format!("#cloud-config\n{config:#}\n")
         }
@@ -192,7 +197,15 @@ pub fn write_seed(path: &Path, files: &SeedFiles) -> Result<(), String> {
             .map_err(|error| format!("cannot write the seed's {name}: {error}"))?;
     }
     let output = std::process::Command::new("xorriso")
-        .args(["-as", "genisoimage", "-quiet", "-volid", "cidata", "-joliet", "-rock"])
+        .args([
+            "-as",
+            "genisoimage",
+            "-quiet",
+            "-volid",
+            "cidata",
+            "-joliet",
+            "-rock",
+        ])
         .arg("-output")
         .arg(path)
         .arg(staging.path())
@@ -215,7 +228,11 @@ mod tests {
     fn nic() -> GuestNic {
         GuestNic {
             mac: "52:54:00:12:34:56".parse().unwrap(),
-            address: Some(("10.0.0.5".parse().unwrap(), 24, Some("10.0.0.1".parse().unwrap()))),
+            address: Some((
+                "10.0.0.5".parse().unwrap(),
+                24,
+                Some("10.0.0.1".parse().unwrap()),
+            )),
         }
     }
 
@@ -232,8 +249,12 @@ mod tests {
         assert!(files.user_data.starts_with("#cloud-config\n"));
         check_user_data(&files.user_data).unwrap();
         assert!(files.user_data.contains("\"name\": \"ops\""));
-        assert!(files.user_data.contains("\"ssh-ed25519 AAAAC3Nza ops@desk\""));
-        assert!(files.network_config.contains("\"macaddress\": \"52:54:00:12:34:56\""));
+        assert!(files
+            .user_data
+            .contains("\"ssh-ed25519 AAAAC3Nza ops@desk\""));
+        assert!(files
+            .network_config
+            .contains("\"macaddress\": \"52:54:00:12:34:56\""));
         assert!(files.network_config.contains("\"10.0.0.5/24\""));
         assert!(files.network_config.contains("\"via\": \"10.0.0.1\""));
     }
@@ -269,7 +290,9 @@ mod tests {
             user: Some("ops".into()),
             ..request
         };
-        assert!(seed_files("a", "i", &mixed, &[]).unwrap_err().contains("not both"));
+        assert!(seed_files("a", "i", &mixed, &[])
+            .unwrap_err()
+            .contains("not both"));
     }
 
     #[test]
@@ -278,17 +301,23 @@ mod tests {
             user: Some("Root Admin".into()),
             ..CloudInitRequest::default()
         };
-        assert!(seed_files("a", "i", &bad_user, &[]).unwrap_err().starts_with("user \"Root Admin\""));
+        assert!(seed_files("a", "i", &bad_user, &[])
+            .unwrap_err()
+            .starts_with("user \"Root Admin\""));
         let bad_key = CloudInitRequest {
             ssh_keys: vec!["not a key".into()],
             ..CloudInitRequest::default()
         };
-        assert!(seed_files("a", "i", &bad_key, &[]).unwrap_err().starts_with("SSH key"));
+        assert!(seed_files("a", "i", &bad_key, &[])
+            .unwrap_err()
+            .starts_with("SSH key"));
         let bad_host = CloudInitRequest {
             hostname: Some("-x".into()),
             ..CloudInitRequest::default()
         };
-        assert!(seed_files("a", "i", &bad_host, &[]).unwrap_err().starts_with("hostname"));
+        assert!(seed_files("a", "i", &bad_host, &[])
+            .unwrap_err()
+            .starts_with("hostname"));
     }
 
     #[test]
@@ -300,6 +329,9 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(&bytes[32769..32774], b"CD001");
         // The volume id is at offset 40 of the primary volume descriptor.
-        assert!(bytes[32808..32840].starts_with(b"CIDATA") || bytes[32808..32840].starts_with(b"cidata"));
+        assert!(
+            bytes[32808..32840].starts_with(b"CIDATA")
+                || bytes[32808..32840].starts_with(b"cidata")
+        );
     }
 }

@@ -130,8 +130,7 @@ impl ClusterApi {
         check_image_name(name)?;
         if format == Some(ImageKind::Appliance) {
             return Err(ApiError::BadRequest(
-                "format: the appliance is built (ferry image build-appliance), not imported"
-                    .into(),
+                "format: the appliance is built (ferry image build-appliance), not imported".into(),
             ));
         }
         let key = self.store.keys().image(name);
@@ -141,9 +140,9 @@ impl ClusterApi {
             )));
         }
         let dir = self.shared_pool.join("images");
-        tokio::fs::create_dir_all(&dir)
-            .await
-            .map_err(|error| ApiError::Internal(format!("cannot create {}: {error}", dir.display())))?;
+        tokio::fs::create_dir_all(&dir).await.map_err(|error| {
+            ApiError::Internal(format!("cannot create {}: {error}", dir.display()))
+        })?;
         let partial = dir.join(format!(".{name}.upload"));
         let received = receive(&partial, body).await;
         let (sha256, size) = match received {
@@ -212,7 +211,11 @@ impl ClusterApi {
             probe_marker: None,
             restart_command: None,
         };
-        if let Err(error) = self.store.create(&key, &record, &format!("image {name}")).await {
+        if let Err(error) = self
+            .store
+            .create(&key, &record, &format!("image {name}"))
+            .await
+        {
             remove_quietly(&path);
             return Err(error.into());
         }
@@ -254,7 +257,11 @@ impl ClusterApi {
             }
         }
         self.events
-            .record(&format!("image/{name}"), "deleted", &format!("image {name} deleted"))
+            .record(
+                &format!("image/{name}"),
+                "deleted",
+                &format!("image {name} deleted"),
+            )
             .await;
         Ok(())
     }
@@ -302,9 +309,9 @@ where
     S: Stream<Item = Result<axum::body::Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
-    let mut file = tokio::fs::File::create(path)
-        .await
-        .map_err(|error| ApiError::Internal(format!("cannot create {}: {error}", path.display())))?;
+    let mut file = tokio::fs::File::create(path).await.map_err(|error| {
+        ApiError::Internal(format!("cannot create {}: {error}", path.display()))
+    })?;
     let mut hasher = Sha256::new();
     let mut size = 0u64;
     while let Some(chunk) = body.next().await {
@@ -312,9 +319,9 @@ where
             chunk.map_err(|error| ApiError::BadRequest(format!("upload interrupted: {error}")))?;
         hasher.update(&chunk);
         size += chunk.len() as u64;
-        file.write_all(&chunk)
-            .await
-            .map_err(|error| ApiError::Internal(format!("cannot write {}: {error}", path.display())))?;
+        file.write_all(&chunk).await.map_err(|error| {
+            ApiError::Internal(format!("cannot write {}: {error}", path.display()))
+        })?;
     }
     file.sync_all()
         .await
@@ -323,7 +330,10 @@ where
         return Err(ApiError::BadRequest("the upload is empty".into()));
     }
     let digest = hasher.finalize();
-    Ok((digest.iter().map(|byte| format!("{byte:02x}")).collect(), size))
+    Ok((
+        digest.iter().map(|byte| format!("{byte:02x}")).collect(),
+        size,
+    ))
 }
 
 fn remove_quietly(path: &std::path::Path) {

@@ -13,10 +13,7 @@ use ferry_model::cluster::{
     now_ms, Event, HostRecord, ImageRecord, NetworkRecord, Placement, PowerState, VmRecord,
     VmState, VmStatus,
 };
-use ferry_model::{
-    Bytes, HostName, MacAddr, VmName,
-    MIN_MEMORY,
-};
+use ferry_model::{Bytes, HostName, MacAddr, VmName, MIN_MEMORY};
 use ferry_store::{Store, Versioned};
 use futures::future::BoxFuture;
 use tokio::sync::Mutex;
@@ -290,10 +287,14 @@ impl ClusterApi {
             return Err(ApiError::BadRequest("cpus: must be at least 1".into()));
         }
         let keys = self.store.keys().clone();
-        let sources = [request.image.is_some(), request.iso.is_some(), request.blank]
-            .iter()
-            .filter(|given| **given)
-            .count();
+        let sources = [
+            request.image.is_some(),
+            request.iso.is_some(),
+            request.blank,
+        ]
+        .iter()
+        .filter(|given| **given)
+        .count();
         if sources > 1 {
             return Err(ApiError::BadRequest(
                 "give one of image, iso and blank".into(),
@@ -309,7 +310,9 @@ impl ClusterApi {
             Some(cdrom) => Some(self.image_named(cdrom, "cdrom").await?),
             None => None,
         };
-        let restart_command = image.as_ref().and_then(|image| image.restart_command.clone());
+        let restart_command = image
+            .as_ref()
+            .and_then(|image| image.restart_command.clone());
         let mut monitors = ferry_model::monitor::MonitorSet {
             version: 1,
             monitors: Vec::new(),
@@ -426,7 +429,11 @@ impl ClusterApi {
                     "disks[{index}]: pool {pool:?} is not offered by any host"
                 )));
             };
-            if request.host.as_deref().is_some_and(|host| host != owner.name.as_str()) {
+            if request
+                .host
+                .as_deref()
+                .is_some_and(|host| host != owner.name.as_str())
+            {
                 return Err(ApiError::BadRequest(format!(
                     "disks[{index}]: pool {pool} is local to {}, not to host {}",
                     owner.name,
@@ -443,7 +450,10 @@ impl ClusterApi {
             .find(|pool| me.pool(pool).is_some_and(|pool| !pool.shared))
         {
             // A disk on this host's local pool: the VM runs here.
-            if preferred_host.as_ref().is_some_and(|host| *host != self.host) {
+            if preferred_host
+                .as_ref()
+                .is_some_and(|host| *host != self.host)
+            {
                 return Err(ApiError::BadRequest(format!(
                     "pool {local} is local to {}, not to the host asked for",
                     self.host
@@ -494,7 +504,10 @@ impl ClusterApi {
         let mut addresses: Vec<(String, Ipv4Addr)> = Vec::new();
         let nics_result: Result<(), ApiError> = async {
             for (index, nic) in nic_requests.iter().enumerate() {
-                if !hosts.iter().any(|host| host.networks.contains(&nic.network)) {
+                if !hosts
+                    .iter()
+                    .any(|host| host.networks.contains(&nic.network))
+                {
                     return Err(ApiError::BadRequest(format!(
                         "nics[{index}]: no host is on network {:?}",
                         nic.network
@@ -545,12 +558,15 @@ impl ClusterApi {
             (Some(image), false) => crate::provision::Source::Image(image),
             (None, _) => crate::provision::Source::Blank,
         };
-        let stop_command = request.stop_command.clone().map(|command| ferry_model::StopCommand {
-            command,
-            timeout_seconds: request
-                .stop_timeout_seconds
-                .unwrap_or(crate::provision::DEFAULT_STOP_TIMEOUT_SECONDS),
-        });
+        let stop_command = request
+            .stop_command
+            .clone()
+            .map(|command| ferry_model::StopCommand {
+                command,
+                timeout_seconds: request
+                    .stop_timeout_seconds
+                    .unwrap_or(crate::provision::DEFAULT_STOP_TIMEOUT_SECONDS),
+            });
         let instance_id = format!("{name}-{}", now_ms());
         let planned = crate::provision::plan(&crate::provision::Request {
             name: &name,
@@ -1057,7 +1073,11 @@ impl ClusterApi {
             let drives: Vec<&str> = record.spec.cdroms.iter().map(|cd| cd.id.as_str()).collect();
             return Err(ApiError::NotFound(format!(
                 "VM {name} has no CD-ROM drive {drive:?} (it has: {})",
-                if drives.is_empty() { "none".to_string() } else { drives.join(", ") }
+                if drives.is_empty() {
+                    "none".to_string()
+                } else {
+                    drives.join(", ")
+                }
             )));
         }
         let running = vm_view(&entry).is_some_and(|view| view.state == VmState::Running.as_str());
@@ -1089,7 +1109,12 @@ impl ClusterApi {
             }
         }
         self.update_record(&name, |record| {
-            for cdrom in record.spec.cdroms.iter_mut().filter(|cdrom| cdrom.id == drive) {
+            for cdrom in record
+                .spec
+                .cdroms
+                .iter_mut()
+                .filter(|cdrom| cdrom.id == drive)
+            {
                 cdrom.path = iso.clone();
             }
             Ok(())
@@ -1205,6 +1230,40 @@ pub fn vm_view(entry: &VmEntry) -> Option<VmView> {
                 .count() as u32
         }),
         monitors: crate::monitors::monitor_views(entry),
+        firmware: record.spec.firmware.name().into(),
+        cpu_model: record.spec.cpu_model.clone(),
+        disks: record
+            .spec
+            .disks
+            .iter()
+            .map(|disk| crate::types::DiskView {
+                id: disk.id.clone(),
+                size: disk.size.map(|size| size.0),
+                pool: disk.pool.clone(),
+                bus: disk.bus,
+                path: disk.path.display().to_string(),
+            })
+            .collect(),
+        cdroms: record
+            .spec
+            .cdroms
+            .iter()
+            .map(|cdrom| crate::types::CdromView {
+                id: cdrom.id.clone(),
+                path: cdrom.path.as_ref().map(|path| path.display().to_string()),
+            })
+            .collect(),
+        nics: record
+            .spec
+            .nics
+            .iter()
+            .map(|nic| crate::types::NicView {
+                network: nic.network.clone(),
+                mac: nic.mac.to_string(),
+                model: nic.model,
+            })
+            .collect(),
+        has_guest_agent: record.spec.guest_agent,
     })
 }
 

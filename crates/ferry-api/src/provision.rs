@@ -82,15 +82,23 @@ pub struct Request<'a> {
 /// A file to make for the VM.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
-    Blank { path: PathBuf, size: Bytes },
+    Blank {
+        path: PathBuf,
+        size: Bytes,
+    },
     Copy {
         from: PathBuf,
         format: DiskFormat,
         to: PathBuf,
         size: Option<Bytes>,
     },
-    Nvram { path: PathBuf },
-    Seed { path: PathBuf, files: SeedFiles },
+    Nvram {
+        path: PathBuf,
+    },
+    Seed {
+        path: PathBuf,
+        files: SeedFiles,
+    },
 }
 
 impl Step {
@@ -123,9 +131,15 @@ pub fn plan(request: &Request<'_>) -> Result<Plan, String> {
                 .iter()
                 .find(|site| site.name == pool)
                 .ok_or_else(|| {
-                    let known: Vec<&str> =
-                        request.pools.iter().map(|site| site.name.as_str()).collect();
-                    format!("pool {pool:?} is not offered by any host (known: {})", known.join(", "))
+                    let known: Vec<&str> = request
+                        .pools
+                        .iter()
+                        .map(|site| site.name.as_str())
+                        .collect();
+                    format!(
+                        "pool {pool:?} is not offered by any host (known: {})",
+                        known.join(", ")
+                    )
                 }),
             None => request
                 .pools
@@ -249,10 +263,21 @@ pub fn plan(request: &Request<'_>) -> Result<Plan, String> {
         }
         Source::Iso(iso) => {
             let ImageContent::Iso { path } = &iso.content else {
-                return Err(format!("image {} is not an ISO ({})", iso.name, iso.content.kind().as_str()));
+                return Err(format!(
+                    "image {} is not an ISO ({})",
+                    iso.name,
+                    iso.content.kind().as_str()
+                ));
             };
             guest_agent = false;
-            disks.push(add_disk(0, &first, "disk0".into(), None, &mut steps, &mut dirs)?);
+            disks.push(add_disk(
+                0,
+                &first,
+                "disk0".into(),
+                None,
+                &mut steps,
+                &mut dirs,
+            )?);
             cdroms.push(CdromSpec {
                 id: "cd0".into(),
                 path: Some(path.clone()),
@@ -265,12 +290,26 @@ pub fn plan(request: &Request<'_>) -> Result<Plan, String> {
         }
         Source::Blank => {
             guest_agent = false;
-            disks.push(add_disk(0, &first, "disk0".into(), None, &mut steps, &mut dirs)?);
+            disks.push(add_disk(
+                0,
+                &first,
+                "disk0".into(),
+                None,
+                &mut steps,
+                &mut dirs,
+            )?);
         }
     }
     for (offset, wanted) in rest.iter().enumerate() {
         let index = offset + 1;
-        disks.push(add_disk(index, wanted, format!("disk{index}"), None, &mut steps, &mut dirs)?);
+        disks.push(add_disk(
+            index,
+            wanted,
+            format!("disk{index}"),
+            None,
+            &mut steps,
+            &mut dirs,
+        )?);
     }
     if let Some(cdrom) = request.cdrom {
         let ImageContent::Iso { path } = &cdrom.content else {
@@ -350,9 +389,7 @@ pub fn plan(request: &Request<'_>) -> Result<Plan, String> {
         })
         .collect();
     if request.stop_command.is_some() && !guest_agent {
-        return Err(
-            "stop_command runs through the guest agent, and this image has none".into(),
-        );
+        return Err("stop_command runs through the guest agent, and this image has none".into());
     }
     let spec = VmSpec {
         name: name.clone(),
@@ -456,7 +493,12 @@ pub fn dirs_of(spec: &VmSpec) -> Vec<PathBuf> {
     if let Firmware::Uefi { nvram } = &spec.firmware {
         files.push(nvram);
     }
-    files.extend(spec.cdroms.iter().filter(|cd| cd.id == "cidata").filter_map(|cd| cd.path.as_deref()));
+    files.extend(
+        spec.cdroms
+            .iter()
+            .filter(|cd| cd.id == "cidata")
+            .filter_map(|cd| cd.path.as_deref()),
+    );
     for file in files {
         if let Some(dir) = file.parent() {
             if dir.file_name().and_then(|name| name.to_str()) == Some(spec.name.as_str())
@@ -530,7 +572,11 @@ mod tests {
         }
     }
 
-    fn plan_with(source: Source<'_>, disks: &[WantedDisk], firmware: FirmwareKind) -> Result<Plan, String> {
+    fn plan_with(
+        source: Source<'_>,
+        disks: &[WantedDisk],
+        firmware: FirmwareKind,
+    ) -> Result<Plan, String> {
         let name: VmName = "web".parse().unwrap();
         let pools = pools();
         let nics = [nic()];
@@ -563,14 +609,24 @@ mod tests {
             pool: None,
         }];
         let plan = plan_with(Source::Image(&image), &wanted, FirmwareKind::Bios).unwrap();
-        assert_eq!(plan.spec.disks[0].path, PathBuf::from("/pool/vms/web/disk0.qcow2"));
+        assert_eq!(
+            plan.spec.disks[0].path,
+            PathBuf::from("/pool/vms/web/disk0.qcow2")
+        );
         assert_eq!(plan.spec.disks[0].size, Some(Bytes(20 * Bytes::GIB)));
-        assert!(matches!(&plan.steps[0], Step::Copy { from, size: Some(_), .. } if from == Path::new("/pool/images/debian.qcow2")));
-        assert!(matches!(&plan.steps[1], Step::Seed { path, .. } if path == Path::new("/pool/vms/web/seed.iso")));
+        assert!(
+            matches!(&plan.steps[0], Step::Copy { from, size: Some(_), .. } if from == Path::new("/pool/images/debian.qcow2"))
+        );
+        assert!(
+            matches!(&plan.steps[1], Step::Seed { path, .. } if path == Path::new("/pool/vms/web/seed.iso"))
+        );
         assert_eq!(plan.spec.cdroms[0].id, "cidata");
         assert_eq!(plan.spec.boot, Boot::Disk);
         plan.spec
-            .validate(&ferry_model::HostLimits { cpus: 2, memory: Bytes(8 * Bytes::GIB) })
+            .validate(&ferry_model::HostLimits {
+                cpus: 2,
+                memory: Bytes(8 * Bytes::GIB),
+            })
             .unwrap();
     }
 
@@ -578,42 +634,94 @@ mod tests {
     fn an_installer_iso_goes_in_the_cdrom_over_a_blank_disk_that_boots_first() {
         let iso = iso();
         let plan = plan_with(Source::Iso(&iso), &[], FirmwareKind::Bios).unwrap();
-        assert_eq!(plan.steps[0], Step::Blank { path: "/pool/vms/web/disk0.qcow2".into(), size: DEFAULT_DISK });
-        assert_eq!(plan.spec.cdroms[0].path.as_deref(), Some(Path::new("/pool/images/install.iso")));
-        assert_eq!(plan.spec.boot_order, vec![BootDevice::Disk, BootDevice::Cdrom]);
-        assert!(!plan.spec.guest_agent, "an installer's guest has no agent yet");
+        assert_eq!(
+            plan.steps[0],
+            Step::Blank {
+                path: "/pool/vms/web/disk0.qcow2".into(),
+                size: DEFAULT_DISK
+            }
+        );
+        assert_eq!(
+            plan.spec.cdroms[0].path.as_deref(),
+            Some(Path::new("/pool/images/install.iso"))
+        );
+        assert_eq!(
+            plan.spec.boot_order,
+            vec![BootDevice::Disk, BootDevice::Cdrom]
+        );
+        assert!(
+            !plan.spec.guest_agent,
+            "an installer's guest has no agent yet"
+        );
     }
 
     #[test]
     fn uefi_vms_get_their_own_nvram_on_the_shared_pool() {
         let plan = plan_with(Source::Blank, &[], FirmwareKind::Uefi).unwrap();
-        assert_eq!(plan.spec.firmware, Firmware::Uefi { nvram: "/pool/vms/web/nvram.fd".into() });
-        assert!(plan.steps.contains(&Step::Nvram { path: "/pool/vms/web/nvram.fd".into() }));
+        assert_eq!(
+            plan.spec.firmware,
+            Firmware::Uefi {
+                nvram: "/pool/vms/web/nvram.fd".into()
+            }
+        );
+        assert!(plan.steps.contains(&Step::Nvram {
+            path: "/pool/vms/web/nvram.fd".into()
+        }));
     }
 
     #[test]
     fn extra_disks_land_on_their_pool_and_count_against_its_free_space() {
         let wanted = [
-            WantedDisk { size: Some(Bytes::mib(512)), pool: None },
-            WantedDisk { size: Some(Bytes(4 * Bytes::GIB)), pool: Some("host1-local".into()) },
+            WantedDisk {
+                size: Some(Bytes::mib(512)),
+                pool: None,
+            },
+            WantedDisk {
+                size: Some(Bytes(4 * Bytes::GIB)),
+                pool: Some("host1-local".into()),
+            },
         ];
         let plan = plan_with(Source::Blank, &wanted, FirmwareKind::Bios).unwrap();
-        assert_eq!(plan.spec.disks[1].path, PathBuf::from("/local/vms/web/disk1.qcow2"));
+        assert_eq!(
+            plan.spec.disks[1].path,
+            PathBuf::from("/local/vms/web/disk1.qcow2")
+        );
         assert_eq!(plan.spec.disks[1].pool.as_deref(), Some("host1-local"));
-        assert_eq!(plan.dirs, vec![PathBuf::from("/pool/vms/web"), PathBuf::from("/local/vms/web")]);
+        assert_eq!(
+            plan.dirs,
+            vec![
+                PathBuf::from("/pool/vms/web"),
+                PathBuf::from("/local/vms/web")
+            ]
+        );
         let too_big = [
-            WantedDisk { size: Some(Bytes::mib(512)), pool: None },
-            WantedDisk { size: Some(Bytes(11 * Bytes::GIB)), pool: Some("host1-local".into()) },
+            WantedDisk {
+                size: Some(Bytes::mib(512)),
+                pool: None,
+            },
+            WantedDisk {
+                size: Some(Bytes(11 * Bytes::GIB)),
+                pool: Some("host1-local".into()),
+            },
         ];
         let error = plan_with(Source::Blank, &too_big, FirmwareKind::Bios).unwrap_err();
-        assert_eq!(error, "disks[1]: 11 GiB on pool host1-local is more than its 10 GiB free");
+        assert_eq!(
+            error,
+            "disks[1]: 11 GiB on pool host1-local is more than its 10 GiB free"
+        );
     }
 
     #[test]
     fn unknown_pools_and_sizeless_extra_disks_are_refused() {
-        let unknown = [WantedDisk { size: None, pool: Some("fast".into()) }];
+        let unknown = [WantedDisk {
+            size: None,
+            pool: Some("fast".into()),
+        }];
         let error = plan_with(Source::Blank, &unknown, FirmwareKind::Bios).unwrap_err();
-        assert!(error.starts_with("pool \"fast\" is not offered by any host"), "{error}");
+        assert!(
+            error.starts_with("pool \"fast\" is not offered by any host"),
+            "{error}"
+        );
         let sizeless = [WantedDisk::default(), WantedDisk::default()];
         let error = plan_with(Source::Blank, &sizeless, FirmwareKind::Bios).unwrap_err();
         assert_eq!(error, "disks[1]: give its size (SIZE[@POOL])");
@@ -635,9 +743,18 @@ mod tests {
         });
         let plan = plan_with(Source::Image(&appliance), &[], FirmwareKind::Bios).unwrap();
         assert_eq!(plan.spec.disks[0].id, "data");
-        assert_eq!(plan.steps, vec![Step::Blank { path: "/pool/vms/web/data.qcow2".into(), size: Bytes::mib(256) }]);
+        assert_eq!(
+            plan.steps,
+            vec![Step::Blank {
+                path: "/pool/vms/web/data.qcow2".into(),
+                size: Bytes::mib(256)
+            }]
+        );
         assert!(matches!(plan.spec.boot, Boot::Kernel { .. }));
-        assert!(plan.spec.cdroms.is_empty(), "no cloud-init seed for the appliance");
+        assert!(
+            plan.spec.cdroms.is_empty(),
+            "no cloud-init seed for the appliance"
+        );
     }
 
     #[test]
@@ -647,7 +764,10 @@ mod tests {
         let plan = Plan {
             spec: VmSpec::minimal("web".parse().unwrap()),
             steps: vec![
-                Step::Blank { path: vm_dir.join("disk0.qcow2"), size: Bytes::mib(8) },
+                Step::Blank {
+                    path: vm_dir.join("disk0.qcow2"),
+                    size: Bytes::mib(8),
+                },
                 Step::Copy {
                     from: dir.path().join("missing.img"),
                     format: DiskFormat::Raw,
@@ -662,6 +782,9 @@ mod tests {
         std::fs::create_dir_all(&vm_dir).unwrap();
         std::fs::write(vm_dir.join("disk0.qcow2"), b"precious").unwrap();
         assert!(make(&plan).unwrap_err().contains("already exists"));
-        assert_eq!(std::fs::read(vm_dir.join("disk0.qcow2")).unwrap(), b"precious");
+        assert_eq!(
+            std::fs::read(vm_dir.join("disk0.qcow2")).unwrap(),
+            b"precious"
+        );
     }
 }

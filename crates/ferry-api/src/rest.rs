@@ -20,9 +20,9 @@ use utoipa::OpenApi;
 use crate::auth::{role_of, Role, TokenConfig};
 use crate::ops::ClusterApi;
 use crate::types::{
-    AddMonitorRequest, CdromRequest, CloudInitRequest, CreateVmRequest, DiskRequest, ImageView,
-    NicRequest, ErrorBody, ErrorDetail, EventView, ExecRequest,
-    ExecResponse, HostMonitorView, HostView, MigrateRequest, MonitorView, MoveDiskRequest, OpView,
+    AddMonitorRequest, CdromRequest, CdromView, CloudInitRequest, CreateVmRequest, DiskRequest,
+    DiskView, ErrorBody, ErrorDetail, EventView, ExecRequest, ExecResponse, HostMonitorView,
+    HostView, ImageView, MigrateRequest, MonitorView, MoveDiskRequest, NicRequest, NicView, OpView,
     ProgressView, UpdateHaRequest, VmView,
 };
 use crate::ApiError;
@@ -500,7 +500,7 @@ impl utoipa::Modify for BearerAuth {
 #[openapi(
     info(title = "Ferry API", description = "A high-availability virtualization cluster for QEMU/KVM."),
     paths(list_hosts, get_host, list_vms, create_vm, change_cdrom, list_images, get_image, import_image, delete_image, get_vm, delete_vm, start_vm, stop_vm, reset_vm, update_ha, list_monitors, add_monitor, remove_monitor, exec_vm, migrate_vm, move_disk, list_ops, get_op, cancel_op, list_events, stream_events),
-    components(schemas(HostView, HostMonitorView, VmView, CreateVmRequest, DiskRequest, NicRequest, CloudInitRequest, ImageView, CdromRequest, UpdateHaRequest, AddMonitorRequest, MonitorView, ExecRequest, ExecResponse, EventView, ErrorBody, ErrorDetail, MigrateRequest, MoveDiskRequest, OpView, ProgressView)),
+    components(schemas(HostView, HostMonitorView, VmView, CreateVmRequest, DiskRequest, NicRequest, CloudInitRequest, ImageView, CdromRequest, DiskView, CdromView, NicView, UpdateHaRequest, AddMonitorRequest, MonitorView, ExecRequest, ExecResponse, EventView, ErrorBody, ErrorDetail, MigrateRequest, MoveDiskRequest, OpView, ProgressView)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

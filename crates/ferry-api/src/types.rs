@@ -67,6 +67,45 @@ pub struct VmView {
     /// Built-in and added monitors with their current health.
     #[serde(default)]
     pub monitors: Vec<MonitorView>,
+    /// `bios` or `uefi`.
+    #[serde(default)]
+    pub firmware: String,
+    #[serde(default)]
+    pub cpu_model: String,
+    #[serde(default)]
+    pub disks: Vec<DiskView>,
+    #[serde(default)]
+    pub cdroms: Vec<CdromView>,
+    #[serde(default)]
+    pub nics: Vec<NicView>,
+    /// The guest is expected to run a QEMU guest agent.
+    #[serde(default)]
+    pub has_guest_agent: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DiskView {
+    pub id: String,
+    pub size: Option<u64>,
+    pub pool: Option<String>,
+    #[schema(value_type = String)]
+    pub bus: ferry_model::DiskBus,
+    pub path: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CdromView {
+    pub id: String,
+    /// The ISO in the drive; none when empty.
+    pub path: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NicView {
+    pub network: String,
+    pub mac: String,
+    #[schema(value_type = String)]
+    pub model: ferry_model::NicModel,
 }
 
 /// `ferry vm monitor add`: what to check, how often, and the recovery ladder.
@@ -258,7 +297,9 @@ impl std::str::FromStr for NicRequest {
         let mut parts = text.split(',');
         let network = parts.next().unwrap_or_default().trim();
         if network.is_empty() {
-            return Err(format!("nic {text:?}: name the network first, e.g. business"));
+            return Err(format!(
+                "nic {text:?}: name the network first, e.g. business"
+            ));
         }
         let mut request = NicRequest {
             network: network.to_string(),
@@ -273,7 +314,11 @@ impl std::str::FromStr for NicRequest {
                     request.mac = Some(mac.to_string());
                 }
                 Some(("model", model)) => {
-                    request.model = Some(model.parse().map_err(|error| format!("nic {text:?}: {error}"))?)
+                    request.model = Some(
+                        model
+                            .parse()
+                            .map_err(|error| format!("nic {text:?}: {error}"))?,
+                    )
                 }
                 _ => {
                     return Err(format!(

@@ -200,6 +200,56 @@ impl Appliance {
         line
     }
 
+    /// A bootable ISO of this appliance (GRUB for BIOS and UEFI, from Debian's
+    /// `grub-pc-bin` and `grub-efi-amd64-bin`, made by `grub-mkrescue`): the installer
+    /// stand-in of the tests, and, since it is a hybrid image, also a bootable disk.
+    /// The guest calls itself `hostname`.
+    pub fn boot_iso(&self, out: &Path, hostname: &str) -> Result<(), ApplianceError> {
+        let staging = tempfile::tempdir().map_err(|source| ApplianceError::Io {
+            context: "cannot make a staging directory".into(),
+            source,
+        })?;
+        let boot = staging.path().join("boot");
+        let grub = boot.join("grub");
+        std::fs::create_dir_all(&grub).map_err(|source| ApplianceError::Io {
+            context: format!("cannot create {}", grub.display()),
+            source,
+        })?;
+        for (from, to) in [
+            (self.kernel(), boot.join("vmlinuz")),
+            (self.initrd(), boot.join("initramfs.img")),
+        ] {
+            std::fs::copy(&from, &to).map_err(|source| ApplianceError::Io {
+                context: format!("cannot copy {}", from.display()),
+                source,
+            })?;
+        }
+        let config = format!(
+            "set timeout=0\nset default=0\nmenuentry \"Ferry appliance\" {{\n  linux /boot/vmlinuz {}\n  initrd /boot/initramfs.img\n}}\n",
+            self.cmdline(hostname, None)
+        );
+        std::fs::write(grub.join("grub.cfg"), config).map_err(|source| ApplianceError::Io {
+            context: "cannot write grub.cfg".into(),
+            source,
+        })?;
+        let output = Command::new("grub-mkrescue")
+            .arg("-o")
+            .arg(out)
+            .arg(staging.path())
+            .output()
+            .map_err(|error| ApplianceError::Command {
+                command: "grub-mkrescue".into(),
+                detail: format!("{error} (packages grub-common, grub-pc-bin, grub-efi-amd64-bin, xorriso, mtools)"),
+            })?;
+        if !output.status.success() {
+            return Err(ApplianceError::Command {
+                command: format!("grub-mkrescue -o {}", out.display()),
+                detail: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+            });
+        }
+        Ok(())
+    }
+
     /// The image the KVM probe boots: this kernel, told to print a marker and power off.
     pub fn probe_image(&self) -> ProbeImage {
         ProbeImage {

@@ -18,6 +18,11 @@ pub fn appliance_dir() -> PathBuf {
     from_env("FERRY_APPLIANCE_DIR", "/var/lib/ferry/images/appliance")
 }
 
+/// The Debian 12 test guest (`FERRY_DEBIAN_DIR`).
+pub fn debian_image_dir() -> PathBuf {
+    from_env("FERRY_DEBIAN_DIR", "/var/cache/ferry/images/debian-12")
+}
+
 /// Downloaded packages and other rebuildable things (`FERRY_CACHE_DIR`).
 pub fn cache_dir() -> PathBuf {
     from_env("FERRY_CACHE_DIR", "/var/cache/ferry")

@@ -5,6 +5,7 @@
 
 pub mod appliance;
 mod cpio;
+pub mod debian;
 pub mod defaults;
 pub mod flows;
 pub mod lab;

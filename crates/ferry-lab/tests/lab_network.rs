@@ -294,7 +294,10 @@ async fn a_lab_comes_up_with_every_agent_registered_and_recovers_from_faults() {
         .unwrap()
         .unwrap()
         .value;
-    assert!(image.kernel.starts_with(spec.shared_pool()) && image.kernel.is_file());
+    let ferry_model::cluster::ImageContent::Appliance { kernel, .. } = &image.content else {
+        panic!("the appliance image is {:?}", image.content);
+    };
+    assert!(kernel.starts_with(spec.shared_pool()) && kernel.is_file());
 
     lab.fault(2, Fault::AgentKill).unwrap();
     lab.fault(2, Fault::LinkDown(LabNet::Migration)).unwrap();

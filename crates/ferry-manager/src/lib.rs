@@ -183,8 +183,16 @@ fn no_room_reason(vm: &VmSnapshot, free: &[(HostSnapshot, u64)]) -> String {
         .collect();
     let reason = match equipped.iter().max_by_key(|(_, free)| *free) {
         None if !active.is_empty() => {
-            let mut needs: Vec<String> = vm.needs_pools.iter().map(|pool| format!("pool {pool}")).collect();
-            needs.extend(vm.needs_networks.iter().map(|network| format!("network {network}")));
+            let mut needs: Vec<String> = vm
+                .needs_pools
+                .iter()
+                .map(|pool| format!("pool {pool}"))
+                .collect();
+            needs.extend(
+                vm.needs_networks
+                    .iter()
+                    .map(|network| format!("network {network}")),
+            );
             format!("no active host has {}", needs.join(" and "))
         }
         None => "no active host".to_string(),
@@ -254,7 +262,10 @@ mod tests {
         assert_eq!(placed(&plan(&view(local)), "db").as_deref(), Some("host1"));
         let mut storage = vm("nas", 256);
         storage.needs_networks.insert("storage".into());
-        assert_eq!(placed(&plan(&view(storage)), "nas").as_deref(), Some("host2"));
+        assert_eq!(
+            placed(&plan(&view(storage)), "nas").as_deref(),
+            Some("host2")
+        );
         let mut both = vm("odd", 256);
         both.needs_pools.insert("host1-local".into());
         both.needs_networks.insert("storage".into());
@@ -262,7 +273,8 @@ mod tests {
             plan(&view(both)),
             vec![Action::CannotPlace {
                 vm: "odd".parse().unwrap(),
-                reason: "no active host has pool host1-local and pool shared and network storage".into()
+                reason: "no active host has pool host1-local and pool shared and network storage"
+                    .into()
             }]
         );
     }

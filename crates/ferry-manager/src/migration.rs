@@ -282,7 +282,7 @@ mod tests {
                 stop_command: None,
             },
             desired: PowerState::Running,
-            image: Some("appliance".into()),
+            image: "appliance".into(),
             preferred_host: None,
             ip: None,
             deleting: false,

@@ -343,7 +343,9 @@ impl std::str::FromStr for ImageKind {
             "qcow2" => Ok(ImageKind::Qcow2),
             "raw" | "img" => Ok(ImageKind::Raw),
             "iso" => Ok(ImageKind::Iso),
-            other => Err(format!("{other:?} is not an image format (qcow2, raw, iso)")),
+            other => Err(format!(
+                "{other:?} is not an image format (qcow2, raw, iso)"
+            )),
         }
     }
 }

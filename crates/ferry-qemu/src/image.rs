@@ -66,20 +66,25 @@ fn run(command: &mut Command, what: &str) -> Result<Vec<u8>, String> {
 
 /// Reads what `path` is.
 pub fn inspect(path: &Path) -> Result<ImageInfo, String> {
-    std::fs::File::open(path).map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+    std::fs::File::open(path)
+        .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
     let stdout = run(
         Command::new("qemu-img")
             .args(["info", "--output=json", "-U"])
             .arg(path),
         &format!("qemu-img info {}", path.display()),
     )?;
-    let info: QemuImgInfo = serde_json::from_slice(&stdout)
-        .map_err(|error| format!("qemu-img info {}: unexpected output: {error}", path.display()))?;
+    let info: QemuImgInfo = serde_json::from_slice(&stdout).map_err(|error| {
+        format!(
+            "qemu-img info {}: unexpected output: {error}",
+            path.display()
+        )
+    })?;
     let format = match info.format.as_str() {
         "qcow2" => FileFormat::Qcow2,
         "raw" => {
-            let iso = is_iso(path)
-                .map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+            let iso =
+                is_iso(path).map_err(|error| format!("cannot read {}: {error}", path.display()))?;
             if iso {
                 FileFormat::Iso
             } else {
@@ -200,6 +205,9 @@ mod tests {
     #[test]
     fn a_missing_file_is_named() {
         let error = inspect(Path::new("/nonexistent/x.qcow2")).unwrap_err();
-        assert!(error.starts_with("cannot read /nonexistent/x.qcow2"), "{error}");
+        assert!(
+            error.starts_with("cannot read /nonexistent/x.qcow2"),
+            "{error}"
+        );
     }
 }

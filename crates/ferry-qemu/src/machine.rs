@@ -404,9 +404,12 @@ impl Machine {
 
     /// Takes the medium out of the CD-ROM drive `id`, even if the guest locked the tray.
     pub async fn cdrom_eject(&self, id: &str) -> Result<(), QemuError> {
-        self.command("eject", Some(json!({"id": format!("cd-{id}"), "force": true})))
-            .await
-            .map(drop)
+        self.command(
+            "eject",
+            Some(json!({"id": format!("cd-{id}"), "force": true})),
+        )
+        .await
+        .map(drop)
     }
 
     /// SIGKILL now, as a power cut would.

@@ -80,15 +80,27 @@ mod tests {
     fn debians_version_lines_parse() {
         assert_eq!(
             parse("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)\nCopyright"),
-            Some(QemuVersion { major: 10, minor: 0, micro: 2 })
+            Some(QemuVersion {
+                major: 10,
+                minor: 0,
+                micro: 2
+            })
         );
         assert_eq!(
             parse("QEMU emulator version 7.2.19 (Debian 1:7.2+dfsg-7+deb12u18)"),
-            Some(QemuVersion { major: 7, minor: 2, micro: 19 })
+            Some(QemuVersion {
+                major: 7,
+                minor: 2,
+                micro: 19
+            })
         );
         assert_eq!(
             parse("QEMU emulator version 10.1.0-rc2"),
-            Some(QemuVersion { major: 10, minor: 1, micro: 0 })
+            Some(QemuVersion {
+                major: 10,
+                minor: 1,
+                micro: 0
+            })
         );
     }
 
@@ -110,10 +122,17 @@ mod tests {
     fn an_old_qemu_is_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
         let fake = dir.path().join("qemu-system-x86_64");
-        std::fs::write(&fake, "#!/bin/sh\necho 'QEMU emulator version 7.2.19 (Debian)'\n").unwrap();
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\necho 'QEMU emulator version 7.2.19 (Debian)'\n",
+        )
+        .unwrap();
         std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
         let error = check(&fake).unwrap_err().to_string();
-        assert!(error.contains("is QEMU 7.2.19; Ferry needs QEMU 10.0.0 or newer"), "{error}");
+        assert!(
+            error.contains("is QEMU 7.2.19; Ferry needs QEMU 10.0.0 or newer"),
+            "{error}"
+        );
     }
 }

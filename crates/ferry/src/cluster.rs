@@ -185,7 +185,11 @@ impl MachineArgs {
             Some(path) => Some(read(path, "user-data")?),
             None => None,
         };
-        if self.hostname.is_some() || self.user.is_some() || !ssh_keys.is_empty() || user_data.is_some() {
+        if self.hostname.is_some()
+            || self.user.is_some()
+            || !ssh_keys.is_empty()
+            || user_data.is_some()
+        {
             request.cloud_init = Some(ferry_api::types::CloudInitRequest {
                 hostname: self.hostname,
                 user: self.user,
@@ -481,6 +485,49 @@ fn print_vm(vm: &VmView, json: bool) -> anyhow::Result<()> {
     }
     println!("{}", vms_table(std::slice::from_ref(vm)));
     println!("{}", ferry_api::ops::ha_summary(&vm.ha_policy));
+    println!(
+        "firmware {}, CPU model {}, guest agent {}",
+        vm.firmware,
+        vm.cpu_model,
+        if vm.has_guest_agent {
+            "expected"
+        } else {
+            "none"
+        }
+    );
+    for disk in &vm.disks {
+        println!(
+            "disk {} on {} ({}, {}): {}",
+            disk.id,
+            disk.pool.as_deref().unwrap_or("-"),
+            serde_json::to_value(disk.bus)
+                .ok()
+                .and_then(|bus| bus.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            disk.size
+                .map(|size| ferry_model::Bytes(size).to_string())
+                .unwrap_or_default(),
+            disk.path
+        );
+    }
+    for cdrom in &vm.cdroms {
+        println!(
+            "cdrom {}: {}",
+            cdrom.id,
+            cdrom.path.as_deref().unwrap_or("(empty)")
+        );
+    }
+    for nic in &vm.nics {
+        println!(
+            "nic on {} {} ({})",
+            nic.network,
+            nic.mac,
+            serde_json::to_value(nic.model)
+                .ok()
+                .and_then(|model| model.as_str().map(str::to_string))
+                .unwrap_or_default()
+        );
+    }
     if vm.recent_restarts > 0 {
         println!(
             "{} failure{} or restart{} within the restart window",
@@ -519,7 +566,9 @@ async fn wait_for(
                 started.elapsed().as_secs_f64()
             ));
         }
-        let ready = vm.state == want && (want != "running" || vm.guest_agent);
+        // A guest without an agent is ready when QEMU runs it.
+        let ready =
+            vm.state == want && (want != "running" || vm.guest_agent || !vm.has_guest_agent);
         if ready {
             break Ok(vm);
         }
@@ -607,7 +656,12 @@ pub async fn run_vm(endpoint: &Endpoint, verb: VmVerb) -> anyhow::Result<()> {
         VmVerb::Monitor { verb } => crate::monitor_cli::run(&client, verb).await,
         VmVerb::Cdrom { verb } => {
             let (name, drive, image, json) = match verb {
-                CdromVerb::Insert { name, image, drive, json } => (name, drive, Some(image), json),
+                CdromVerb::Insert {
+                    name,
+                    image,
+                    drive,
+                    json,
+                } => (name, drive, Some(image), json),
                 CdromVerb::Eject { name, drive, json } => (name, drive, None, json),
             };
             let vm = client.change_cdrom(&name, &drive, image.as_deref()).await?;

@@ -12,6 +12,24 @@ use crate::output::print_json;
 
 #[derive(Subcommand)]
 pub enum ImageVerb {
+    /// Build the Debian 12 test guest (systemd, qemu-guest-agent, cloud-init, GRUB for
+    /// BIOS and UEFI) with debootstrap; cached until its recipe changes.
+    BuildDebian {
+        /// Where to put it (default: the cache directory's images/debian-12).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A bootable ISO of the appliance (GRUB, BIOS and UEFI): an installer stand-in.
+    BuildIso {
+        /// The ISO to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// The guest's hostname.
+        #[arg(long, default_value = "from-iso")]
+        hostname: String,
+    },
     /// Upload a disk image or ISO into the library on the shared pool.
     Import {
         name: String,
@@ -80,16 +98,57 @@ pub async fn run_image(endpoint: &Endpoint, verb: ImageVerb) -> anyhow::Result<(
             });
             let progress = bar.clone();
             let image = client
-                .import_image(&name, &file, format.as_deref(), !no_guest_agent, move |sent| {
-                    if let Some(bar) = &progress {
-                        bar.set_position(sent);
-                    }
-                })
+                .import_image(
+                    &name,
+                    &file,
+                    format.as_deref(),
+                    !no_guest_agent,
+                    move |sent| {
+                        if let Some(bar) = &progress {
+                            bar.set_position(sent);
+                        }
+                    },
+                )
                 .await;
             if let Some(bar) = bar {
                 bar.finish_and_clear();
             }
             print_image(&image?, json)
+        }
+        ImageVerb::BuildDebian { out, json } => {
+            let dir = out.unwrap_or_else(defaults::debian_image_dir);
+            let image =
+                tokio::task::spawn_blocking(move || ferry_lab::debian::build(&dir)).await??;
+            if json {
+                return print_json(&serde_json::json!({
+                    "path": image.path,
+                    "cached": image.cached,
+                    "manifest": image.manifest,
+                }));
+            }
+            println!("image      {}", image.path.display());
+            println!(
+                "size       {:.1} MiB",
+                image.manifest.bytes as f64 / 1048576.0
+            );
+            if image.cached {
+                println!(
+                    "cached     (built in {:.1} s)",
+                    image.manifest.build_ms as f64 / 1000.0
+                );
+            } else {
+                println!(
+                    "built in   {:.1} s",
+                    image.manifest.build_ms as f64 / 1000.0
+                );
+            }
+            Ok(())
+        }
+        ImageVerb::BuildIso { out, hostname } => {
+            let appliance = appliance::Appliance::load(&defaults::appliance_dir())?;
+            appliance.boot_iso(&out, &hostname)?;
+            println!("{}", out.display());
+            Ok(())
         }
         ImageVerb::List { json } => {
             let images = endpoint.client()?.list_images().await?;
@@ -115,7 +174,9 @@ pub async fn run_image(endpoint: &Endpoint, verb: ImageVerb) -> anyhow::Result<(
             println!("{table}");
             Ok(())
         }
-        ImageVerb::Show { name, json } => print_image(&endpoint.client()?.get_image(&name).await?, json),
+        ImageVerb::Show { name, json } => {
+            print_image(&endpoint.client()?.get_image(&name).await?, json)
+        }
         ImageVerb::Delete { name } => {
             endpoint.client()?.delete_image(&name).await?;
             println!("image {name} deleted");
@@ -187,10 +248,17 @@ fn print_image(image: &ferry_api::types::ImageView, json: bool) -> anyhow::Resul
     if let Some(sha256) = &image.sha256 {
         println!("sha256       {sha256}");
     }
-    println!("guest agent  {}", if image.guest_agent { "yes" } else { "no" });
+    println!(
+        "guest agent  {}",
+        if image.guest_agent { "yes" } else { "no" }
+    );
     println!(
         "used by      {}",
-        if image.used_by.is_empty() { "-".to_string() } else { image.used_by.join(", ") }
+        if image.used_by.is_empty() {
+            "-".to_string()
+        } else {
+            image.used_by.join(", ")
+        }
     );
     Ok(())
 }

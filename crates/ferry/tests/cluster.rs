@@ -342,11 +342,11 @@ async fn bad_input_gets_a_4xx_naming_the_problem_and_creates_nothing() {
     );
 
     let mut unknown_image = request("img");
-    unknown_image.image = "windows".into();
+    unknown_image.image = Some("windows".into());
     let error = client.create_vm(&unknown_image).await.unwrap_err();
     assert_eq!(
         error,
-        ApiError::BadRequest("image \"windows\" does not exist".into())
+        ApiError::BadRequest("image: image \"windows\" does not exist (ferry image list)".into())
     );
 
     let error = client.create_vm(&request("Bad_Name")).await.unwrap_err();

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Builds the Debian 12 test guest: a GPT disk with a BIOS boot partition, an EFI system
+# partition and an ext4 root made by debootstrap from Debian's packages — systemd, the
+# distribution's qemu-guest-agent and cloud-init (NoCloud), the cloud kernel — and GRUB
+# installed for both BIOS (i386-pc) and UEFI (x86_64-efi, at the removable path, so
+# OVMF finds it without NVRAM entries). The machine id is left empty, so every VM made
+# from the image gets its own. Run by `ferry image build-debian` as root; needs loop
+# devices (with partitions), debootstrap, sfdisk, mkfs.vfat, mkfs.ext4 and qemu-img.
+#
+# In: MIRROR (a Debian mirror URL, from the system's own sources), OUT (the qcow2 to
+# write), WORK (a scratch directory, removed first), SIZE (of the disk, default 3G).
+set -euo pipefail
+: "${MIRROR:?}" "${OUT:?}" "${WORK:?}"
+SIZE="${SIZE:-3G}"
+PACKAGES=systemd,systemd-sysv,udev,dbus,kmod,iproute2,ifupdown,isc-dhcp-client,sudo,openssh-server,qemu-guest-agent,cloud-init,linux-image-cloud-amd64,grub-pc-bin,grub-efi-amd64-bin,grub2-common,initramfs-tools
+
+image="$WORK/disk.raw"
+root="$WORK/root"
+loop=""
+
+cleanup() (
+    set +e
+    for mount in "$root/boot/efi" "$root/dev/pts" "$root/dev" "$root/proc" "$root/sys" "$root"; do
+        mountpoint -q "$mount" && umount "$mount"
+    done
+    if [ -n "$loop" ]; then
+        partx -d "$loop" 2>/dev/null
+        losetup -d "$loop"
+    fi
+)
+trap cleanup EXIT
+
+step() { echo "build-debian: $*"; }
+
+rm -rf "$WORK"
+mkdir -p "$WORK" "$root"
+truncate -s "$SIZE" "$image"
+sfdisk -q "$image" <<PARTITIONS
+label: gpt
+,1M,21686148-6453-6F6E-744E-656564454649
+,64M,C12A7328-F81F-11D2-BA4B-00A0C93EC93B
+,,0FC63DAF-8483-4772-8E79-3D69D8477DE4
+PARTITIONS
+
+loop="$(losetup --partscan --find --show "$image")"
+partx -u "$loop" 2>/dev/null || partx -a "$loop"
+# Without udev the partitions' nodes may be missing: make them from sysfs.
+for part in 1 2 3; do
+    node="${loop}p$part"
+    for _ in $(seq 50); do [ -b "$node" ] && break; sleep 0.1; done
+    if [ ! -b "$node" ]; then
+        numbers="$(cat "/sys/block/${loop#/dev/}/${loop#/dev/}p$part/dev")"
+        mknod "$node" b "${numbers%:*}" "${numbers#*:}"
+    fi
+done
+
+mkfs.vfat -F 32 -n EFI "${loop}p2" >/dev/null
+mkfs.ext4 -q -L root "${loop}p3"
+mount "${loop}p3" "$root"
+
+step "debootstrap bookworm from $MIRROR"
+if ! debootstrap --variant=minbase --include="$PACKAGES" bookworm "$root" "$MIRROR" >"$WORK/debootstrap.log" 2>&1; then
+    cp "$root/debootstrap/debootstrap.log" "$WORK/debootstrap-inner.log" 2>/dev/null
+    grep -iE "error|fail" "$WORK/debootstrap-inner.log" 2>/dev/null | tail -n 5 >&2
+    tail -n 3 "$WORK/debootstrap.log" >&2
+    exit 1
+fi
+
+mkdir -p "$root/boot/efi"
+mount "${loop}p2" "$root/boot/efi"
+mount --bind /dev "$root/dev"
+mount --bind /dev/pts "$root/dev/pts"
+mount -t proc proc "$root/proc"
+mount -t sysfs sysfs "$root/sys"
+
+root_uuid="$(blkid -s UUID -o value "${loop}p3")"
+efi_uuid="$(blkid -s UUID -o value "${loop}p2")"
+cat >"$root/etc/fstab" <<FSTAB
+UUID=$root_uuid / ext4 errors=remount-ro 0 1
+UUID=$efi_uuid /boot/efi vfat umask=0077 0 2
+FSTAB
+echo debian >"$root/etc/hostname"
+cat >"$root/etc/network/interfaces" <<'INTERFACES'
+auto lo
+iface lo inet loopback
+source /etc/network/interfaces.d/*
+INTERFACES
+mkdir -p "$root/etc/cloud/cloud.cfg.d"
+cat >"$root/etc/cloud/cloud.cfg.d/90-ferry.cfg" <<'CLOUD'
+# Ferry personalises its guests with a NoCloud seed (a cidata CD-ROM).
+datasource_list: [ NoCloud, None ]
+CLOUD
+cat >>"$root/etc/default/grub" <<'GRUB'
+GRUB_TIMEOUT=1
+GRUB_CMDLINE_LINUX_DEFAULT="console=tty0 console=ttyS0,115200"
+GRUB_TERMINAL="console serial"
+GRUB_SERIAL_COMMAND="serial --speed=115200"
+GRUB
+
+step "GRUB for BIOS and UEFI"
+chroot "$root" grub-install --target=i386-pc "$loop" >/dev/null 2>&1 ||
+    chroot "$root" grub-install --target=i386-pc "$loop"
+chroot "$root" grub-install --target=x86_64-efi --efi-directory=/boot/efi --removable \
+    --no-nvram --no-uefi-secure-boot >/dev/null 2>&1 ||
+    chroot "$root" grub-install --target=x86_64-efi --efi-directory=/boot/efi --removable \
+        --no-nvram --no-uefi-secure-boot
+chroot "$root" grub-mkconfig -o /boot/grub/grub.cfg >/dev/null 2>&1
+
+# Each VM made from the image gets its own identity.
+: >"$root/etc/machine-id"
+rm -f "$root/var/lib/dbus/machine-id" "$root"/etc/ssh/ssh_host_*
+chroot "$root" passwd -l root >/dev/null
+chroot "$root" apt-get clean
+rm -rf "$root"/var/lib/apt/lists/* "$root/var/log/"*.log
+
+trap - EXIT
+cleanup
+loop=""
+step "qcow2"
+qemu-img convert -c -f raw -O qcow2 "$image" "$OUT.part"
+mv "$OUT.part" "$OUT"
+rm -rf "$WORK"

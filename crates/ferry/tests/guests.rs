@@ -1,0 +1,510 @@
+//! Real guests in the lab: the image library, VMs made from disk images and installer
+//! ISOs under SeaBIOS and OVMF, CD-ROMs swapped while running, cloud-init seeds, clean
+//! application stops, guests without an agent, and everything refused before anything
+//! is made. The installer is the appliance on a GRUB ISO (`Appliance::boot_iso`), which
+//! is also a hybrid disk image.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly by design
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ferry_api::client::ApiClient;
+use ferry_api::types::{CreateVmRequest, DiskRequest, ExecRequest, NicRequest, VmView};
+use ferry_api::ApiError;
+use sha2::Digest;
+
+/// Waits until QEMU runs the VM and its guest agent answers `exec`.
+async fn answering(client: &ApiClient, name: &str) -> VmView {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let vm = client.get_vm(name).await.unwrap();
+        if vm.state == "running" && vm.guest_agent {
+            return vm;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "VM {name} never answered: {vm:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn exec(client: &ApiClient, name: &str, script: &str) -> (Option<i64>, String) {
+    let output = client
+        .exec_vm(
+            name,
+            &ExecRequest {
+                command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+                timeout_seconds: Some(30),
+            },
+        )
+        .await
+        .unwrap();
+    (output.exit_code, output.stdout)
+}
+
+fn installer_iso(dir: &Path, hostname: &str) -> PathBuf {
+    let appliance =
+        ferry_lab::appliance::Appliance::load(&ferry_lab::defaults::appliance_dir()).unwrap();
+    let iso = dir.join(format!("{hostname}.iso"));
+    appliance.boot_iso(&iso, hostname).unwrap();
+    iso
+}
+
+async fn import(
+    client: &ApiClient,
+    name: &str,
+    file: &Path,
+    format: Option<&str>,
+) -> ferry_api::types::ImageView {
+    client
+        .import_image(name, file, format, true, |_| {})
+        .await
+        .unwrap_or_else(|error| panic!("import {name}: {error}"))
+}
+
+fn vm_dir(shared: &Path, name: &str) -> PathBuf {
+    shared.join("vms").join(name)
+}
+
+fn create(name: &str, host: &str) -> CreateVmRequest {
+    CreateVmRequest {
+        name: name.into(),
+        cpus: 1,
+        memory: "256M".into(),
+        host: Some(host.into()),
+        ..CreateVmRequest::default()
+    }
+}
+
+#[tokio::test]
+async fn images_and_vm_definitions_are_checked_before_anything_is_made() {
+    let (lab, _guard, client) = common::lab(30, 2).await;
+    let shared = lab.spec().shared_pool();
+    let dir = tempfile::tempdir().unwrap();
+
+    // Images: the format named must be the file's; a backing file and an empty file
+    // are refused; nothing is left on the pool.
+    let raw = dir.path().join("raw.img");
+    std::fs::write(&raw, vec![7u8; 1 << 20]).unwrap();
+    let error = client
+        .import_image("notqcow", &raw, Some("qcow2"), true, |_| {})
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error,
+        ApiError::BadRequest("image notqcow: the file is raw, not qcow2".into())
+    );
+    let base = dir.path().join("base.qcow2");
+    ferry_qemu::image::create_blank(
+        &base,
+        ferry_model::DiskFormat::Qcow2,
+        ferry_model::Bytes::mib(16),
+    )
+    .unwrap();
+    let overlay = dir.path().join("overlay.qcow2");
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(&base)
+        .arg(&overlay)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let error = client
+        .import_image("overlay", &overlay, None, true, |_| {})
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("has a backing file"), "{error}");
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, b"").unwrap();
+    let error = client
+        .import_image("empty", &empty, None, true, |_| {})
+        .await
+        .unwrap_err();
+    assert_eq!(error, ApiError::BadRequest("the upload is empty".into()));
+    let error = client
+        .import_image("Bad Name", &raw, None, true, |_| {})
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, ApiError::BadRequest(ref m) if m.starts_with("image name")),
+        "{error}"
+    );
+    let error = client
+        .import_image("ghost", &dir.path().join("missing.img"), None, true, |_| {})
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("missing.img"), "{error}");
+    let left: Vec<_> = std::fs::read_dir(shared.join("images"))
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().to_string())
+        .filter(|name| name != "appliance")
+        .collect();
+    assert!(left.is_empty(), "refused imports left {left:?}");
+
+    // A good import: detected, checksummed, listed; a second one of that name refused.
+    let image = import(&client, "blank", &base, None).await;
+    assert_eq!(image.format, "qcow2");
+    assert_eq!(image.virtual_size, Some(16 << 20));
+    let digest = sha2::Sha256::digest(std::fs::read(&base).unwrap());
+    let hex: String = digest.iter().map(|byte| format!("{byte:02x}")).collect();
+    assert_eq!(image.sha256.as_deref(), Some(hex.as_str()));
+    assert!(client
+        .list_images()
+        .await
+        .unwrap()
+        .iter()
+        .any(|known| known.name == "blank"));
+    let again = client
+        .import_image("blank", &base, None, true, |_| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(again, ApiError::Conflict(_)), "{again}");
+    let iso = installer_iso(dir.path(), "checks");
+    import(&client, "installer", &iso, None).await;
+
+    // VM definitions: each refusal names the problem, and nothing is made.
+    let refusals: Vec<(CreateVmRequest, &str)> = vec![
+        (
+            CreateVmRequest {
+                nics: vec!["storage".parse::<NicRequest>().unwrap()],
+                ..create("bad-net", "host1")
+            },
+            "nics[0]: no host is on network \"storage\"",
+        ),
+        (
+            CreateVmRequest {
+                disks: vec!["1G@fast".parse::<DiskRequest>().unwrap()],
+                ..create("bad-pool", "host1")
+            },
+            "disks[0]: pool \"fast\" is not offered by any host",
+        ),
+        (
+            CreateVmRequest {
+                blank: true,
+                disks: vec!["4000T".parse::<DiskRequest>().unwrap()],
+                ..create("too-big", "host1")
+            },
+            "free",
+        ),
+        (
+            CreateVmRequest {
+                image: Some("installer".into()),
+                ..create("iso-disk", "host1")
+            },
+            "is an ISO: create the VM with --iso installer",
+        ),
+        (
+            CreateVmRequest {
+                image: Some("blank".into()),
+                cdrom: Some("blank".into()),
+                ..create("bad-cd", "host1")
+            },
+            "cdrom: image blank is qcow2, not an ISO",
+        ),
+        (
+            CreateVmRequest {
+                image: Some("blank".into()),
+                cloud_init: Some(ferry_api::types::CloudInitRequest {
+                    user_data: Some("#!/bin/sh\nreboot\n".into()),
+                    ..Default::default()
+                }),
+                ..create("bad-seed", "host1")
+            },
+            "user-data must start with a #cloud-config line",
+        ),
+        (
+            CreateVmRequest {
+                image: Some("windows".into()),
+                ..create("no-image", "host1")
+            },
+            "image: image \"windows\" does not exist",
+        ),
+    ];
+    for (request, expected) in refusals {
+        let name = request.name.clone();
+        let error = client.create_vm(&request).await.unwrap_err();
+        assert!(
+            matches!(error, ApiError::BadRequest(ref message) if message.contains(expected)),
+            "{name}: {error}"
+        );
+        assert!(
+            matches!(client.get_vm(&name).await, Err(ApiError::NotFound(_))),
+            "{name} exists"
+        );
+        assert!(!vm_dir(&shared, &name).exists(), "{name} left files");
+    }
+    for (body, expected) in [
+        (
+            r#"{"name":"fw","cpus":1,"memory":"256M","firmware":"coreboot"}"#,
+            "firmware",
+        ),
+        (
+            r#"{"name":"bus","cpus":1,"memory":"256M","disk_bus":"ide"}"#,
+            "disk_bus",
+        ),
+    ] {
+        let response = reqwest::Client::new()
+            .post(format!("{}/api/v1/vms", lab.spec().api_url(1)))
+            .bearer_auth(lab.token().unwrap())
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{body}");
+        let text = response.text().await.unwrap();
+        assert!(text.contains(expected), "{text}");
+    }
+
+    // A blank VM: no guest agent, so its heartbeat and stall monitors stay out of the
+    // way; the image it was made from cannot go while it exists.
+    let vm = client
+        .create_vm(&CreateVmRequest {
+            image: Some("blank".into()),
+            ..create("user", "host1")
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        vm.disks[0].path,
+        vm_dir(&shared, "user")
+            .join("disk0.qcow2")
+            .display()
+            .to_string()
+    );
+    let error = client.delete_image("blank").await.unwrap_err();
+    assert_eq!(
+        error,
+        ApiError::Conflict("image blank is used by user: delete them or eject it first".into())
+    );
+    let blank = client
+        .create_vm(&CreateVmRequest {
+            blank: true,
+            ..create("empty", "host1")
+        })
+        .await
+        .unwrap();
+    assert!(!blank.has_guest_agent);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let vm = client.get_vm("empty").await.unwrap();
+        let stall = vm.monitors.iter().find(|monitor| monitor.check == "stall");
+        if stall.is_some_and(|stall| stall.state == "off") {
+            assert!(
+                stall.unwrap().last_error.as_deref() == Some("no guest agent"),
+                "{vm:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stall monitor of a blank VM: {vm:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for name in ["user", "empty"] {
+        client.delete_vm(name).await.unwrap();
+        assert!(
+            !vm_dir(&shared, name).exists(),
+            "{name}'s disks are removed with it"
+        );
+    }
+    client.delete_image("blank").await.unwrap();
+    assert!(!shared.join("images/blank.qcow2").exists());
+    client.delete_image("installer").await.unwrap();
+    lab.down().unwrap();
+}
+
+#[tokio::test]
+async fn an_installer_iso_boots_under_bios_and_uefi_and_its_cdrom_is_swapped_while_running() {
+    let (lab, _guard, client) = common::lab(31, 2).await;
+    let shared = lab.spec().shared_pool();
+    let dir = tempfile::tempdir().unwrap();
+    let iso = installer_iso(dir.path(), "installer");
+    let image = import(&client, "installer", &iso, None).await;
+    assert_eq!(image.format, "iso");
+
+    for (name, firmware) in [("inst-bios", "bios"), ("inst-uefi", "uefi")] {
+        let vm = client
+            .create_vm(&CreateVmRequest {
+                iso: Some("installer".into()),
+                firmware: Some(firmware.parse().unwrap()),
+                disks: vec!["1G".parse().unwrap()],
+                ..create(name, "host1")
+            })
+            .await
+            .unwrap();
+        assert_eq!(vm.firmware, firmware);
+        assert_eq!(vm.cdroms[0].path.as_deref(), Some(image.files[0].as_str()));
+        assert!(
+            vm_dir(&shared, name).join("disk0.qcow2").is_file(),
+            "the blank disk is made at create"
+        );
+    }
+    assert!(vm_dir(&shared, "inst-uefi").join("nvram.fd").is_file());
+    assert!(!vm_dir(&shared, "inst-bios").join("nvram.fd").exists());
+    for name in ["inst-bios", "inst-uefi"] {
+        answering(&client, name).await;
+        let (_, cmdline) = exec(&client, name, "cat /proc/cmdline").await;
+        assert!(
+            cmdline.contains("ferry.hostname=installer"),
+            "{name} booted {cmdline}"
+        );
+    }
+    let (bios_efi, _) = exec(&client, "inst-bios", "test -d /sys/firmware/efi").await;
+    let (uefi_efi, _) = exec(&client, "inst-uefi", "test -d /sys/firmware/efi").await;
+    assert_eq!(
+        (bios_efi, uefi_efi),
+        (Some(1), Some(0)),
+        "SeaBIOS boots one, OVMF the other"
+    );
+
+    // The CD-ROM changes while the guest runs, and the record keeps what is in it.
+    let ejected = client.change_cdrom("inst-bios", "cd0", None).await.unwrap();
+    assert_eq!(ejected.cdroms[0].path, None);
+    let inserted = client
+        .change_cdrom("inst-bios", "cd0", Some("installer"))
+        .await
+        .unwrap();
+    assert_eq!(
+        inserted.cdroms[0].path.as_deref(),
+        Some(image.files[0].as_str())
+    );
+    let error = client
+        .change_cdrom("inst-bios", "cd9", None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, ApiError::NotFound(ref m) if m.contains("has no CD-ROM drive \"cd9\"")),
+        "{error}"
+    );
+    let error = client.delete_image("installer").await.unwrap_err();
+    assert!(
+        error.to_string().contains("inst-bios, inst-uefi"),
+        "{error}"
+    );
+
+    // The UEFI VM moves live with its NVRAM and keeps running under OVMF.
+    let op = client
+        .migrate_vm(
+            "inst-uefi",
+            &ferry_api::types::MigrateRequest {
+                to: Some("host2".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let done = tokio::time::timeout(
+        Duration::from_secs(180),
+        client.wait_op(&op.id, Duration::from_millis(200), |_| {}),
+    )
+    .await
+    .expect("the migration ends within 3 minutes")
+    .unwrap();
+    assert_eq!(done.status, "completed", "{done:?}");
+    let moved = client.get_vm("inst-uefi").await.unwrap();
+    assert_eq!(moved.host.as_deref(), Some("host2"));
+    let (efi, _) = exec(&client, "inst-uefi", "test -d /sys/firmware/efi").await;
+    assert_eq!(efi, Some(0));
+
+    for name in ["inst-bios", "inst-uefi"] {
+        client.delete_vm(name).await.unwrap();
+        assert!(!vm_dir(&shared, name).exists());
+    }
+    client.delete_image("installer").await.unwrap();
+    lab.down().unwrap();
+}
+
+#[tokio::test]
+async fn a_disk_image_vm_boots_from_sata_with_an_e1000_nic_a_seed_and_a_clean_stop() {
+    let (lab, _guard, client) = common::lab(32, 2).await;
+    let shared = lab.spec().shared_pool();
+    let dir = tempfile::tempdir().unwrap();
+    // The hybrid ISO as a disk image: the first disk of the VM is a copy of it.
+    let iso = installer_iso(dir.path(), "fromdisk");
+    let image = import(&client, "hybrid", &iso, Some("raw")).await;
+    assert_eq!(image.format, "raw");
+
+    let vm = client
+        .create_vm(&CreateVmRequest {
+            image: Some("hybrid".into()),
+            disk_bus: Some(ferry_model::DiskBus::Sata),
+            nics: vec!["business,model=e1000".parse().unwrap()],
+            disks: vec!["256M".parse().unwrap(), "64M@host1-local".parse().unwrap()],
+            stop_command: Some("sleep 1; echo app stopped > /dev/console".into()),
+            stop_timeout_seconds: Some(20),
+            ..create("disky", "host1")
+        })
+        .await
+        .unwrap();
+    assert_eq!(vm.disks.len(), 2);
+    assert_eq!(vm.disks[1].pool.as_deref(), Some("host1-local"));
+    assert!(
+        vm.cdroms.iter().any(|cd| cd.id == "cidata"),
+        "a disk image gets a cloud-init seed"
+    );
+    let seed = std::fs::read(vm_dir(&shared, "disky").join("seed.iso")).unwrap();
+    assert_eq!(&seed[32769..32774], b"CD001");
+    let seed_text = String::from_utf8_lossy(&seed);
+    assert!(seed_text.contains("\"local-hostname\": \"disky\""));
+    assert!(
+        seed_text.contains(vm.ip.as_deref().unwrap()),
+        "the seed carries the pool address"
+    );
+    let vm = answering(&client, "disky").await;
+    let (_, cmdline) = exec(&client, "disky", "cat /proc/cmdline").await;
+    assert!(cmdline.contains("ferry.hostname=fromdisk"), "{cmdline}");
+    let argv = std::fs::read(format!("/proc/{}/cmdline", vm.pid.unwrap())).unwrap();
+    let argv = String::from_utf8_lossy(&argv).replace('\0', " ");
+    assert!(argv.contains("ide-hd,bus=ide.0,id=vdisk-disk0"), "{argv}");
+    assert!(argv.contains("-device e1000,id=nic0"), "{argv}");
+
+    // A clean stop runs the application's stop command first and says how long it took.
+    client.stop_vm("disky").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let stopped = loop {
+        let events = client.list_events(200).await.unwrap();
+        if let Some(event) = events
+            .iter()
+            .find(|event| event.subject == "vm/disky" && event.kind == "stopped")
+        {
+            break event.message.clone();
+        }
+        assert!(Instant::now() < deadline, "no stopped event");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(stopped.contains("the application stopped in"), "{stopped}");
+
+    // A start never makes a disk: a vanished one fails the start and says so.
+    let disk = vm_dir(&shared, "disky").join("disk0.qcow2");
+    let aside = dir.path().join("aside.qcow2");
+    std::fs::rename(&disk, &aside).unwrap();
+    client.start_vm("disky").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let vm = client.get_vm("disky").await.unwrap();
+        if vm.state == "failed" {
+            assert!(
+                vm.error.as_deref().unwrap_or("").contains("does not exist"),
+                "{vm:?}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{vm:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(!disk.exists(), "no blank disk was made in its place");
+    std::fs::rename(&aside, &disk).unwrap();
+
+    client.delete_vm("disky").await.unwrap();
+    assert!(!vm_dir(&shared, "disky").exists());
+    assert!(!lab.spec().local_pool(1).join("vms/disky").exists());
+    client.delete_image("hybrid").await.unwrap();
+    lab.down().unwrap();
+}

@@ -435,6 +435,22 @@ impl ferry_api::ops::LocalVms for LocalExec {
             changed.map_err(|error| ApiError::Conflict(error.to_string()))
         })
     }
+
+    fn console_socket<'a>(
+        &'a self,
+        vm: &'a VmName,
+        kind: ferry_api::console::ConsoleKind,
+    ) -> BoxFuture<'a, Result<PathBuf, ApiError>> {
+        Box::pin(async move {
+            let machine = self.0.machine(vm).await.ok_or_else(|| {
+                ApiError::Conflict(format!("VM {vm} is not running on this host"))
+            })?;
+            Ok(match kind {
+                ferry_api::console::ConsoleKind::Serial => machine.run_dir().console_socket(),
+                ferry_api::console::ConsoleKind::Vnc => machine.run_dir().vnc_socket(),
+            })
+        })
+    }
 }
 
 /// A blank qcow2 disk: the target of a disk copy (migration of a local disk, a move

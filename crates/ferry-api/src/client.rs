@@ -45,7 +45,64 @@ pub async fn decode_response<T: DeserializeOwned>(
     }
 }
 
+/// A websocket to the API (consoles).
+pub type ConsoleStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens the websocket at `url` with the bearer token; `forwarded` marks an agent's
+/// hop to the VM's host.
+pub async fn connect_websocket(
+    url: &str,
+    token: &str,
+    forwarded: bool,
+) -> Result<ConsoleStream, ApiError> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = url
+        .into_client_request()
+        .map_err(|error| ApiError::BadRequest(format!("console URL {url}: {error}")))?;
+    let bearer = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| ApiError::BadRequest("the token is not a valid header value".into()))?;
+    request.headers_mut().insert("authorization", bearer);
+    if forwarded {
+        request.headers_mut().insert(
+            crate::console::FORWARDED_HEADER,
+            "1".parse().expect("a valid header"),
+        );
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((stream, _)) => Ok(stream),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let status = response.status().as_u16();
+            let body = response.body().clone().unwrap_or_default();
+            match serde_json::from_slice::<ErrorBody>(&body) {
+                Ok(body) => Err(ApiError::from_body(status, &body)),
+                Err(_) => Err(ApiError::Unavailable(format!("{url}: HTTP {status}"))),
+            }
+        }
+        Err(error) => Err(ApiError::Unavailable(format!("{url}: {error}"))),
+    }
+}
+
 impl ApiClient {
+    /// The serial or graphical console of a VM, as a websocket of bytes.
+    pub async fn console(
+        &self,
+        name: &str,
+        kind: crate::console::ConsoleKind,
+    ) -> Result<ConsoleStream, ApiError> {
+        let base = &self.bases[self.current.load(std::sync::atomic::Ordering::Relaxed)];
+        let ws = base
+            .replacen("https://", "wss://", 1)
+            .replacen("http://", "ws://", 1);
+        connect_websocket(
+            &format!("{ws}/api/v1/vms/{name}/{}", kind.path()),
+            &self.token,
+            false,
+        )
+        .await
+    }
+
     pub fn new(base: &str, token: &str) -> ApiClient {
         ApiClient {
             bases: vec![base.trim_end_matches('/').to_string()],

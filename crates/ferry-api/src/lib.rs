@@ -6,6 +6,7 @@ pub mod auth;
 pub mod client;
 pub mod client_config;
 pub mod cloud_init;
+pub mod console;
 mod error;
 pub mod images;
 pub mod migrate;

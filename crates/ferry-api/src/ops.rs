@@ -49,6 +49,13 @@ pub trait LocalVms: Send + Sync {
         drive: String,
         iso: Option<PathBuf>,
     ) -> BoxFuture<'_, Result<(), ApiError>>;
+
+    /// The unix socket of a console of a VM running here.
+    fn console_socket<'a>(
+        &'a self,
+        vm: &'a VmName,
+        kind: crate::console::ConsoleKind,
+    ) -> BoxFuture<'a, Result<PathBuf, ApiError>>;
 }
 
 /// Everything known about one VM, read in one go.
@@ -1024,7 +1031,11 @@ impl ClusterApi {
         crate::client::decode_response(response).await
     }
 
-    async fn api_url_of(&self, owner: &HostName, vm: &VmName) -> Result<String, ApiError> {
+    pub(crate) async fn api_url_of(
+        &self,
+        owner: &HostName,
+        vm: &VmName,
+    ) -> Result<String, ApiError> {
         self.hosts()
             .await?
             .iter()

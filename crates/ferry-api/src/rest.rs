@@ -79,14 +79,27 @@ async fn authenticate(
     mut request: Request,
     next: Next,
 ) -> Response {
-    let presented = request
+    let from_header = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "))
         .map(str::trim)
-        .unwrap_or("")
-        .to_string();
+        .map(str::to_string);
+    // Browsers cannot set headers on a websocket: the consoles also take the token as
+    // `access_token` in the query.
+    let is_console =
+        request.uri().path().ends_with("/console") || request.uri().path().ends_with("/vnc");
+    let from_query = is_console
+        .then(|| {
+            request.uri().query().and_then(|query| {
+                query
+                    .split('&')
+                    .find_map(|pair| pair.strip_prefix("access_token=").map(str::to_string))
+            })
+        })
+        .flatten();
+    let presented = from_header.or(from_query).unwrap_or_default();
     match role_of(&state.tokens, &presented) {
         Some(role) => {
             request.extensions_mut().insert(Caller {
@@ -121,6 +134,8 @@ pub fn router(state: RestState) -> Router {
         .route("/api/v1/vms/{name}/migrate", post(migrate_vm))
         .route("/api/v1/vms/{name}/disks/{disk}/move", post(move_disk))
         .route("/api/v1/vms/{name}/cdrom/{drive}", post(change_cdrom))
+        .route("/api/v1/vms/{name}/console", get(serial_console))
+        .route("/api/v1/vms/{name}/vnc", get(vnc_console))
         .route("/api/v1/images", get(list_images))
         .route(
             "/api/v1/images/{name}",
@@ -191,6 +206,63 @@ async fn change_cdrom(
             .change_cdrom(&name, &drive, request.image.as_deref(), &caller.token)
             .await?,
     ))
+}
+
+/// The serial console as a binary websocket (bytes both ways).
+#[utoipa::path(get, path = "/api/v1/vms/{name}/console", params(("name" = String, Path)), responses((status = 101), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+async fn serial_console(
+    state: State<RestState>,
+    caller: Extension<Caller>,
+    name: Path<String>,
+    headers: axum::http::HeaderMap,
+    upgrade: axum::extract::WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    console(
+        state,
+        caller,
+        name,
+        headers,
+        upgrade,
+        crate::console::ConsoleKind::Serial,
+    )
+    .await
+}
+
+/// The graphical console: RFB (VNC) over a binary websocket, what noVNC speaks.
+#[utoipa::path(get, path = "/api/v1/vms/{name}/vnc", params(("name" = String, Path)), responses((status = 101), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+async fn vnc_console(
+    state: State<RestState>,
+    caller: Extension<Caller>,
+    name: Path<String>,
+    headers: axum::http::HeaderMap,
+    upgrade: axum::extract::WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    console(
+        state,
+        caller,
+        name,
+        headers,
+        upgrade,
+        crate::console::ConsoleKind::Vnc,
+    )
+    .await
+}
+
+async fn console(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    headers: axum::http::HeaderMap,
+    upgrade: axum::extract::WebSocketUpgrade,
+    kind: crate::console::ConsoleKind,
+) -> Result<Response, ApiError> {
+    caller.require(Role::Operator)?;
+    let forwarded = headers.contains_key(crate::console::FORWARDED_HEADER);
+    let target = state.api.console_target(&name, kind, forwarded).await?;
+    let token = caller.token.clone();
+    Ok(upgrade
+        .protocols(["binary"])
+        .on_upgrade(move |socket| crate::console::serve(socket, target, token)))
 }
 
 #[utoipa::path(get, path = "/api/v1/images", responses((status = 200, body = [ImageView])), security(("bearer" = [])))]
@@ -499,7 +571,7 @@ impl utoipa::Modify for BearerAuth {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Ferry API", description = "A high-availability virtualization cluster for QEMU/KVM."),
-    paths(list_hosts, get_host, list_vms, create_vm, change_cdrom, list_images, get_image, import_image, delete_image, get_vm, delete_vm, start_vm, stop_vm, reset_vm, update_ha, list_monitors, add_monitor, remove_monitor, exec_vm, migrate_vm, move_disk, list_ops, get_op, cancel_op, list_events, stream_events),
+    paths(list_hosts, get_host, list_vms, create_vm, change_cdrom, serial_console, vnc_console, list_images, get_image, import_image, delete_image, get_vm, delete_vm, start_vm, stop_vm, reset_vm, update_ha, list_monitors, add_monitor, remove_monitor, exec_vm, migrate_vm, move_disk, list_ops, get_op, cancel_op, list_events, stream_events),
     components(schemas(HostView, HostMonitorView, VmView, CreateVmRequest, DiskRequest, NicRequest, CloudInitRequest, ImageView, CdromRequest, DiskView, CdromView, NicView, UpdateHaRequest, AddMonitorRequest, MonitorView, ExecRequest, ExecResponse, EventView, ErrorBody, ErrorDetail, MigrateRequest, MoveDiskRequest, OpView, ProgressView)),
     modifiers(&BearerAuth)
 )]

@@ -12,7 +12,11 @@
 set -euo pipefail
 : "${MIRROR:?}" "${OUT:?}" "${WORK:?}"
 SIZE="${SIZE:-3G}"
-PACKAGES=systemd,systemd-sysv,udev,dbus,kmod,iproute2,ifupdown,isc-dhcp-client,sudo,openssh-server,qemu-guest-agent,cloud-init,linux-image-cloud-amd64,grub-pc-bin,grub-efi-amd64-bin,grub2-common,initramfs-tools
+# debootstrap lays the base; apt inside it installs the rest (debootstrap's own resolver
+# does not follow virtual packages, which cloud-init's Python dependencies use).
+BASE=systemd,systemd-sysv,udev,dbus,kmod
+PACKAGES="iproute2 ifupdown isc-dhcp-client sudo openssh-server qemu-guest-agent cloud-init
+linux-image-cloud-amd64 initramfs-tools grub-pc-bin grub-efi-amd64-bin grub2-common"
 
 image="$WORK/disk.raw"
 root="$WORK/root"
@@ -37,7 +41,7 @@ mkdir -p "$WORK" "$root"
 truncate -s "$SIZE" "$image"
 sfdisk -q "$image" <<PARTITIONS
 label: gpt
-,1M,21686148-6453-6F6E-744E-656564454649
+,1M,21686148-6449-6E6F-744E-656564454649
 ,64M,C12A7328-F81F-11D2-BA4B-00A0C93EC93B
 ,,0FC63DAF-8483-4772-8E79-3D69D8477DE4
 PARTITIONS
@@ -59,25 +63,31 @@ mkfs.ext4 -q -L root "${loop}p3"
 mount "${loop}p3" "$root"
 
 step "debootstrap bookworm from $MIRROR"
-if ! debootstrap --variant=minbase --include="$PACKAGES" bookworm "$root" "$MIRROR" >"$WORK/debootstrap.log" 2>&1; then
+if ! debootstrap --variant=minbase --include="$BASE" bookworm "$root" "$MIRROR" >"$WORK/debootstrap.log" 2>&1; then
     cp "$root/debootstrap/debootstrap.log" "$WORK/debootstrap-inner.log" 2>/dev/null
     grep -iE "error|fail" "$WORK/debootstrap-inner.log" 2>/dev/null | tail -n 5 >&2
     tail -n 3 "$WORK/debootstrap.log" >&2
     exit 1
 fi
 
-mkdir -p "$root/boot/efi"
-mount "${loop}p2" "$root/boot/efi"
 mount --bind /dev "$root/dev"
 mount --bind /dev/pts "$root/dev/pts"
 mount -t proc proc "$root/proc"
 mount -t sysfs sysfs "$root/sys"
 
+step "packages"
+# shellcheck disable=SC2086
+if ! chroot "$root" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+    --no-install-recommends $PACKAGES >"$WORK/apt.log" 2>&1; then
+    tail -n 10 "$WORK/apt.log" >&2
+    exit 1
+fi
+
 root_uuid="$(blkid -s UUID -o value "${loop}p3")"
 efi_uuid="$(blkid -s UUID -o value "${loop}p2")"
 cat >"$root/etc/fstab" <<FSTAB
 UUID=$root_uuid / ext4 errors=remount-ro 0 1
-UUID=$efi_uuid /boot/efi vfat umask=0077 0 2
+UUID=$efi_uuid /boot/efi vfat umask=0077,nofail 0 2
 FSTAB
 echo debian >"$root/etc/hostname"
 cat >"$root/etc/network/interfaces" <<'INTERFACES'
@@ -98,19 +108,35 @@ GRUB_SERIAL_COMMAND="serial --speed=115200"
 GRUB
 
 step "GRUB for BIOS and UEFI"
-chroot "$root" grub-install --target=i386-pc "$loop" >/dev/null 2>&1 ||
-    chroot "$root" grub-install --target=i386-pc "$loop"
-chroot "$root" grub-install --target=x86_64-efi --efi-directory=/boot/efi --removable \
-    --no-nvram --no-uefi-secure-boot >/dev/null 2>&1 ||
-    chroot "$root" grub-install --target=x86_64-efi --efi-directory=/boot/efi --removable \
-        --no-nvram --no-uefi-secure-boot
-chroot "$root" grub-mkconfig -o /boot/grub/grub.cfg >/dev/null 2>&1
+mkdir -p "$root/boot/efi"
+chroot "$root" grub-install --target=i386-pc "$loop" >"$WORK/grub.log" 2>&1 ||
+    { cat "$WORK/grub.log" >&2; exit 1; }
+# This kernel may have no vfat, so the EFI system partition is never mounted here: the
+# UEFI loader is made with grub-mkimage (finding the root by its UUID) and copied in
+# with mtools, at the removable-media path OVMF boots without NVRAM entries.
+mkdir -p "$root/boot/grub/x86_64-efi"
+cp "$root"/usr/lib/grub/x86_64-efi/*.mod "$root"/usr/lib/grub/x86_64-efi/*.lst "$root/boot/grub/x86_64-efi/"
+cat >"$root/tmp/early.cfg" <<EARLY
+search --no-floppy --fs-uuid --set=root $root_uuid
+set prefix=(\$root)/boot/grub
+configfile \$prefix/grub.cfg
+EARLY
+chroot "$root" grub-mkimage -O x86_64-efi -o /tmp/BOOTX64.EFI -c /tmp/early.cfg -p /boot/grub \
+    part_gpt part_msdos ext2 fat search search_fs_uuid normal configfile linux echo \
+    efi_gop efi_uga all_video gzio test
+mmd -i "${loop}p2" ::/EFI ::/EFI/BOOT
+mcopy -i "${loop}p2" "$root/tmp/BOOTX64.EFI" ::/EFI/BOOT/BOOTX64.EFI
+rm -f "$root/tmp/early.cfg" "$root/tmp/BOOTX64.EFI"
+chroot "$root" grub-mkconfig -o /boot/grub/grub.cfg >"$WORK/grub.log" 2>&1 ||
+    { cat "$WORK/grub.log" >&2; exit 1; }
 
 # Each VM made from the image gets its own identity.
 : >"$root/etc/machine-id"
 rm -f "$root/var/lib/dbus/machine-id" "$root"/etc/ssh/ssh_host_*
 chroot "$root" passwd -l root >/dev/null
 chroot "$root" apt-get clean
+# The guest has no network to a mirror; it keeps no source of ours either.
+echo "# Add your Debian mirror here." >"$root/etc/apt/sources.list"
 rm -rf "$root"/var/lib/apt/lists/* "$root/var/log/"*.log
 
 trap - EXIT

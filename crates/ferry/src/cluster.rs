@@ -282,6 +282,15 @@ pub enum VmVerb {
         #[arg(long)]
         json: bool,
     },
+    /// The serial console, interactive (detach with Ctrl-]), from any host.
+    Console { name: String },
+    /// The graphical console on a local port for any VNC viewer.
+    Vnc {
+        name: String,
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:5900")]
+        listen: String,
+    },
     /// Insert or eject a CD-ROM, running or not.
     Cdrom {
         #[command(subcommand)]
@@ -654,6 +663,8 @@ pub async fn run_vm(endpoint: &Endpoint, verb: VmVerb) -> anyhow::Result<()> {
         }
         VmVerb::Show { name, json } => print_vm(&client.get_vm(&name).await?, json),
         VmVerb::Monitor { verb } => crate::monitor_cli::run(&client, verb).await,
+        VmVerb::Console { name } => crate::console::serial(&client, &name).await,
+        VmVerb::Vnc { name, listen } => crate::console::vnc(&client, &name, &listen).await,
         VmVerb::Cdrom { verb } => {
             let (name, drive, image, json) = match verb {
                 CdromVerb::Insert {

@@ -49,18 +49,7 @@ pub async fn demo() -> anyhow::Result<()> {
         appliance.manifest.initrd_bytes as f64 / 1048576.0,
     );
 
-    let spec = LabSpec::default();
-    let mut lab = if Lab::exists(&spec.state_dir) {
-        step(&format!("lab {} is already up; using it", spec.name));
-        Lab::load(&spec.state_dir)?
-    } else {
-        step(&format!("building lab {}: {} hosts in network namespaces, three switches, etcd, one agent per host", spec.name, spec.hosts));
-        ferry_lab::lab::require_root(&spec)?;
-        let started = Instant::now();
-        let lab = Lab::up(&spec, &appliance).await.context("ferry lab up")?;
-        println!("lab up in {:.1} s", started.elapsed().as_secs_f64());
-        lab
-    };
+    let mut lab = lab_for_tour(&appliance).await?;
     let spec = lab.spec().clone();
     anyhow::ensure!(spec.hosts >= 3, "the tour needs a lab of 3 hosts");
     let client = crate::bench::lab_client(&lab)?;
@@ -119,8 +108,43 @@ pub async fn demo() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Creates the tour's HA VMs (or finds them from an earlier tour) and waits until each
-/// answers.
+/// The default lab: reused when an earlier tour left it whole, rebuilt when a run that
+/// was interrupted or failed left it broken (an agent or etcd down, a host cut off or
+/// powered off, records this build cannot read).
+async fn lab_for_tour(appliance: &Appliance) -> anyhow::Result<Lab> {
+    let spec = LabSpec::default();
+    if Lab::exists(&spec.state_dir) {
+        let lab = Lab::load(&spec.state_dir)?;
+        match lab.unhealthy().await {
+            None => {
+                step(&format!(
+                    "lab {} is already up and whole; using it",
+                    spec.name
+                ));
+                return Ok(lab);
+            }
+            Some(reason) => {
+                step(&format!(
+                    "lab {} is left from an earlier run but {reason}; rebuilding it",
+                    spec.name
+                ));
+                lab.down().context("ferry lab down")?;
+            }
+        }
+    }
+    step(&format!(
+        "building lab {}: {} hosts in network namespaces, three switches, etcd, one agent per host",
+        spec.name, spec.hosts
+    ));
+    ferry_lab::lab::require_root(&spec)?;
+    let started = Instant::now();
+    let lab = Lab::up(&spec, appliance).await.context("ferry lab up")?;
+    println!("lab up in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(lab)
+}
+
+/// Creates the tour's HA VMs, first removing any an earlier tour left (whatever state
+/// it left them in), and waits until each answers.
 async fn create_vms(client: &ApiClient) -> anyhow::Result<Vec<VmView>> {
     step("creating two HA VMs from the appliance (`ferry vm create demo-1 --ha --priority 10 …`)");
     let mut vms = Vec::new();
@@ -135,13 +159,16 @@ async fn create_vms(client: &ApiClient) -> anyhow::Result<Vec<VmView>> {
             ha_priority: priority,
             ..Default::default()
         };
-        match client.create_vm(&request).await {
-            Ok(_) => {}
-            Err(ApiError::Conflict(message)) if message.contains("already exists") => {
-                println!("{name} exists already")
+        match client.delete_vm(name).await {
+            Ok(_) => println!("{name}: removed the one an earlier tour left"),
+            Err(ApiError::NotFound(_)) => {}
+            Err(error) => {
+                return Err(
+                    anyhow::Error::from(error).context(format!("removing the earlier {name}"))
+                )
             }
-            Err(error) => return Err(error.into()),
         }
+        client.create_vm(&request).await?;
         let vm = wait_answering(client, name).await?;
         println!(
             "{name}: running on {} at {}, answering {:.1} s after create",

@@ -10,6 +10,7 @@ mod bench_ha;
 mod bench_migrate;
 mod bench_report;
 mod cluster;
+mod console;
 mod demo;
 mod image;
 mod lab;

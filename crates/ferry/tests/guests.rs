@@ -66,6 +66,42 @@ async fn import(
         .unwrap_or_else(|error| panic!("import {name}: {error}"))
 }
 
+/// Types `input` on a serial console and waits for `wanted` in what comes back.
+async fn serial_answer(
+    mut console: ferry_api::client::ConsoleStream,
+    input: &str,
+    wanted: &str,
+) -> bool {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // The shell may still be starting: type again until it answers.
+    while Instant::now() < deadline {
+        console
+            .send(Message::Binary(input.as_bytes().to_vec().into()))
+            .await
+            .unwrap();
+        let until = Instant::now() + Duration::from_secs(3);
+        while let Ok(Some(Ok(message))) = tokio::time::timeout(
+            until.saturating_duration_since(Instant::now()),
+            console.next(),
+        )
+        .await
+        {
+            if let Message::Binary(bytes) = message {
+                seen.push_str(&String::from_utf8_lossy(&bytes));
+                // The echo of the command itself holds "$((40+2))", not the answer.
+                if seen.lines().any(|line| line.trim() == wanted) {
+                    return true;
+                }
+            }
+        }
+    }
+    eprintln!("the console showed: {seen}");
+    false
+}
+
 fn vm_dir(shared: &Path, name: &str) -> PathBuf {
     shared.join("vms").join(name)
 }
@@ -82,7 +118,8 @@ fn create(name: &str, host: &str) -> CreateVmRequest {
 
 #[tokio::test]
 async fn images_and_vm_definitions_are_checked_before_anything_is_made() {
-    let (lab, _guard, client) = common::lab(30, 2).await;
+    let (mut lab, _guard, client) = common::lab(30, 2).await;
+    assert_eq!(lab.unhealthy().await, None, "a fresh lab is whole");
     let shared = lab.spec().shared_pool();
     let dir = tempfile::tempdir().unwrap();
 
@@ -317,6 +354,13 @@ async fn images_and_vm_definitions_are_checked_before_anything_is_made() {
     client.delete_image("blank").await.unwrap();
     assert!(!shared.join("images/blank.qcow2").exists());
     client.delete_image("installer").await.unwrap();
+
+    // What the tour checks before it reuses a lab an earlier run left.
+    lab.fault(2, ferry_lab::lab::Fault::AgentKill).unwrap();
+    assert_eq!(
+        lab.unhealthy().await.as_deref(),
+        Some("host2's agent is not running")
+    );
     lab.down().unwrap();
 }
 
@@ -363,6 +407,51 @@ async fn an_installer_iso_boots_under_bios_and_uefi_and_its_cdrom_is_swapped_whi
         (Some(1), Some(0)),
         "SeaBIOS boots one, OVMF the other"
     );
+
+    // The serial console, through the other host's API (one forwarding hop).
+    let other = ApiClient::new(&lab.spec().api_url(2), lab.token().unwrap());
+    let console = other
+        .console("inst-bios", ferry_api::console::ConsoleKind::Serial)
+        .await
+        .unwrap();
+    let seen = serial_answer(console, "echo ferry-$((40+2))\n", "ferry-42").await;
+    assert!(seen, "the serial console's shell answered");
+
+    // The graphical console: `ferry vm vnc` serves it on a local port, and a real RFB
+    // client (Debian's vncsnapshot) completes the handshake and gets a framebuffer.
+    let port = ferry_store::etcd_server::free_port();
+    let mut proxy = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "vm",
+            "vnc",
+            "inst-uefi",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env("FERRY_API", lab.spec().api_url(2))
+        .env("FERRY_TOKEN", lab.token().unwrap())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let snapshot = dir.path().join("screen.jpg");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let taken = loop {
+        let status = std::process::Command::new("vncsnapshot")
+            .args(["-quiet", "-allowblank"])
+            .arg(format!("127.0.0.1::{port}"))
+            .arg(&snapshot)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        if status.success() || Instant::now() > deadline {
+            break status.success();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    proxy.kill().unwrap();
+    proxy.wait().unwrap();
+    assert!(taken, "vncsnapshot got a framebuffer through the API");
+    assert!(std::fs::metadata(&snapshot).unwrap().len() > 0);
 
     // The CD-ROM changes while the guest runs, and the record keeps what is in it.
     let ejected = client.change_cdrom("inst-bios", "cd0", None).await.unwrap();

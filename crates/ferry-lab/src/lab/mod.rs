@@ -590,6 +590,50 @@ impl Lab {
         }
     }
 
+    /// Why the lab cannot be used as it is, or `None` when it is whole: etcd and every
+    /// agent running and registered, every host's namespace and links up, and the
+    /// appliance record readable by this build.
+    pub async fn unhealthy(&self) -> Option<String> {
+        let status = self.status().await;
+        if !status.etcd.running {
+            return Some("its etcd is not running".into());
+        }
+        for host in &status.hosts {
+            if !host.namespace_exists {
+                return Some(format!("{}'s namespace is gone", host.host));
+            }
+            if !host.agent_running {
+                return Some(format!("{}'s agent is not running", host.host));
+            }
+            if host.registered != Some(true) {
+                return Some(format!("{} is not registered", host.host));
+            }
+            if !host.links_down.is_empty() {
+                return Some(format!(
+                    "{} has links down ({})",
+                    host.host,
+                    host.links_down
+                        .iter()
+                        .map(|net| format!("{net:?}").to_lowercase())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+        }
+        let store = match self.store().await {
+            Ok(store) => store,
+            Err(error) => return Some(format!("its etcd does not answer ({error})")),
+        };
+        match store
+            .get::<ImageRecord>(&store.keys().image(APPLIANCE_IMAGE))
+            .await
+        {
+            Ok(Some(_)) => None,
+            Ok(None) => Some("it has no appliance image".into()),
+            Err(error) => Some(format!("its records are not this build's ({error})")),
+        }
+    }
+
     /// Injects a fault into host `host`; returns what was done, in words.
     pub fn fault(&mut self, host: u32, fault: Fault) -> Result<String, LabError> {
         let spec = self.state.spec.clone();

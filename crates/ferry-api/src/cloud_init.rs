@@ -161,17 +161,24 @@ pub fn seed_files(
     };
     let mut ethernets = serde_json::Map::new();
     for (index, nic) in nics.iter().enumerate() {
-        let mut entry = json!({"match": {"macaddress": nic.mac.to_string()}});
+        // Matched by MAC and named eth0, eth1 … as Proxmox names them: renderers other
+        // than netplan (Debian's ifupdown among them) need the name set. Routes use
+        // 0.0.0.0/0, which cloud-init before 23.x reads where it does not read "default".
+        let name = format!("eth{index}");
+        let mut entry = json!({
+            "match": {"macaddress": nic.mac.to_string()},
+            "set-name": name,
+        });
         match nic.address {
             Some((address, prefix, gateway)) => {
                 entry["addresses"] = json!([format!("{address}/{prefix}")]);
                 if let Some(gateway) = gateway {
-                    entry["routes"] = json!([{"to": "default", "via": gateway.to_string()}]);
+                    entry["routes"] = json!([{"to": "0.0.0.0/0", "via": gateway.to_string()}]);
                 }
             }
             None => entry["dhcp4"] = json!(true),
         }
-        ethernets.insert(format!("nic{index}"), entry);
+        ethernets.insert(name, entry);
     }
     let network_config = json!({"version": 2, "ethernets": ethernets});
     Ok(SeedFiles {
@@ -257,6 +264,7 @@ mod tests {
             .contains("\"macaddress\": \"52:54:00:12:34:56\""));
         assert!(files.network_config.contains("\"10.0.0.5/24\""));
         assert!(files.network_config.contains("\"via\": \"10.0.0.1\""));
+        assert!(files.network_config.contains("\"set-name\": \"eth0\""));
     }
 
     #[test]

@@ -281,6 +281,7 @@ pub fn plan(request: &Request<'_>) -> Result<Plan, String> {
             cdroms.push(CdromSpec {
                 id: "cd0".into(),
                 path: Some(path.clone()),
+                bus: DiskBus::Sata,
             });
             if request.boot_order.is_empty() {
                 // A blank disk does not boot, so firmware falls through to the installer;
@@ -325,6 +326,7 @@ pub fn plan(request: &Request<'_>) -> Result<Plan, String> {
         cdroms.push(CdromSpec {
             id: "cd0".into(),
             path: Some(path.clone()),
+            bus: DiskBus::Sata,
         });
     }
     if boot_order.is_empty() {
@@ -363,9 +365,11 @@ pub fn plan(request: &Request<'_>) -> Result<Plan, String> {
             path: path.clone(),
             files,
         });
+        // On SCSI: cloud kernels (Debian's among them) have no AHCI driver.
         cdroms.push(CdromSpec {
             id: "cidata".into(),
             path: Some(path),
+            bus: DiskBus::Scsi,
         });
     }
 

@@ -21,9 +21,11 @@ linux-image-cloud-amd64 initramfs-tools grub-pc-bin grub-efi-amd64-bin grub2-com
 image="$WORK/disk.raw"
 root="$WORK/root"
 loop=""
+made_link=""
 
 cleanup() (
     set +e
+    [ -n "$made_link" ] && rm -f "$made_link"
     for mount in "$root/boot/efi" "$root/dev/pts" "$root/dev" "$root/proc" "$root/sys" "$root"; do
         mountpoint -q "$mount" && umount "$mount"
     done
@@ -124,11 +126,22 @@ EARLY
 chroot "$root" grub-mkimage -O x86_64-efi -o /tmp/BOOTX64.EFI -c /tmp/early.cfg -p /boot/grub \
     part_gpt part_msdos ext2 fat search search_fs_uuid normal configfile linux echo \
     efi_gop efi_uga all_video gzio test
-mmd -i "${loop}p2" ::/EFI ::/EFI/BOOT
-mcopy -i "${loop}p2" "$root/tmp/BOOTX64.EFI" ::/EFI/BOOT/BOOTX64.EFI
+export MTOOLS_SKIP_CHECK=1
+{ mmd -i "${loop}p2" ::/EFI ::/EFI/BOOT && mcopy -i "${loop}p2" "$root/tmp/BOOTX64.EFI" ::/EFI/BOOT/BOOTX64.EFI; } \
+    2>"$WORK/mtools.log" || { cat "$WORK/mtools.log" >&2; exit 1; }
 rm -f "$root/tmp/early.cfg" "$root/tmp/BOOTX64.EFI"
+# grub-mkconfig names the root by UUID only if udev's link for it exists; without udev
+# here, make that one link (in the host's /dev, bound into the chroot) for the moment.
+by_uuid="/dev/disk/by-uuid/$root_uuid"
+mkdir -p /dev/disk/by-uuid
+ln -sf "${loop}p3" "$by_uuid"
+made_link="$by_uuid"
 chroot "$root" grub-mkconfig -o /boot/grub/grub.cfg >"$WORK/grub.log" 2>&1 ||
     { cat "$WORK/grub.log" >&2; exit 1; }
+rm -f "$by_uuid"
+made_link=""
+grep -q "root=UUID=$root_uuid" "$root/boot/grub/grub.cfg" ||
+    { echo "build-debian: grub.cfg does not name the root by UUID" >&2; exit 1; }
 
 # Each VM made from the image gets its own identity.
 : >"$root/etc/machine-id"

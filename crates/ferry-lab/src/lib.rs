@@ -7,6 +7,7 @@ pub mod appliance;
 mod cpio;
 pub mod debian;
 pub mod defaults;
+pub mod disk_boot;
 pub mod flows;
 pub mod lab;
 pub mod netns;

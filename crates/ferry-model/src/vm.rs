@@ -143,11 +143,19 @@ impl std::str::FromStr for DiskBus {
     }
 }
 
-/// A CD-ROM drive; `path` is the ISO in it, `None` when the tray is empty.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A CD-ROM drive; `path` is the ISO in it, `None` when the tray is empty. On SATA by
+/// default (what installers of every age find); on SCSI (virtio-scsi) for guests whose
+/// kernel has no AHCI driver, such as Debian's cloud kernel reading its cloud-init seed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CdromSpec {
     pub id: String,
     pub path: Option<PathBuf>,
+    #[serde(default = "sata")]
+    pub bus: DiskBus,
+}
+
+fn sata() -> DiskBus {
+    DiskBus::Sata
 }
 
 /// A command run in the guest (through its agent) before the ACPI shutdown, so the
@@ -372,6 +380,12 @@ impl VmSpec {
                     format!("{:?} is used twice", cdrom.id),
                 );
             }
+            if cdrom.bus == DiskBus::Virtio {
+                return fail(
+                    &format!("{field}.bus"),
+                    "a CD-ROM is on sata or scsi, not virtio".into(),
+                );
+            }
             if let Some(path) = &cdrom.path {
                 if !path.is_absolute() || has_qemu_separator(path) {
                     return fail(
@@ -386,7 +400,11 @@ impl VmSpec {
             .iter()
             .filter(|disk| disk.bus == DiskBus::Sata)
             .count()
-            + self.cdroms.len();
+            + self
+                .cdroms
+                .iter()
+                .filter(|cdrom| cdrom.bus == DiskBus::Sata)
+                .count();
         if sata > SATA_PORTS {
             return fail(
                 "disks",

@@ -129,7 +129,9 @@ pub fn build(spec: &VmSpec, run: &RunDir, accel: Accel, mode: StartMode) -> Vec<
         (boots_from_firmware).then_some(position * 100 + nth + 1)
     };
     let mut sata_port = 0usize;
-    if spec.disks.iter().any(|disk| disk.bus == DiskBus::Scsi) {
+    let scsi = spec.disks.iter().any(|disk| disk.bus == DiskBus::Scsi)
+        || spec.cdroms.iter().any(|cdrom| cdrom.bus == DiskBus::Scsi);
+    if scsi {
         push(&["-device", "virtio-scsi-pci,id=scsi0"]);
     }
     for (index, disk) in spec.disks.iter().enumerate() {
@@ -177,8 +179,13 @@ pub fn build(spec: &VmSpec, run: &RunDir, accel: Accel, mode: StartMode) -> Vec<
     }
 
     for (index, cdrom) in spec.cdroms.iter().enumerate() {
-        let mut device = format!("ide-cd,bus=ide.{sata_port},id=cd-{}", cdrom.id);
-        sata_port += 1;
+        let mut device = match cdrom.bus {
+            DiskBus::Scsi => format!("scsi-cd,bus=scsi0.0,id=cd-{}", cdrom.id),
+            DiskBus::Sata | DiskBus::Virtio => {
+                sata_port += 1;
+                format!("ide-cd,bus=ide.{},id=cd-{}", sata_port - 1, cdrom.id)
+            }
+        };
         if let Some(path) = &cdrom.path {
             push(&[
                 "-blockdev",
@@ -425,10 +432,17 @@ mod tests {
             ferry_model::CdromSpec {
                 id: "install".into(),
                 path: Some("/pool/images/debian.iso".into()),
+                bus: DiskBus::Sata,
             },
             ferry_model::CdromSpec {
                 id: "spare".into(),
                 path: None,
+                bus: DiskBus::Sata,
+            },
+            ferry_model::CdromSpec {
+                id: "cidata".into(),
+                path: Some("/pool/vms/db-1/seed.iso".into()),
+                bus: DiskBus::Scsi,
             },
         ];
         spec.boot_order = vec![BootDevice::Cdrom, BootDevice::Disk];

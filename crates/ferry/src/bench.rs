@@ -96,14 +96,23 @@ pub enum BenchVerb {
         #[arg(long = "json", value_name = "FILE")]
         json_file: Option<std::path::PathBuf>,
     },
-    /// Boot the appliance repeatedly and report QEMU start → guest ready.
+    /// Boot a guest repeatedly and report QEMU start → guest ready: the appliance
+    /// (ferry-guest answering), or the Debian image (its guest agent answering) under
+    /// SeaBIOS or OVMF.
     Boot {
-        /// Boots after the first (the first also formats the data disk).
+        /// Boots after the first (the first also formats the data disk, or runs
+        /// cloud-init for the first time).
         #[arg(long, default_value_t = 5)]
         runs: u32,
-        /// Guest memory.
-        #[arg(long, default_value = "256M")]
-        memory: Bytes,
+        /// Guest memory (default 256M for the appliance, 512M for Debian).
+        #[arg(long)]
+        memory: Option<Bytes>,
+        /// appliance or debian (`ferry image build-debian` builds it).
+        #[arg(long, default_value = "appliance")]
+        image: String,
+        /// bios or uefi (Debian).
+        #[arg(long, default_value = "bios")]
+        firmware: String,
         #[arg(long)]
         json: bool,
     },
@@ -122,7 +131,17 @@ struct BootReport {
 
 pub async fn run(verb: BenchVerb) -> anyhow::Result<()> {
     match verb {
-        BenchVerb::Boot { runs, memory, json } => boot(runs, memory, json).await,
+        BenchVerb::Boot {
+            runs,
+            memory,
+            image,
+            firmware,
+            json,
+        } => match image.as_str() {
+            "appliance" => boot(runs, memory.unwrap_or(Bytes::mib(256)), json).await,
+            "debian" => boot_debian(runs, memory.unwrap_or(Bytes::mib(512)), &firmware, json).await,
+            other => anyhow::bail!("--image {other:?}: appliance or debian"),
+        },
         BenchVerb::Migrate {
             runs,
             modes,
@@ -244,6 +263,66 @@ async fn boot(runs: u32, memory: Bytes, json: bool) -> anyhow::Result<()> {
         stops[stops.len() / 2]
     };
     println!("  graceful stop (ACPI), median        {stop_median:.2} s");
+    Ok(())
+}
+
+/// `ferry bench boot --image debian`: the Debian guest from power-on to its agent.
+async fn boot_debian(runs: u32, memory: Bytes, firmware: &str, json: bool) -> anyhow::Result<()> {
+    anyhow::ensure!(runs >= 1, "--runs must be at least 1");
+    let uefi = match firmware {
+        "bios" => false,
+        "uefi" => true,
+        other => anyhow::bail!("--firmware {other:?}: bios or uefi"),
+    };
+    let image = ferry_lab::debian::cached(&defaults::debian_image_dir()).ok_or_else(|| {
+        anyhow::anyhow!("the Debian image is not built; run `ferry image build-debian` first")
+    })?;
+    let appliance = Appliance::load(&defaults::appliance_dir())?;
+    let accel = defaults::detect_accel(&appliance).await?.accel;
+    let rig = ferry_lab::disk_boot::DiskBoot {
+        image: image.path.clone(),
+        uefi,
+        memory,
+        accel,
+        qemu: defaults::qemu_binary(),
+        dir: defaults::run_dir().join(format!("bench-boot-debian-{firmware}")),
+    };
+    let times = rig
+        .run(runs, |run, took| {
+            if !json {
+                eprintln!("boot {run}/{runs}: {took:.2} s");
+            }
+        })
+        .await
+        .map_err(|error| anyhow::anyhow!("Debian boot: {error}"))?;
+    let mut sorted = times.boots_s.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    let worst = sorted[sorted.len() - 1];
+    if json {
+        return print_json(&serde_json::json!({
+            "image": "debian-12",
+            "firmware": firmware,
+            "accel": accel.qemu_name(),
+            "memory_mib": memory.as_mib(),
+            "first_boot_s": times.first_boot_s,
+            "boots_s": times.boots_s,
+            "median_s": median,
+            "worst_s": worst,
+            "graceful_stop_s": times.graceful_stop_s,
+        }));
+    }
+    println!(
+        "Debian 12 boot to guest agent, {firmware}, {} MiB, {}:",
+        memory.as_mib(),
+        accel.qemu_name()
+    );
+    println!(
+        "  first boot (cloud-init's first run)  {:.2} s",
+        times.first_boot_s
+    );
+    println!("  later boots, median                  {median:.2} s");
+    println!("  later boots, worst                   {worst:.2} s");
     Ok(())
 }
 

@@ -258,7 +258,7 @@ pub enum VmVerb {
     Create {
         name: String,
         #[command(flatten)]
-        machine: MachineArgs,
+        machine: Box<MachineArgs>,
         #[arg(long, default_value_t = 1)]
         cpus: u32,
         #[arg(long, default_value = "256M")]

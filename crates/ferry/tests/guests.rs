@@ -520,7 +520,10 @@ async fn a_disk_image_vm_boots_from_sata_with_an_e1000_nic_a_seed_and_a_clean_st
     let image = import(&client, "hybrid", &iso, Some("raw")).await;
     assert_eq!(image.format, "raw");
 
-    let vm = client
+    // Asked of host2's agent: the local pool's disk is host1's to make, so the create
+    // goes there.
+    let other = ApiClient::new(&lab.spec().api_url(2), lab.token().unwrap());
+    let vm = other
         .create_vm(&CreateVmRequest {
             image: Some("hybrid".into()),
             disk_bus: Some(ferry_model::DiskBus::Sata),
@@ -528,10 +531,18 @@ async fn a_disk_image_vm_boots_from_sata_with_an_e1000_nic_a_seed_and_a_clean_st
             disks: vec!["256M".parse().unwrap(), "64M@host1-local".parse().unwrap()],
             stop_command: Some("sleep 1; echo app stopped > /dev/console".into()),
             stop_timeout_seconds: Some(20),
-            ..create("disky", "host1")
+            ..CreateVmRequest {
+                host: None,
+                ..create("disky", "host1")
+            }
         })
         .await
         .unwrap();
+    assert_eq!(
+        vm.host.as_deref(),
+        Some("host1"),
+        "a VM with a disk on host1-local runs there"
+    );
     assert_eq!(vm.disks.len(), 2);
     assert_eq!(vm.disks[1].pool.as_deref(), Some("host1-local"));
     assert!(
@@ -595,5 +606,117 @@ async fn a_disk_image_vm_boots_from_sata_with_an_e1000_nic_a_seed_and_a_clean_st
     assert!(!vm_dir(&shared, "disky").exists());
     assert!(!lab.spec().local_pool(1).join("vms/disky").exists());
     client.delete_image("hybrid").await.unwrap();
+    lab.down().unwrap();
+}
+
+/// Waits until the VM runs on `host` and its guest agent answers.
+async fn answering_on(client: &ApiClient, name: &str, host: &str) -> VmView {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let vm = client.get_vm(name).await.unwrap();
+        if vm.state == "running" && vm.guest_agent && vm.host.as_deref() == Some(host) {
+            return vm;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "VM {name} not answering on {host}: {vm:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_debian_guest_boots_under_bios_and_uefi_with_cloud_init_and_moves_live_and_by_ha() {
+    let image = ferry_lab::debian::cached(&ferry_lab::defaults::debian_image_dir())
+        .expect("the Debian image (the README's test command builds it: ferry image build-debian)");
+    let (mut lab, _guard, client) = common::lab(33, 2).await;
+    let dir = tempfile::tempdir().unwrap();
+    import(&client, "debian-12", &image.path, None).await;
+    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFerryTestKeyForCloudInit ops@ferry";
+    for (name, firmware) in [("deb-bios", "bios"), ("deb-uefi", "uefi")] {
+        client
+            .create_vm(&CreateVmRequest {
+                image: Some("debian-12".into()),
+                firmware: Some(firmware.parse().unwrap()),
+                memory: "512M".into(),
+                ha: true,
+                cloud_init: Some(ferry_api::types::CloudInitRequest {
+                    user: Some("ops".into()),
+                    ssh_keys: vec![key.into()],
+                    ..Default::default()
+                }),
+                ..create(name, "host1")
+            })
+            .await
+            .unwrap();
+    }
+    for (name, efi) in [("deb-bios", Some(1)), ("deb-uefi", Some(0))] {
+        let vm = answering_on(&client, name, "host1").await;
+        let (_, hostname) = exec(&client, name, "hostname").await;
+        assert_eq!(hostname.trim(), name, "cloud-init set the hostname");
+        let (_, keys) = exec(&client, name, "cat /home/ops/.ssh/authorized_keys").await;
+        assert!(
+            keys.contains(key),
+            "cloud-init made the user with its key: {keys:?}"
+        );
+        let (sudo, _) = exec(
+            &client,
+            name,
+            "grep -q ops /etc/sudoers.d/90-cloud-init-users",
+        )
+        .await;
+        assert_eq!(sudo, Some(0));
+        let (_, addresses) = exec(&client, name, "ip -4 -o addr show").await;
+        if !addresses.contains(vm.ip.as_deref().unwrap()) {
+            let (_, config) = exec(&client, name, "ls -la /etc/network/interfaces.d/; grep -E \"init-local|Applying net|render|NoCloud|network-config|Traceback|WARN\" /var/log/cloud-init.log | head -40").await;
+            panic!(
+                "the pool address {:?} is not in {addresses}\n{config}",
+                vm.ip
+            );
+        }
+        let (firmware, _) = exec(&client, name, "test -d /sys/firmware/efi").await;
+        assert_eq!(firmware, efi, "{name} booted its own firmware");
+    }
+    let (_, before) = exec(&client, "deb-bios", "cat /proc/sys/kernel/random/boot_id").await;
+
+    // Live migration of the BIOS guest: the same boot, now on host2.
+    let op = client
+        .migrate_vm(
+            "deb-bios",
+            &ferry_api::types::MigrateRequest {
+                to: Some("host2".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let done = tokio::time::timeout(
+        Duration::from_secs(300),
+        client.wait_op(&op.id, Duration::from_millis(200), |_| {}),
+    )
+    .await
+    .expect("the migration ends within 5 minutes")
+    .unwrap();
+    assert_eq!(done.status, "completed", "{done:?}");
+    answering_on(&client, "deb-bios", "host2").await;
+    let (_, after) = exec(&client, "deb-bios", "cat /proc/sys/kernel/random/boot_id").await;
+    assert_eq!(before, after, "a live migration does not reboot the guest");
+
+    // HA: host1 loses power; the UEFI guest boots again on host2 from its own disk and
+    // NVRAM, and is still itself.
+    lab.fault(1, ferry_lab::lab::Fault::PowerOff).unwrap();
+    let client = ApiClient::new(&lab.spec().api_url(2), lab.token().unwrap());
+    answering_on(&client, "deb-uefi", "host2").await;
+    let (_, hostname) = exec(&client, "deb-uefi", "hostname").await;
+    assert_eq!(hostname.trim(), "deb-uefi");
+    let (firmware, _) = exec(&client, "deb-uefi", "test -d /sys/firmware/efi").await;
+    assert_eq!(firmware, Some(0));
+
+    lab.heal(1).unwrap();
+    for name in ["deb-bios", "deb-uefi"] {
+        client.delete_vm(name).await.unwrap();
+    }
+    client.delete_image("debian-12").await.unwrap();
+    drop(dir);
     lab.down().unwrap();
 }

@@ -610,6 +610,7 @@ async fn move_placement(store: &Store, vm: &VmName, migrate: &MigrateOp) -> Resu
         for disk in &mut updated.spec.disks {
             if let Some(copy) = migrate.disk_copies.iter().find(|copy| copy.disk == disk.id) {
                 disk.path = copy.to.clone();
+                disk.pool = Some(copy.to_pool.clone());
             }
         }
         writes.push((
@@ -978,6 +979,7 @@ async fn prepare(
         if let Some(copy) = migrate.disk_copies.iter().find(|copy| copy.disk == disk.id) {
             create_disk(&copy.to, copy.size)?;
             disk.path = copy.to.clone();
+            disk.pool = Some(copy.to_pool.clone());
         }
     }
     let machine = context

@@ -225,6 +225,7 @@ async fn point_record_at(
         for disk in &mut record.spec.disks {
             if disk.id == move_disk.disk {
                 disk.path = move_disk.to.clone();
+                disk.pool = Some(move_disk.to_pool.clone());
             }
         }
         match context
@@ -245,6 +246,7 @@ fn rewrite_run_spec(machine: &Machine, move_disk: &MoveDiskOp) {
     for disk in &mut spec.disks {
         if disk.id == move_disk.disk {
             disk.path = move_disk.to.clone();
+            disk.pool = Some(move_disk.to_pool.clone());
         }
     }
     if let Ok(json) = serde_json::to_vec_pretty(&spec) {

@@ -15,7 +15,7 @@ use ferry_model::cluster::VmState;
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::ops::{parse_vm_name, vm_view, ClusterApi};
+use crate::ops::{parse_vm_name, vm_view, ClusterApi, Owner};
 use crate::ApiError;
 
 /// Marks a request one agent forwarded to another.
@@ -63,21 +63,19 @@ impl ClusterApi {
                 view.state
             )));
         }
-        let owner = entry
-            .placement
-            .map(|placement| placement.value.host)
-            .ok_or_else(|| ApiError::Conflict(format!("VM {name} is not placed")))?;
-        if owner == self.host {
-            let socket = self.local.console_socket(&name, kind).await?;
-            return Ok(ConsoleTarget::Local(socket));
-        }
-        if forwarded {
-            return Err(ApiError::Conflict(format!(
-                "VM {name} is not on {} (a forwarded console request is not forwarded again)",
-                self.host
-            )));
-        }
-        let url = self.api_url_of(&owner, &name).await?;
+        let url = match self.owner_of(&name, &entry).await? {
+            Owner::Here => {
+                let socket = self.local.console_socket(&name, kind).await?;
+                return Ok(ConsoleTarget::Local(socket));
+            }
+            Owner::There { .. } if forwarded => {
+                return Err(ApiError::Conflict(format!(
+                    "VM {name} is not on {} (a forwarded console request is not forwarded again)",
+                    self.host
+                )))
+            }
+            Owner::There { url, .. } => url,
+        };
         let ws = url
             .replacen("https://", "wss://", 1)
             .replacen("http://", "ws://", 1);

@@ -124,6 +124,12 @@ impl VmEntry {
     }
 }
 
+/// Where a VM's host-side work happens (exec, CD-ROMs, consoles).
+pub(crate) enum Owner {
+    Here,
+    There { host: HostName, url: String },
+}
+
 pub struct ClusterApi {
     pub(crate) store: Store,
     pub(crate) host: HostName,
@@ -1010,15 +1016,11 @@ impl ClusterApi {
                 view.state
             )));
         }
-        let owner = entry
-            .placement
-            .map(|placement| placement.value.host)
-            .ok_or_else(|| ApiError::Conflict(format!("VM {name} is not placed")))?;
-        if owner == self.host {
-            return self.local.exec(name, request.command, timeout).await;
-        }
         // Any host answers any request: forward to the owner.
-        let owner_url = self.api_url_of(&owner, &name).await?;
+        let (owner, owner_url) = match self.owner_of(&name, &entry).await? {
+            Owner::Here => return self.local.exec(name, request.command, timeout).await,
+            Owner::There { host, url } => (host, url),
+        };
         let response = self
             .http
             .post(format!("{owner_url}/api/v1/vms/{name}/exec"))
@@ -1029,6 +1031,19 @@ impl ClusterApi {
             .await
             .map_err(|error| ApiError::Unavailable(format!("host {owner}: {error}")))?;
         crate::client::decode_response(response).await
+    }
+    /// The host a placed VM runs on: this one, or another and the URL of its API.
+    pub(crate) async fn owner_of(&self, name: &VmName, entry: &VmEntry) -> Result<Owner, ApiError> {
+        let owner = entry
+            .placement
+            .as_ref()
+            .map(|placement| placement.value.host.clone())
+            .ok_or_else(|| ApiError::Conflict(format!("VM {name} is not placed")))?;
+        if owner == self.host {
+            return Ok(Owner::Here);
+        }
+        let url = self.api_url_of(&owner, name).await?;
+        Ok(Owner::There { host: owner, url })
     }
 
     pub(crate) async fn api_url_of(
@@ -1093,17 +1108,11 @@ impl ClusterApi {
         }
         let running = vm_view(&entry).is_some_and(|view| view.state == VmState::Running.as_str());
         if running {
-            let owner = entry
-                .placement
-                .as_ref()
-                .map(|placement| placement.value.host.clone())
-                .ok_or_else(|| ApiError::Conflict(format!("VM {name} is not placed")))?;
-            if owner == self.host {
-                self.local
-                    .change_cdrom(name.clone(), drive.to_string(), iso.clone())
-                    .await?;
-            } else {
-                let owner_url = self.api_url_of(&owner, &name).await?;
+            if let Owner::There {
+                host: owner,
+                url: owner_url,
+            } = self.owner_of(&name, &entry).await?
+            {
                 let response = self
                     .http
                     .post(format!("{owner_url}/api/v1/vms/{name}/cdrom/{drive}"))
@@ -1118,6 +1127,9 @@ impl ClusterApi {
                 // The owner changed the medium and the record.
                 return crate::client::decode_response(response).await;
             }
+            self.local
+                .change_cdrom(name.clone(), drive.to_string(), iso.clone())
+                .await?;
         }
         self.update_record(&name, |record| {
             for cdrom in record

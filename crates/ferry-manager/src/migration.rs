@@ -45,11 +45,13 @@ pub fn check_destination(
             dest.cpus, vm.name, vm.cpus
         ));
     }
-    if !vm.nics.is_empty() && !dest.networks.iter().any(|network| network == "business") {
-        return Err(format!(
-            "host {name} is not on the business network VM {} is attached to",
-            vm.name
-        ));
+    for nic in &vm.nics {
+        if !dest.networks.contains(&nic.network) {
+            return Err(format!(
+                "host {name} is not on the {} network VM {} is attached to",
+                nic.network, vm.name
+            ));
+        }
     }
     for disk in &vm.disks {
         let Some(pool) = candidate.source.pool_of(&disk.path) else {
@@ -337,6 +339,13 @@ mod tests {
         let mut no_business = host("host2");
         no_business.networks.retain(|network| network != "business");
         assert!(refusal(no_business, 0).contains("not on the business network"));
+        let mut storage_nic = vm("/pools/shared/vms/web/data.qcow2");
+        storage_nic.spec.nics[0].network = "storage".into();
+        let error = check(&storage_nic, &host("host2"), 0, MigrationMode::Live).unwrap_err();
+        assert_eq!(
+            error,
+            "host host2 is not on the storage network VM web is attached to"
+        );
         let mut no_shared = host("host2");
         no_shared.pools.retain(|pool| !pool.shared);
         assert_eq!(

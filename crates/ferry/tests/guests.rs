@@ -16,12 +16,14 @@ use ferry_api::types::{CreateVmRequest, DiskRequest, ExecRequest, NicRequest, Vm
 use ferry_api::ApiError;
 use sha2::Digest;
 
-/// Waits until QEMU runs the VM and its guest agent answers `exec`.
-async fn answering(client: &ApiClient, name: &str) -> VmView {
-    let deadline = Instant::now() + Duration::from_secs(240);
+/// Waits until QEMU runs the VM (on `host`, when named) and its guest agent answers;
+/// the Debian guest boots systemd and cloud-init under TCG, so this waits long.
+async fn answering_on(client: &ApiClient, name: &str, host: Option<&str>) -> VmView {
+    let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let vm = client.get_vm(name).await.unwrap();
-        if vm.state == "running" && vm.guest_agent {
+        let where_wanted = host.is_none_or(|host| vm.host.as_deref() == Some(host));
+        if vm.state == "running" && vm.guest_agent && where_wanted {
             return vm;
         }
         assert!(
@@ -30,6 +32,36 @@ async fn answering(client: &ApiClient, name: &str) -> VmView {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+async fn answering(client: &ApiClient, name: &str) -> VmView {
+    answering_on(client, name, None).await
+}
+
+/// Live-migrates the VM to `host` and checks that the migration completed.
+async fn migrate(client: &ApiClient, name: &str, host: &str) {
+    let op = client
+        .migrate_vm(
+            name,
+            &ferry_api::types::MigrateRequest {
+                to: Some(host.into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let done = tokio::time::timeout(
+        Duration::from_secs(300),
+        client.wait_op(&op.id, Duration::from_millis(200), |_| {}),
+    )
+    .await
+    .expect("the migration ends within 5 minutes")
+    .unwrap();
+    assert_eq!(done.status, "completed", "{done:?}");
+    assert_eq!(
+        client.get_vm(name).await.unwrap().host.as_deref(),
+        Some(host)
+    );
 }
 
 async fn exec(client: &ApiClient, name: &str, script: &str) -> (Option<i64>, String) {
@@ -479,26 +511,7 @@ async fn an_installer_iso_boots_under_bios_and_uefi_and_its_cdrom_is_swapped_whi
     );
 
     // The UEFI VM moves live with its NVRAM and keeps running under OVMF.
-    let op = client
-        .migrate_vm(
-            "inst-uefi",
-            &ferry_api::types::MigrateRequest {
-                to: Some("host2".into()),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    let done = tokio::time::timeout(
-        Duration::from_secs(180),
-        client.wait_op(&op.id, Duration::from_millis(200), |_| {}),
-    )
-    .await
-    .expect("the migration ends within 3 minutes")
-    .unwrap();
-    assert_eq!(done.status, "completed", "{done:?}");
-    let moved = client.get_vm("inst-uefi").await.unwrap();
-    assert_eq!(moved.host.as_deref(), Some("host2"));
+    migrate(&client, "inst-uefi", "host2").await;
     let (efi, _) = exec(&client, "inst-uefi", "test -d /sys/firmware/efi").await;
     assert_eq!(efi, Some(0));
 
@@ -609,22 +622,6 @@ async fn a_disk_image_vm_boots_from_sata_with_an_e1000_nic_a_seed_and_a_clean_st
     lab.down().unwrap();
 }
 
-/// Waits until the VM runs on `host` and its guest agent answers.
-async fn answering_on(client: &ApiClient, name: &str, host: &str) -> VmView {
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let vm = client.get_vm(name).await.unwrap();
-        if vm.state == "running" && vm.guest_agent && vm.host.as_deref() == Some(host) {
-            return vm;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "VM {name} not answering on {host}: {vm:?}"
-        );
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-}
-
 #[tokio::test]
 async fn the_debian_guest_boots_under_bios_and_uefi_with_cloud_init_and_moves_live_and_by_ha() {
     let image = ferry_lab::debian::cached(&ferry_lab::defaults::debian_image_dir())
@@ -651,7 +648,7 @@ async fn the_debian_guest_boots_under_bios_and_uefi_with_cloud_init_and_moves_li
             .unwrap();
     }
     for (name, efi) in [("deb-bios", Some(1)), ("deb-uefi", Some(0))] {
-        let vm = answering_on(&client, name, "host1").await;
+        let vm = answering_on(&client, name, Some("host1")).await;
         let (_, hostname) = exec(&client, name, "hostname").await;
         assert_eq!(hostname.trim(), name, "cloud-init set the hostname");
         let (_, keys) = exec(&client, name, "cat /home/ops/.ssh/authorized_keys").await;
@@ -680,25 +677,8 @@ async fn the_debian_guest_boots_under_bios_and_uefi_with_cloud_init_and_moves_li
     let (_, before) = exec(&client, "deb-bios", "cat /proc/sys/kernel/random/boot_id").await;
 
     // Live migration of the BIOS guest: the same boot, now on host2.
-    let op = client
-        .migrate_vm(
-            "deb-bios",
-            &ferry_api::types::MigrateRequest {
-                to: Some("host2".into()),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    let done = tokio::time::timeout(
-        Duration::from_secs(300),
-        client.wait_op(&op.id, Duration::from_millis(200), |_| {}),
-    )
-    .await
-    .expect("the migration ends within 5 minutes")
-    .unwrap();
-    assert_eq!(done.status, "completed", "{done:?}");
-    answering_on(&client, "deb-bios", "host2").await;
+    migrate(&client, "deb-bios", "host2").await;
+    answering_on(&client, "deb-bios", Some("host2")).await;
     let (_, after) = exec(&client, "deb-bios", "cat /proc/sys/kernel/random/boot_id").await;
     assert_eq!(before, after, "a live migration does not reboot the guest");
 
@@ -706,7 +686,7 @@ async fn the_debian_guest_boots_under_bios_and_uefi_with_cloud_init_and_moves_li
     // NVRAM, and is still itself.
     lab.fault(1, ferry_lab::lab::Fault::PowerOff).unwrap();
     let client = ApiClient::new(&lab.spec().api_url(2), lab.token().unwrap());
-    answering_on(&client, "deb-uefi", "host2").await;
+    answering_on(&client, "deb-uefi", Some("host2")).await;
     let (_, hostname) = exec(&client, "deb-uefi", "hostname").await;
     assert_eq!(hostname.trim(), "deb-uefi");
     let (firmware, _) = exec(&client, "deb-uefi", "test -d /sys/firmware/efi").await;

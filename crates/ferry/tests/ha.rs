@@ -318,7 +318,11 @@ async fn cutting_most_hosts_off_fences_and_restarts_nothing() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(lab_qemus(&lab.spec().run_dir), before, "nor after");
+    let after = lab_qemus(&lab.spec().run_dir);
+    if after != before {
+        let events = outsider.list_events(500).await.unwrap();
+        panic!("nor after: {before:?} became {after:?}; events: {events:#?}");
+    }
     let log = probe.stop().await;
     assert!(
         log.failures.is_empty(),

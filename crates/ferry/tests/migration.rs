@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::{alive, vm_on};
 use ferry_api::client::ApiClient;
-use ferry_api::types::{CreateVmRequest, MigrateRequest, MoveDiskRequest, OpView};
+use ferry_api::types::{CreateVmRequest, MigrateRequest, MoveDiskRequest, OpView, VmView};
 use ferry_api::ApiError;
 use ferry_lab::workload::{boot_id, lost_writes, Writer, WriterLog};
 
@@ -320,6 +320,12 @@ async fn a_disk_moves_under_writes_and_a_local_disk_migrates_live() {
     assert_clean(&moved, &log);
     assert!(local1.exists(), "the disk is on host1's local pool");
     assert!(!shared_file.exists(), "the old file goes after the pivot");
+    let pool = |vm: VmView| vm.disks[0].pool.clone();
+    assert_eq!(
+        pool(client.get_vm("web").await.unwrap()),
+        Some(spec.local_pool_name(1)),
+        "placement now needs host1's pool"
+    );
     assert_eq!(lost_writes(&ip, &log).await.unwrap(), Vec::<String>::new());
 
     let bad_pool = client
@@ -353,6 +359,11 @@ async fn a_disk_moves_under_writes_and_a_local_disk_migrates_live() {
         Some("host2")
     );
     assert!(local2.exists(), "the disk was copied to host2's local pool");
+    assert_eq!(
+        pool(client.get_vm("web").await.unwrap()),
+        Some(spec.local_pool_name(2)),
+        "an HA restart would look for host2's pool now"
+    );
     assert!(
         !local1.exists(),
         "host1's copy is removed after the switch-over"

@@ -50,11 +50,32 @@ pub fn check_user_data(text: &str) -> Result<(), String> {
             "user-data must start with a #cloud-config line (it starts with {first:?})"
         ));
     }
+    refuse_aliases(text)?;
     let documents = yaml_rust2::YamlLoader::load_from_str(text)
         .map_err(|error| format!("user-data is not valid YAML: {error}"))?;
     match documents.first() {
         None | Some(yaml_rust2::Yaml::Hash(_)) | Some(yaml_rust2::Yaml::Null) => Ok(()),
         Some(_) => Err("user-data must be a YAML mapping (keys such as users:, runcmd:)".into()),
+    }
+}
+
+/// YAML aliases are refused before the document is loaded: the loader copies the
+/// anchored node for each alias, so a few hundred bytes of nested aliases would expand
+/// to gigabytes inside the agent ("billion laughs").
+fn refuse_aliases(text: &str) -> Result<(), String> {
+    let mut parser = yaml_rust2::parser::Parser::new_from_str(text);
+    loop {
+        match parser.next_token() {
+            Ok((yaml_rust2::parser::Event::StreamEnd, _)) => return Ok(()),
+            Ok((yaml_rust2::parser::Event::Alias(_), mark)) => {
+                return Err(format!(
+                    "user-data uses a YAML alias (line {}); write the value out instead",
+                    mark.line()
+                ))
+            }
+            Ok(_) => {}
+            Err(error) => return Err(format!("user-data is not valid YAML: {error}")),
+        }
     }
 }
 
@@ -284,6 +305,12 @@ mod tests {
         assert!(error.starts_with("user-data is not valid YAML"), "{error}");
         let error = check_user_data("#cloud-config\n- a list\n").unwrap_err();
         assert!(error.contains("mapping"), "{error}");
+        let laughs = "#cloud-config\na: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n";
+        let error = check_user_data(laughs).unwrap_err();
+        assert!(
+            error.starts_with("user-data uses a YAML alias (line 3)"),
+            "{error}"
+        );
     }
 
     #[test]

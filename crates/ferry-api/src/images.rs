@@ -143,49 +143,50 @@ impl ClusterApi {
         tokio::fs::create_dir_all(&dir).await.map_err(|error| {
             ApiError::Internal(format!("cannot create {}: {error}", dir.display()))
         })?;
-        let partial = dir.join(format!(".{name}.upload"));
+        // A file of its own per upload: two imports of one name never share one.
+        let partial = tempfile::Builder::new()
+            .prefix(&format!(".{name}."))
+            .suffix(".upload")
+            .tempfile_in(&dir)
+            .map_err(|error| {
+                ApiError::Internal(format!(
+                    "cannot create an upload file in {}: {error}",
+                    dir.display()
+                ))
+            })?
+            .into_temp_path();
         let received = receive(&partial, body).await;
-        let (sha256, size) = match received {
-            Ok(done) => done,
-            Err(error) => {
-                remove_quietly(&partial);
-                return Err(error);
-            }
-        };
+        let (sha256, size) = received?;
         let checked = {
-            let partial = partial.clone();
+            let partial = partial.to_path_buf();
             tokio::task::spawn_blocking(move || ferry_qemu::image::inspect(&partial))
                 .await
                 .map_err(|error| ApiError::Internal(error.to_string()))?
                 .map_err(ApiError::BadRequest)
                 .and_then(|info| kind_of(name, &info, format).map(|kind| (kind, info)))
         };
-        let (kind, info) = match checked {
-            Ok(checked) => checked,
-            Err(error) => {
-                remove_quietly(&partial);
-                return Err(error);
-            }
-        };
+        let (kind, info) = checked?;
         let extension = match kind {
             ImageKind::Qcow2 => "qcow2",
             ImageKind::Iso => "iso",
             _ => "raw",
         };
         let path: PathBuf = dir.join(format!("{name}.{extension}"));
-        if path.exists() {
-            remove_quietly(&partial);
-            return Err(ApiError::Conflict(format!(
-                "{} already exists on the pool without a record; remove it first",
-                path.display()
-            )));
-        }
-        if let Err(error) = std::fs::rename(&partial, &path) {
-            remove_quietly(&partial);
-            return Err(ApiError::Internal(format!(
-                "cannot move the upload to {}: {error}",
-                path.display()
-            )));
+        // A hard link is made only where no file is: the file is this import's, or the
+        // import stops (the upload goes when `partial` is dropped).
+        if let Err(error) = std::fs::hard_link(&partial, &path) {
+            return Err(if error.kind() == std::io::ErrorKind::AlreadyExists {
+                ApiError::Conflict(format!(
+                    "{} already exists on the pool (another import of {name}, or a file \
+                     without a record: remove it first)",
+                    path.display()
+                ))
+            } else {
+                ApiError::Internal(format!(
+                    "cannot publish the upload as {}: {error}",
+                    path.display()
+                ))
+            });
         }
         let content = match kind {
             ImageKind::Iso => ImageContent::Iso { path: path.clone() },
@@ -274,6 +275,12 @@ fn kind_of(
     named: Option<ImageKind>,
 ) -> Result<ImageKind, ApiError> {
     use ferry_qemu::image::FileFormat;
+    if let Some(data_file) = &info.data_file {
+        return Err(ApiError::BadRequest(format!(
+            "image {name}: the qcow2 keeps its data in an external file ({data_file}); \
+             convert it first (qemu-img convert -O qcow2 IN OUT)"
+        )));
+    }
     if let Some(backing) = &info.backing_file {
         return Err(ApiError::BadRequest(format!(
             "image {name}: the qcow2 has a backing file ({backing}); flatten it first \

@@ -436,11 +436,25 @@ impl ClusterApi {
             if me.pool(pool).is_some() {
                 continue;
             }
-            let owner = hosts.iter().find(|host| host.pool(pool).is_some());
-            let Some(owner) = owner else {
-                return Err(ApiError::BadRequest(format!(
-                    "disks[{index}]: pool {pool:?} is not offered by any host"
-                )));
+            let owners: Vec<&HostRecord> = hosts
+                .iter()
+                .filter(|host| host.pool(pool).is_some())
+                .collect();
+            let owner = match owners.as_slice() {
+                [] => {
+                    return Err(ApiError::BadRequest(format!(
+                        "disks[{index}]: pool {pool:?} is not offered by any host"
+                    )))
+                }
+                [owner] => *owner,
+                several => {
+                    let names: Vec<&str> = several.iter().map(|host| host.name.as_str()).collect();
+                    return Err(ApiError::BadRequest(format!(
+                        "disks[{index}]: pool {pool} is local to several hosts ({}); give \
+                         local pools names of their own",
+                        names.join(", ")
+                    )));
+                }
             };
             if request
                 .host
@@ -616,29 +630,26 @@ impl ClusterApi {
                 return Err(ApiError::BadRequest(error));
             }
         };
-        let made = {
-            let planned = planned.clone();
-            tokio::task::spawn_blocking(move || crate::provision::make(&planned))
-                .await
-                .map_err(|error| ApiError::Internal(format!("disk creation: {error}")))
-                .and_then(|made| made.map_err(ApiError::Conflict))
-        };
-        if let Err(error) = made {
-            self.release_addresses(&addresses).await;
-            return Err(error);
-        }
-        // From here on, a failure removes the records, files and addresses again.
-        let undo = |reason: String| self.undo_create(&name, &planned.dirs, &addresses, reason);
+        // The record first, create-only and stopped: it reserves the name, so only this
+        // create makes (and may remove) the VM's files, and the VM runs only once they
+        // are all there.
         let record = VmRecord {
             version: ferry_model::cluster::RECORD_VERSION,
             spec: planned.spec.clone(),
-            desired: PowerState::Running,
+            desired: PowerState::Stopped,
             image: image
                 .as_ref()
                 .map(|image| image.name.clone())
                 .unwrap_or_default(),
             preferred_host,
             ip: addresses.first().map(|(_, address)| address.to_string()),
+            addresses: addresses
+                .iter()
+                .map(|(network, address)| ferry_model::cluster::NicAddress {
+                    network: network.clone(),
+                    address: *address,
+                })
+                .collect(),
             deleting: false,
             reset_serial: 0,
             migration: Default::default(),
@@ -649,11 +660,24 @@ impl ClusterApi {
             .create(&keys.vm_spec(&name), &record, &format!("VM {name}"))
             .await
         {
-            // Not ours to remove: the records may be another create's that won.
-            crate::provision::remove_dirs(&planned.dirs);
             self.release_addresses(&addresses).await;
             return Err(error.into());
         }
+        let made = {
+            let planned = planned.clone();
+            tokio::task::spawn_blocking(move || crate::provision::make(&planned))
+                .await
+                .map_err(|error| format!("disk creation: {error}"))
+                .and_then(|made| made)
+        };
+        if let Err(error) = made {
+            // `make` removed what it made; anything else in those directories is not
+            // this create's to remove.
+            let error = self.undo_create(&name, &[], &addresses, error).await;
+            return Err(ApiError::Conflict(error));
+        }
+        // From here on, a failure removes the records, files and addresses again.
+        let undo = |reason: String| self.undo_create(&name, &planned.dirs, &addresses, reason);
         if !monitors.monitors.is_empty() {
             if let Err(error) = self
                 .store
@@ -664,6 +688,20 @@ impl ClusterApi {
                 let error = undo(error.to_string()).await;
                 return Err(ApiError::Unavailable(format!("VM {name}: {error}")));
             }
+        }
+        let started = self
+            .store
+            .update(&keys.vm_spec(&name), |current: Option<&VmRecord>| {
+                let mut record = current
+                    .cloned()
+                    .ok_or_else(|| ApiError::NotFound("its record vanished".into()))?;
+                record.desired = PowerState::Running;
+                Ok::<_, ApiError>(record)
+            })
+            .await;
+        if let Err(error) = started {
+            let error = undo(format!("cannot start it: {error}")).await;
+            return Err(ApiError::Unavailable(format!("VM {name}: {error}")));
         }
         self.events
             .record(
@@ -1094,6 +1132,12 @@ impl ClusterApi {
             }
             None => None,
         };
+        if drive == "cidata" {
+            return Err(ApiError::BadRequest(format!(
+                "VM {name}: drive cidata holds its cloud-init seed, which Ferry keeps"
+            )));
+        }
+        self.refuse_while_migrating(&name).await?;
         let (entry, record) = self.vm_entry_and_record(&name).await?;
         if !record.spec.cdroms.iter().any(|cdrom| cdrom.id == drive) {
             let drives: Vec<&str> = record.spec.cdroms.iter().map(|cd| cd.id.as_str()).collect();
@@ -1106,8 +1150,13 @@ impl ClusterApi {
                 }
             )));
         }
-        let running = vm_view(&entry).is_some_and(|view| view.state == VmState::Running.as_str());
-        if running {
+        let state = vm_view(&entry).map(|view| view.state).unwrap_or_default();
+        if state == VmState::Starting.as_str() || state == VmState::Stopping.as_str() {
+            return Err(ApiError::Conflict(format!(
+                "VM {name} is {state}; change its CD-ROM when it is running or stopped"
+            )));
+        }
+        if state == VmState::Running.as_str() {
             if let Owner::There {
                 host: owner,
                 url: owner_url,
@@ -1482,8 +1531,16 @@ impl EventLog {
     }
 }
 
-/// The addresses a VM holds, by network: its first NIC's is `record.ip`.
+/// The addresses a VM holds, by network (records before per-NIC addresses kept only
+/// the first NIC's, as `ip`).
 pub fn record_addresses(record: &VmRecord) -> Vec<(String, Ipv4Addr)> {
+    if !record.addresses.is_empty() {
+        return record
+            .addresses
+            .iter()
+            .map(|nic| (nic.network.clone(), nic.address))
+            .collect();
+    }
     let network = record
         .spec
         .nics

@@ -464,7 +464,12 @@ pub fn make(plan: &Plan) -> Result<(), String> {
                 }
             }
         }
-        remove_dirs(&plan.dirs);
+        // Only directories left empty go: anything else in them is not ours.
+        for dir in &plan.dirs {
+            if let Err(cleanup) = std::fs::remove_dir(dir) {
+                tracing::debug!("{} stays: {cleanup}", dir.display());
+            }
+        }
         return Err(error);
     }
     Ok(())

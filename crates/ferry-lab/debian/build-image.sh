@@ -38,7 +38,21 @@ trap cleanup EXIT
 
 step() { echo "build-debian: $*"; }
 
-rm -rf "$WORK"
+# A build that was killed may have left its mounts (the host's /dev among them): they
+# go first, and the scratch directory is removed without crossing into any mount.
+remove_work() {
+    if [ -d "$WORK" ]; then
+        findmnt -rn -o TARGET | grep -F "$WORK/" | sort -r | while read -r mount; do
+            umount "$mount" || umount -l "$mount"
+        done
+        if findmnt -rn -o TARGET | grep -qF "$WORK/"; then
+            echo "build-debian: mounts under $WORK remain; not removing it" >&2
+            exit 1
+        fi
+        rm -rf --one-file-system "$WORK"
+    fi
+}
+remove_work
 mkdir -p "$WORK" "$root"
 truncate -s "$SIZE" "$image"
 sfdisk -q "$image" <<PARTITIONS
@@ -158,4 +172,4 @@ loop=""
 step "qcow2"
 qemu-img convert -c -f raw -O qcow2 "$image" "$OUT.part"
 mv "$OUT.part" "$OUT"
-rm -rf "$WORK"
+remove_work

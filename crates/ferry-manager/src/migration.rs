@@ -287,6 +287,7 @@ mod tests {
             image: "appliance".into(),
             preferred_host: None,
             ip: None,
+            addresses: Vec::new(),
             deleting: false,
             reset_serial: 0,
             migration: MigrationPolicy::default(),

@@ -96,8 +96,11 @@ pub struct VmRecord {
     pub image: String,
     /// A host the user asked for, if any.
     pub preferred_host: Option<HostName>,
-    /// The VM's address on the business network, if it has one.
+    /// The VM's first NIC's address, if its network has an address pool.
     pub ip: Option<String>,
+    /// Every NIC's address from its network's pool, to release when the VM goes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<NicAddress>,
     /// Set when deletion was requested; the owning agent removes the VM, then the record.
     #[serde(default)]
     pub deleting: bool,
@@ -108,6 +111,12 @@ pub struct VmRecord {
     pub migration: MigrationPolicy,
     #[serde(default)]
     pub ha: crate::ha::HaPolicy,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicAddress {
+    pub network: String,
+    pub address: std::net::Ipv4Addr,
 }
 
 /// How this VM migrates unless a request says otherwise.

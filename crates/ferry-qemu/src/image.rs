@@ -17,6 +17,8 @@ pub struct ImageInfo {
     /// A qcow2 backing file; images with one are refused at import (it could name any
     /// file on the host).
     pub backing_file: Option<String>,
+    /// A qcow2 external data file: refused at import for the same reason.
+    pub data_file: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,6 +37,19 @@ struct QemuImgInfo {
     virtual_size: u64,
     #[serde(rename = "backing-filename")]
     backing_filename: Option<String>,
+    #[serde(rename = "format-specific")]
+    format_specific: Option<FormatSpecific>,
+}
+
+#[derive(Deserialize)]
+struct FormatSpecific {
+    data: Option<FormatSpecificData>,
+}
+
+#[derive(Deserialize)]
+struct FormatSpecificData {
+    #[serde(rename = "data-file")]
+    data_file: Option<String>,
 }
 
 /// ISO 9660: "CD001" at byte 1 of the first volume descriptor (sector 16).
@@ -97,6 +112,10 @@ pub fn inspect(path: &Path) -> Result<ImageInfo, String> {
         format,
         virtual_size: Bytes(info.virtual_size),
         backing_file: info.backing_filename,
+        data_file: info
+            .format_specific
+            .and_then(|specific| specific.data)
+            .and_then(|data| data.data_file),
     })
 }
 
@@ -174,6 +193,26 @@ mod tests {
         assert_eq!(info.format, FileFormat::Qcow2);
         assert_eq!(info.virtual_size, Bytes::mib(64));
         assert_eq!(info.backing_file, None);
+        assert_eq!(info.data_file, None);
+    }
+
+    #[test]
+    fn an_external_data_file_is_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.qcow2");
+        let data = dir.path().join("a.data");
+        let made = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-o"])
+            .arg(format!("data_file={}", data.display()))
+            .arg(&path)
+            .arg("16M")
+            .status()
+            .unwrap();
+        assert!(made.success());
+        assert_eq!(
+            inspect(&path).unwrap().data_file,
+            Some(data.display().to_string())
+        );
     }
 
     #[test]

@@ -409,6 +409,7 @@ async fn api_latency(count: u32, requests: u32, lab_name: &str, json: bool) -> a
             image: image.name.clone(),
             preferred_host: None,
             ip: None,
+            addresses: Vec::new(),
             deleting: false,
             reset_serial: 0,
             migration: Default::default(),

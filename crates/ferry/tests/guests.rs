@@ -376,7 +376,29 @@ async fn images_and_vm_definitions_are_checked_before_anything_is_made() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    for name in ["user", "empty"] {
+    // Two creates of one name at once, through two hosts: one wins, the other is
+    // refused and removes nothing of the winner's.
+    let other = ApiClient::new(&lab.spec().api_url(2), lab.token().unwrap());
+    let twin = CreateVmRequest {
+        image: Some("blank".into()),
+        ..create("twin", "host1")
+    };
+    let (first, second) = tokio::join!(client.create_vm(&twin), other.create_vm(&twin));
+    let won = [&first, &second]
+        .iter()
+        .filter(|result| result.is_ok())
+        .count();
+    assert_eq!(won, 1, "{first:?} {second:?}");
+    let lost = if first.is_ok() { second } else { first };
+    assert!(
+        matches!(lost, Err(ApiError::Conflict(ref m)) if m.contains("already exists")),
+        "{lost:?}"
+    );
+    assert!(
+        vm_dir(&shared, "twin").join("disk0.qcow2").is_file(),
+        "the winner keeps its disk"
+    );
+    for name in ["user", "empty", "twin"] {
         client.delete_vm(name).await.unwrap();
         assert!(
             !vm_dir(&shared, name).exists(),

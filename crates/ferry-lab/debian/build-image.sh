@@ -42,7 +42,7 @@ step() { echo "build-debian: $*"; }
 # go first, and the scratch directory is removed without crossing into any mount.
 remove_work() {
     if [ -d "$WORK" ]; then
-        findmnt -rn -o TARGET | grep -F "$WORK/" | sort -r | while read -r mount; do
+        { findmnt -rn -o TARGET | grep -F "$WORK/" || true; } | sort -r | while read -r mount; do
             umount "$mount" || umount -l "$mount"
         done
         if findmnt -rn -o TARGET | grep -qF "$WORK/"; then

@@ -81,9 +81,17 @@ pub fn build(dir: &Path) -> Result<DebianImage, ApplianceError> {
         })?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
+        let detail = match stderr.trim().lines().last() {
+            Some(line) => line.to_string(),
+            None => format!(
+                "build-image.sh {} without a word; its logs are in {}",
+                output.status,
+                dir.join("work").display()
+            ),
+        };
         return Err(ApplianceError::Command {
             command: "build-debian".into(),
-            detail: stderr.trim().lines().last().unwrap_or("failed").to_string(),
+            detail,
         });
     }
     let bytes = std::fs::metadata(&path)

@@ -268,6 +268,24 @@ impl ApiClient {
         sent: impl Fn(u64) + Send + Sync + 'static,
     ) -> Result<ImageView, ApiError> {
         use futures::StreamExt;
+        // What the agent would refuse before reading the upload is checked here first:
+        // a server that answers early closes the stream, and the client would see only
+        // a broken pipe instead of the reason.
+        crate::images::check_image_name(name)?;
+        if let Some(format) = format {
+            format
+                .parse::<ferry_model::cluster::ImageKind>()
+                .map_err(|error| ApiError::BadRequest(format!("format: {error}")))?;
+        }
+        match self.get_image(name).await {
+            Ok(_) => {
+                return Err(ApiError::Conflict(format!(
+                    "image {name} already exists (ferry image delete {name} first)"
+                )))
+            }
+            Err(ApiError::NotFound(_)) => {}
+            Err(error) => return Err(error),
+        }
         let opened = tokio::fs::File::open(file).await.map_err(|error| {
             ApiError::BadRequest(format!("cannot read {}: {error}", file.display()))
         })?;

@@ -44,6 +44,8 @@ pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(60);
 /// The name the appliance is registered under.
 pub const APPLIANCE_IMAGE: &str = "appliance";
 /// The data disk a VM from the appliance image gets.
+/// How long a just-spawned agent may take to exec before its command line counts.
+const AGENT_EXEC_GRACE: Duration = Duration::from_secs(5);
 const APPLIANCE_DATA_DISK: Bytes = Bytes(Bytes::GIB);
 /// How many log lines an error about an agent quotes.
 const LOG_LINES: usize = 5;
@@ -404,12 +406,14 @@ impl Lab {
                 return Ok(());
             }
             for &host in &missing {
-                let running = self
-                    .state
-                    .agents
-                    .get(&host)
-                    .is_some_and(process::is_running);
-                if !running {
+                // Between fork and exec a child still shows its parent's command line:
+                // on a loaded machine that is not an exit. Gone, or still not the agent
+                // after a few seconds, is.
+                let agent = self.state.agents.get(&host);
+                let gone = agent.is_none_or(|agent| !process::is_alive(agent.pid));
+                let not_agent = agent.is_some_and(|agent| !process::is_running(agent))
+                    && started.elapsed() > AGENT_EXEC_GRACE;
+                if gone || not_agent {
                     return Err(self.fail(
                         format!("agent {}", spec.host_name(host)),
                         format!(

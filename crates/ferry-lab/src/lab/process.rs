@@ -36,7 +36,7 @@ pub fn is_running(process: &Spawned) -> bool {
 }
 
 /// The pid exists and is not a zombie.
-fn is_alive(pid: i32) -> bool {
+pub(crate) fn is_alive(pid: i32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return false;
     };

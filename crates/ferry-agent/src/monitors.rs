@@ -344,17 +344,9 @@ impl Watch {
             if self.machine.has_exited() {
                 return false;
             }
-            if self
-                .machine
-                .guest_agent()
-                .ping(Duration::from_secs(1))
-                .await
-                .is_ok()
-            {
+            if self.agent_answers().await {
                 self.rebooting
                     .store(false, std::sync::atomic::Ordering::SeqCst);
-                self.agent_seen
-                    .store(true, std::sync::atomic::Ordering::SeqCst);
                 return true;
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -384,18 +376,24 @@ impl Watch {
                 said = true;
             }
             tokio::time::sleep(Duration::from_secs(5)).await;
-            if self
-                .machine
-                .guest_agent()
-                .ping(Duration::from_secs(1))
-                .await
-                .is_ok()
-            {
-                self.agent_seen
-                    .store(true, std::sync::atomic::Ordering::SeqCst);
-            }
+            self.agent_answers().await;
         }
         true
+    }
+
+    /// Pings the guest agent once; an answer is remembered: this guest has an agent.
+    async fn agent_answers(&self) -> bool {
+        let answered = self
+            .machine
+            .guest_agent()
+            .ping(Duration::from_secs(1))
+            .await
+            .is_ok();
+        if answered {
+            self.agent_seen
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        answered
     }
 
     async fn probe(&self, monitor: &Monitor) -> Probe {

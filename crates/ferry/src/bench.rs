@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 use clap::Subcommand;
 use ferry_lab::appliance::Appliance;
 use ferry_lab::defaults;
+use ferry_lab::harness::stats::{maximum, median, percentile};
+use ferry_lab::harness::vm::remove_bench_vm;
 use ferry_lab::sandbox::{Sandbox, SandboxOptions};
 use ferry_model::Bytes;
 use serde::Serialize;
@@ -227,14 +229,12 @@ async fn boot(runs: u32, memory: Bytes, json: bool) -> anyhow::Result<()> {
     .await;
     sandbox.destroy().await?;
     let (first_boot_s, boots_s, graceful_stop_s) = result?;
-    let mut sorted = boots_s.clone();
-    sorted.sort_by(f64::total_cmp);
     let report = BootReport {
         accel: accel.accel.qemu_name().into(),
         memory_mib: memory.as_mib(),
         first_boot_s,
-        median_s: sorted[sorted.len() / 2],
-        worst_s: sorted[sorted.len() - 1],
+        median_s: median(boots_s.iter().copied()),
+        worst_s: maximum(boots_s.iter().copied()),
         boots_s,
         graceful_stop_s,
     };
@@ -257,11 +257,7 @@ async fn boot(runs: u32, memory: Bytes, json: bool) -> anyhow::Result<()> {
         "  later boots, worst                  {:.2} s",
         report.worst_s
     );
-    let stop_median = {
-        let mut stops = report.graceful_stop_s.clone();
-        stops.sort_by(f64::total_cmp);
-        stops[stops.len() / 2]
-    };
+    let stop_median = median(report.graceful_stop_s.iter().copied());
     println!("  graceful stop (ACPI), median        {stop_median:.2} s");
     Ok(())
 }
@@ -295,10 +291,8 @@ async fn boot_debian(runs: u32, memory: Bytes, firmware: &str, json: bool) -> an
         })
         .await
         .map_err(|error| anyhow::anyhow!("Debian boot: {error}"))?;
-    let mut sorted = times.boots_s.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median = sorted[sorted.len() / 2];
-    let worst = sorted[sorted.len() - 1];
+    let median_s = median(times.boots_s.iter().copied());
+    let worst_s = maximum(times.boots_s.iter().copied());
     if json {
         return print_json(&serde_json::json!({
             "image": "debian-12",
@@ -307,8 +301,8 @@ async fn boot_debian(runs: u32, memory: Bytes, firmware: &str, json: bool) -> an
             "memory_mib": memory.as_mib(),
             "first_boot_s": times.first_boot_s,
             "boots_s": times.boots_s,
-            "median_s": median,
-            "worst_s": worst,
+            "median_s": median_s,
+            "worst_s": worst_s,
             "graceful_stop_s": times.graceful_stop_s,
         }));
     }
@@ -321,8 +315,8 @@ async fn boot_debian(runs: u32, memory: Bytes, firmware: &str, json: bool) -> an
         "  first boot (cloud-init's first run)  {:.2} s",
         times.first_boot_s
     );
-    println!("  later boots, median                  {median:.2} s");
-    println!("  later boots, worst                   {worst:.2} s");
+    println!("  later boots, median                  {median_s:.2} s");
+    println!("  later boots, worst                   {worst_s:.2} s");
     Ok(())
 }
 
@@ -335,32 +329,6 @@ struct ApiLatencyReport {
     worst_ms: f64,
 }
 
-/// The lab a benchmark that moves VMs between hosts runs in (`ferry lab up` made it).
-pub(crate) fn load_lab(name: &str) -> anyhow::Result<ferry_lab::lab::Lab> {
-    use anyhow::Context;
-    let lab = ferry_lab::lab::Lab::load(&defaults::lab_dir().join(name))
-        .with_context(|| format!("lab {name} (start it with `ferry lab up`)"))?;
-    anyhow::ensure!(lab.spec().hosts >= 2, "lab {name} needs two hosts");
-    Ok(lab)
-}
-
-/// A client of the lab's host1 that falls back to the other hosts, so it keeps
-/// answering when a benchmark or the tour powers host1 off.
-pub(crate) fn lab_client(
-    lab: &ferry_lab::lab::Lab,
-) -> anyhow::Result<ferry_api::client::ApiClient> {
-    let spec = lab.spec();
-    let token = lab
-        .token()
-        .ok_or_else(|| anyhow::anyhow!("lab {} has no API token", spec.name))?;
-    let others: Vec<String> = spec
-        .host_numbers()
-        .skip(1)
-        .map(|host| spec.api_url(host))
-        .collect();
-    Ok(ferry_api::client::ApiClient::new(&spec.api_url(1), token).with_fallbacks(&others))
-}
-
 /// Registers `count` stopped VMs straight in etcd (as the API would, minus the boot),
 /// times `vm list` through the API, and removes them again.
 async fn api_latency(count: u32, requests: u32, lab_name: &str, json: bool) -> anyhow::Result<()> {
@@ -368,9 +336,7 @@ async fn api_latency(count: u32, requests: u32, lab_name: &str, json: bool) -> a
     anyhow::ensure!(requests >= 1, "--requests must be at least 1");
     let lab = ferry_lab::lab::Lab::load(&defaults::lab_dir().join(lab_name))?;
     let store = lab.store().await?;
-    let token = lab
-        .token()
-        .ok_or_else(|| anyhow::anyhow!("lab {lab_name} has no token"))?;
+    let token = ferry_lab::harness::lab::lab_token(&lab)?;
     let client = ferry_api::client::ApiClient::new(&lab.spec().api_url(1), token);
     let image = store
         .get::<ferry_model::cluster::ImageRecord>(&store.keys().image("appliance"))
@@ -446,16 +412,15 @@ async fn api_latency(count: u32, requests: u32, lab_name: &str, json: bool) -> a
     }
     .await;
     for name in &names {
-        let _ = client.delete_vm(name.as_str()).await;
+        remove_bench_vm(&client, name.as_str()).await;
     }
-    let mut samples = result?;
-    samples.sort_by(f64::total_cmp);
+    let samples = result?;
     let report = ApiLatencyReport {
         vms: count,
         requests,
-        median_ms: samples[samples.len() / 2],
-        p95_ms: samples[(samples.len() * 95 / 100).min(samples.len() - 1)],
-        worst_ms: samples[samples.len() - 1],
+        median_ms: median(samples.iter().copied()),
+        p95_ms: percentile(samples.iter().copied(), 95),
+        worst_ms: maximum(samples),
     };
     if json {
         return print_json(&report);

@@ -8,63 +8,35 @@
 //! defaults ([`BareVm`]), so Ferry is compared with QEMU itself as well. The tables put
 //! our runs next to the reference runs.
 
+mod report;
+
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 use ferry_api::client::ApiClient;
 use ferry_lab::flows::{lost_writes, Flow, Scenario, SCENARIOS};
+use ferry_lab::harness::downtime::{mode_title, subject, DowntimeRun, MODES};
+use ferry_lab::harness::faults::{heal_and_wait, power_off_and_wait};
+use ferry_lab::harness::lab::{cluster_accel, lab_client, load_lab, machine_description};
+use ferry_lab::harness::reference::downtime_reference;
+use ferry_lab::harness::stats::median;
+use ferry_lab::harness::vm::{
+    create_fresh_vm, ensure_migrated, ha_bench_vm, migrate_and_wait, remove_bench_vm,
+    wait_answering,
+};
 use ferry_lab::lab::bare::BareVm;
-use ferry_lab::lab::{Fault, Lab};
+use ferry_lab::lab::Lab;
 use ferry_lab::workload::boot_id;
 use serde::{Deserialize, Serialize};
+
+use crate::output::write_json_file;
 
 const VM: &str = "bench-dt";
 const BARE_VM: &str = "bench-bare";
 /// The flow runs this long before the move and after it is back.
 const SETTLE: Duration = Duration::from_secs(2);
-
-pub const MODES: [&str; 4] = ["live", "quick", "ha", "qemu"];
-
-/// REFERENCE §1 (Hyper-V 2.0), seconds per run; `true`: the flow failed in that run.
-pub fn reference(mode: &str, scenario: &str) -> [(f64, bool); 3] {
-    match (mode, scenario) {
-        ("live" | "qemu", "idle") => [(1.12, false), (0.78, false), (1.08, false)],
-        ("live" | "qemu", "db-every-0.5s") => [(0.75, false), (13.1, false), (0.81, false)],
-        ("live" | "qemu", "db-bulk") => [(1.01, false), (0.90, false), (0.85, false)],
-        ("live" | "qemu", "http-every-0.5s") => [(13.6, false), (0.78, false), (0.93, false)],
-        ("live" | "qemu", "http-bulk") => [(0.82, false), (13.4, false), (0.81, false)],
-        ("live" | "qemu", "file-every-0.5s") => [(0.78, false), (13.2, false), (0.84, false)],
-        ("live" | "qemu", "file-bulk") => [(1.66, false), (5.57, false), (5.33, false)],
-        ("quick", "idle") => [(25.0, false), (40.0, false), (28.0, false)],
-        ("quick", "db-every-0.5s") => [(30.0, true), (29.0, true), (41.0, true)],
-        ("quick", "db-bulk") => [(31.0, true), (33.0, false), (30.0, true)],
-        ("quick", "http-every-0.5s") => [(28.0, true), (31.0, true), (29.0, true)],
-        ("quick", "http-bulk") => [(37.0, true), (37.0, true), (50.0, true)],
-        ("quick", "file-every-0.5s") => [(50.0, false), (36.0, false), (49.0, false)],
-        ("quick", "file-bulk") => [(55.0, false), (64.0, false), (51.0, false)],
-        // HA: "idle, host forced off" and "scheduled flows running, forced off".
-        ("ha", "idle") => [(17.0, false), (17.0, false), (16.0, false)],
-        _ => [(17.0, false), (17.0, false), (17.0, false)],
-    }
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Run {
-    pub mode: String,
-    pub scenario: String,
-    pub run: u32,
-    pub from: String,
-    pub to: String,
-    pub downtime_s: f64,
-    pub failed_ops: usize,
-    pub operations: u64,
-    pub lost_writes: usize,
-    pub rebooted: bool,
-    pub qemu_downtime_ms: Option<u64>,
-    pub ferry_overhead_ms: Option<u64>,
-}
 
 #[derive(Serialize, Deserialize)]
 pub struct Report {
@@ -72,7 +44,7 @@ pub struct Report {
     accel: String,
     memory: String,
     client_timeout_s: f64,
-    runs: Vec<Run>,
+    runs: Vec<DowntimeRun>,
 }
 
 pub struct Options {
@@ -93,26 +65,21 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             "--modes: {mode:?} is not live, quick, ha or qemu"
         );
     }
-    let mut lab = crate::bench::load_lab(&options.lab)?;
-    let client = crate::bench::lab_client(&lab)?;
-    crate::bench_ha::create_bench_vm(&client, VM, &options.memory).await?;
+    let mut lab = load_lab(&options.lab)?;
+    let client = lab_client(&lab)?;
+    create_fresh_vm(&client, &ha_bench_vm(VM, &options.memory)).await?;
     let result = measure_all(&mut lab, &client, &options).await;
-    let _ = client.delete_vm(VM).await;
+    remove_bench_vm(&client, VM).await;
     let runs = result?;
-    let hosts = client.list_hosts().await?;
     let report = Report {
         machine: machine_description(),
-        accel: hosts
-            .first()
-            .map(|host| host.accel.clone())
-            .unwrap_or_default(),
+        accel: cluster_accel(&client).await?,
         memory: options.memory.clone(),
         client_timeout_s: options.client_timeout.as_secs_f64(),
         runs,
     };
     if let Some(path) = &options.json_file {
-        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        write_json_file(path, &report)?;
     }
     print_report(&report, options.html_file.as_deref())
 }
@@ -126,7 +93,7 @@ pub fn print_report(report: &Report, html: Option<&std::path::Path>) -> anyhow::
         }
     }
     if let Some(path) = html {
-        let page = crate::bench_report::render(
+        let page = report::render(
             &modes,
             &report.runs,
             &report.machine,
@@ -152,31 +119,11 @@ pub fn reprint(json: &std::path::Path, html: Option<&std::path::Path>) -> anyhow
     print_report(&report, html)
 }
 
-/// Who a mode's runs measure: Ferry, or QEMU alone in the baseline.
-pub fn subject(mode: &str) -> &'static str {
-    if mode == "qemu" {
-        "QEMU"
-    } else {
-        "Ferry"
-    }
-}
-
-pub fn mode_title(mode: &str) -> &'static str {
-    match mode {
-        "live" => "Live migration",
-        "quick" => "Quick migration",
-        "qemu" => {
-            "Baseline: the same guest as a plain QEMU, live-migrated by hand with QEMU's defaults"
-        }
-        _ => "HA: host powered off, VM restarted elsewhere",
-    }
-}
-
 async fn measure_all(
     lab: &mut Lab,
     client: &ApiClient,
     options: &Options,
-) -> anyhow::Result<Vec<Run>> {
+) -> anyhow::Result<Vec<DowntimeRun>> {
     let mut runs = Vec::new();
     for mode in &options.modes {
         let mut bare = None;
@@ -202,7 +149,7 @@ async fn measure_mode(
     mut bare: Option<&mut BareVm>,
     mode: &str,
     options: &Options,
-    runs: &mut Vec<Run>,
+    runs: &mut Vec<DowntimeRun>,
 ) -> anyhow::Result<()> {
     for scenario in SCENARIOS {
         for run in 1..=options.runs {
@@ -235,7 +182,7 @@ async fn measure_bare(
     scenario: Scenario,
     run: u32,
     client_timeout: Duration,
-) -> anyhow::Result<Run> {
+) -> anyhow::Result<DowntimeRun> {
     let ip = bare.address().to_string();
     let from = bare.host();
     let to = if from == 1 { 2 } else { 1 };
@@ -249,7 +196,7 @@ async fn measure_bare(
     let info = migrated?;
     let lost = lost_writes(&ip, &log).await.map_err(anyhow::Error::msg)?;
     let rebooted = boot_id(&ip).await.map_err(anyhow::Error::msg)? != boot;
-    Ok(Run {
+    Ok(DowntimeRun {
         mode: "qemu".into(),
         scenario: scenario.name.into(),
         run,
@@ -272,8 +219,8 @@ async fn measure_one(
     scenario: Scenario,
     run: u32,
     client_timeout: Duration,
-) -> anyhow::Result<Run> {
-    let vm = crate::demo::wait_answering(client, VM).await?;
+) -> anyhow::Result<DowntimeRun> {
+    let vm = wait_answering(client, VM).await?;
     let ip = vm
         .ip
         .ok_or_else(|| anyhow::anyhow!("VM {VM} has no address"))?;
@@ -284,19 +231,13 @@ async fn measure_one(
     tokio::time::sleep(SETTLE).await;
     let (qemu_downtime_ms, ferry_overhead_ms) = match mode {
         "ha" => {
-            power_off_and_wait(lab, client, &from).await?;
+            power_off_and_wait(lab, client, &from, VM).await?;
             (None, None)
         }
         _ => {
             let to = if from == "host1" { "host2" } else { "host1" };
-            let op = crate::bench_migrate::migrate_and_wait(client, VM, to, mode).await?;
-            anyhow::ensure!(
-                op.status == "completed",
-                "migration {} {}: {}",
-                op.id,
-                op.status,
-                op.error.unwrap_or_default()
-            );
+            let op = migrate_and_wait(client, VM, to, mode).await?;
+            ensure_migrated(&op)?;
             (op.qemu_downtime_ms, op.overhead_ms)
         }
     };
@@ -308,7 +249,7 @@ async fn measure_one(
     if mode == "ha" {
         heal_and_wait(lab, client, &from).await?;
     }
-    Ok(Run {
+    Ok(DowntimeRun {
         mode: mode.into(),
         scenario: scenario.name.into(),
         run,
@@ -324,56 +265,6 @@ async fn measure_one(
     })
 }
 
-/// Powers `host` off and waits until the VM answers on another host.
-async fn power_off_and_wait(lab: &mut Lab, client: &ApiClient, host: &str) -> anyhow::Result<()> {
-    let number = lab.spec().parse_host(host).map_err(anyhow::Error::msg)?;
-    lab.fault(number, Fault::PowerOff)?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "VM {VM} never came back after {host} powered off"
-        );
-        if let Ok(vm) = client.get_vm(VM).await {
-            let moved = vm.host.as_deref().is_some_and(|now| now != host)
-                && vm.state == "running"
-                && vm.guest_agent;
-            if moved && boot_id(vm.ip.as_deref().unwrap_or_default()).await.is_ok() {
-                return Ok(());
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Brings a powered-off host back and waits until it is registered again.
-pub(crate) async fn heal_and_wait(
-    lab: &mut Lab,
-    client: &ApiClient,
-    host: &str,
-) -> anyhow::Result<()> {
-    let number = lab.spec().parse_host(host).map_err(anyhow::Error::msg)?;
-    lab.heal(number)?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !client
-        .list_hosts()
-        .await
-        .is_ok_and(|hosts| hosts.iter().any(|known| known.name == host))
-    {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "{host} did not rejoin after the heal"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    Ok(())
-}
-
-pub fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(0.0)
-}
-
 /// One run as the reference prints it: seconds, and "error" when the flow failed.
 fn cell(seconds: f64, failed: bool) -> String {
     if failed {
@@ -384,7 +275,7 @@ fn cell(seconds: f64, failed: bool) -> String {
 }
 
 /// Our runs, the reference runs and the ratio of the medians, one row per workload.
-pub fn mode_table(mode: &str, runs: &[Run], per_case: u32) -> Table {
+pub fn mode_table(mode: &str, runs: &[DowntimeRun], per_case: u32) -> Table {
     let mut table = Table::new();
     table.load_preset(UTF8_BORDERS_ONLY);
     let mut header = vec!["WORKLOAD".to_string()];
@@ -400,14 +291,14 @@ pub fn mode_table(mode: &str, runs: &[Run], per_case: u32) -> Table {
     header.extend(["FAILED".into(), "LOST".into(), "REBOOTS".into()]);
     table.set_header(header);
     for scenario in SCENARIOS {
-        let ours: Vec<&Run> = runs
+        let ours: Vec<&DowntimeRun> = runs
             .iter()
             .filter(|run| run.mode == mode && run.scenario == scenario.name)
             .collect();
         if ours.is_empty() {
             continue;
         }
-        let theirs = reference(mode, scenario.name);
+        let theirs = downtime_reference(mode, scenario.name);
         let mut row = vec![scenario.name.to_string()];
         row.extend(
             ours.iter()
@@ -418,8 +309,8 @@ pub fn mode_table(mode: &str, runs: &[Run], per_case: u32) -> Table {
                 .iter()
                 .map(|(seconds, failed)| cell(*seconds, *failed)),
         );
-        let ours_median = median(ours.iter().map(|run| run.downtime_s).collect());
-        let theirs_median = median(theirs.iter().map(|(seconds, _)| *seconds).collect());
+        let ours_median = median(ours.iter().map(|run| run.downtime_s));
+        let theirs_median = median(theirs.iter().map(|(seconds, _)| *seconds));
         row.push(ratio(theirs_median, ours_median));
         if baseline {
             let bare: Vec<f64> = runs
@@ -462,31 +353,12 @@ fn ratio(reference: f64, ours: f64) -> String {
     }
 }
 
-fn machine_description() -> String {
-    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
-    let memory_gib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find_map(|line| line.strip_prefix("MemTotal:"))
-                .and_then(|rest| {
-                    rest.trim()
-                        .trim_end_matches("kB")
-                        .trim()
-                        .parse::<u64>()
-                        .ok()
-                })
-        })
-        .map_or(0, |kib| kib / 1024 / 1024);
-    format!("{cpus} CPUs, {memory_gib} GiB, lab hosts in network namespaces on one machine")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn sample(scenario: &str, downtime_s: f64, failed_ops: usize) -> Run {
-        Run {
+    fn sample(scenario: &str, downtime_s: f64, failed_ops: usize) -> DowntimeRun {
+        DowntimeRun {
             mode: "live".into(),
             scenario: scenario.into(),
             run: 1,
@@ -536,12 +408,7 @@ mod tests {
     }
 
     #[test]
-    fn every_mode_and_workload_has_three_reference_runs() {
-        for mode in MODES {
-            for scenario in SCENARIOS {
-                assert!(reference(mode, scenario.name).iter().all(|(s, _)| *s > 0.0));
-            }
-        }
+    fn a_downtime_under_the_resolution_counts_as_10_ms() {
         assert_eq!(ratio(10.0, 0.0), "1000×");
     }
 }

@@ -16,10 +16,14 @@ use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 use ferry_api::client::ApiClient;
 use ferry_api::types::{AddMonitorRequest, CreateVmRequest, EventView, ExecRequest};
 use ferry_lab::flows::{Flow, SCENARIOS};
+use ferry_lab::harness::lab::{lab_client, load_lab};
+use ferry_lab::harness::vm::{create_fresh_vm, ha_bench_vm, remove_bench_vm};
 use ferry_lab::lab::{Fault, Lab, LabNet};
 use ferry_lab::workload::boot_id;
 use ferry_model::cluster::now_ms;
 use serde::{Deserialize, Serialize};
+
+use crate::output::write_json_file;
 
 const VM: &str = "bench-faults";
 /// The client gives an operation this long before it counts as failed.
@@ -76,40 +80,28 @@ pub fn symbol(detected: bool, served: bool, rebooted: bool) -> &'static str {
 }
 
 pub async fn run(lab_name: &str, json_file: Option<PathBuf>) -> anyhow::Result<()> {
-    let mut lab = crate::bench::load_lab(lab_name)?;
-    let client = crate::bench::lab_client(&lab)?;
+    let mut lab = load_lab(lab_name)?;
+    let client = lab_client(&lab)?;
     create_vm(&client).await?;
     let result = run_all(&mut lab, &client).await;
-    let _ = client.delete_vm(VM).await;
+    remove_bench_vm(&client, VM).await;
     let faults = result?;
     if let Some(path) = &json_file {
         let report = Report {
             faults: faults.clone(),
         };
-        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        write_json_file(path, &report)?;
     }
     println!("{}", table(&faults));
     Ok(())
 }
 
 async fn create_vm(client: &ApiClient) -> anyhow::Result<()> {
-    if client.get_vm(VM).await.is_ok() {
-        client.delete_vm(VM).await?;
-    }
-    client
-        .create_vm(&CreateVmRequest {
-            name: VM.into(),
-            image: Some("appliance".into()),
-            cpus: 1,
-            memory: "256M".into(),
-            host: Some("host1".into()),
-            ha: true,
-            isolation: Some("keep-running".into()),
-            max_restarts: Some(0),
-            ..Default::default()
-        })
-        .await?;
+    let request = CreateVmRequest {
+        isolation: Some("keep-running".into()),
+        ..ha_bench_vm(VM, "256M")
+    };
+    create_fresh_vm(client, &request).await?;
     settled(client).await?;
     client
         .add_monitor(

@@ -8,17 +8,18 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 use ferry_api::client::ApiClient;
-use ferry_api::types::CreateVmRequest;
+use ferry_lab::harness::faults::heal_and_wait;
+use ferry_lab::harness::lab::{lab_token, load_lab};
+use ferry_lab::harness::stats::spread;
+use ferry_lab::harness::vm::{create_fresh_vm, ha_bench_vm, remove_bench_vm, wait_answering};
 use ferry_lab::lab::{Fault, Lab};
 use ferry_lab::workload::{boot_id, lost_writes, Writer};
 use ferry_model::cluster::now_ms;
 use serde::Serialize;
 
-use crate::bench_migrate::spread;
-use crate::output::print_json;
+use crate::output::{print_json, write_json_file};
 
 const VM: &str = "bench-ha";
 const WRITE_EVERY: Duration = Duration::from_millis(50);
@@ -47,17 +48,14 @@ pub async fn run(
     json: bool,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(runs >= 1, "--runs must be at least 1");
-    let mut lab = crate::bench::load_lab(lab_name)?;
-    let token = lab
-        .token()
-        .ok_or_else(|| anyhow::anyhow!("lab {lab_name} has no token"))?
-        .to_string();
+    let mut lab = load_lab(lab_name)?;
+    let token = lab_token(&lab)?.to_string();
     let urls: Vec<String> = (1..=lab.spec().hosts)
         .map(|host| lab.spec().api_url(host))
         .collect();
     let client_of = |host: u32| ApiClient::new(&urls[host as usize - 1], &token);
     let client = client_of(1);
-    create_bench_vm(&client, VM, "256M").await?;
+    create_fresh_vm(&client, &ha_bench_vm(VM, "256M")).await?;
     let mut samples = Vec::new();
     for run in 1..=runs {
         let sample = measure_one(&mut lab, &token, run).await;
@@ -80,16 +78,14 @@ pub async fn run(
                 samples.push(sample);
             }
             Err(error) => {
-                let _ = client_of(2).delete_vm(VM).await;
+                remove_bench_vm(&client_of(2), VM).await;
                 return Err(error.context(format!("run {run}")));
             }
         }
     }
-    let survivor = client_of(2);
-    let _ = survivor.delete_vm(VM).await;
+    remove_bench_vm(&client_of(2), VM).await;
     if let Some(path) = json_file {
-        std::fs::write(&path, serde_json::to_vec_pretty(&samples)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        write_json_file(&path, &samples)?;
     }
     if json {
         return print_json(&samples);
@@ -105,7 +101,7 @@ async fn measure_one(lab: &mut Lab, token: &str, run: u32) -> anyhow::Result<Sam
     } else {
         ApiClient::new(&lab.spec().api_url(2), token)
     };
-    let vm = crate::demo::wait_answering(&any, VM).await?;
+    let vm = wait_answering(&any, VM).await?;
     let from = vm.host.clone().unwrap_or_default();
     let from_number = lab.spec().parse_host(&from).map_err(anyhow::Error::msg)?;
     let watcher_host = lab
@@ -158,7 +154,7 @@ async fn measure_one(lab: &mut Lab, token: &str, run: u32) -> anyhow::Result<Sam
         .ok_or_else(|| anyhow::anyhow!("no start of {VM} in the event log"))?;
     let fence_confirmed_ms = after("fenced-off", &format!("host/{from}"));
     let to = client.get_vm(VM).await?.host.unwrap_or_default();
-    crate::bench_downtime::heal_and_wait(lab, &client, &from).await?;
+    heal_and_wait(lab, &client, &from).await?;
     Ok(Sample {
         run,
         from,
@@ -171,32 +167,6 @@ async fn measure_one(lab: &mut Lab, token: &str, run: u32) -> anyhow::Result<Sam
         failed_writes: log.failures.len(),
         lost_writes: lost.len(),
     })
-}
-
-/// A fresh HA VM on host1 for a benchmark (one left by an earlier run is deleted).
-/// It fails over once per run, so it has no restart limit: one would end the benchmark.
-pub(crate) async fn create_bench_vm(
-    client: &ApiClient,
-    name: &str,
-    memory: &str,
-) -> anyhow::Result<()> {
-    if client.get_vm(name).await.is_ok() {
-        client.delete_vm(name).await?;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
-    client
-        .create_vm(&CreateVmRequest {
-            name: name.into(),
-            image: Some("appliance".into()),
-            cpus: 1,
-            memory: memory.into(),
-            host: Some("host1".into()),
-            ha: true,
-            max_restarts: Some(0),
-            ..Default::default()
-        })
-        .await?;
-    Ok(())
 }
 
 pub fn summary_table(samples: &[Sample]) -> Table {

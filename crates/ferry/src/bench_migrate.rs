@@ -6,14 +6,17 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context;
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 use ferry_api::client::ApiClient;
-use ferry_api::types::{CreateVmRequest, MigrateRequest, OpView};
+use ferry_lab::harness::lab::{cluster_accel, lab_token, load_lab};
+use ferry_lab::harness::stats::spread;
+use ferry_lab::harness::vm::{
+    bench_vm, create_fresh_vm, ensure_migrated, migrate_and_wait, remove_bench_vm, wait_answering,
+};
 use ferry_lab::workload::{boot_id, lost_writes, Writer};
 use serde::Serialize;
 
-use crate::output::print_json;
+use crate::output::{print_json, write_json_file};
 
 const VM: &str = "bench-mig";
 /// The idle probe's period: the resolution of the measured pause.
@@ -62,40 +65,20 @@ pub async fn run(
             "--modes: {mode:?} is not live or quick"
         );
     }
-    let lab = crate::bench::load_lab(lab_name)?;
-    let token = lab
-        .token()
-        .ok_or_else(|| anyhow::anyhow!("lab {lab_name} has no token"))?;
-    let client = ApiClient::new(&lab.spec().api_url(1), token);
-    if client.get_vm(VM).await.is_ok() {
-        client.delete_vm(VM).await?;
-    }
-    let vm = client
-        .create_vm(&CreateVmRequest {
-            name: VM.into(),
-            image: Some("appliance".into()),
-            cpus: 1,
-            memory: "256M".into(),
-            host: Some("host1".into()),
-            ..Default::default()
-        })
-        .await?;
+    let lab = load_lab(lab_name)?;
+    let client = ApiClient::new(&lab.spec().api_url(1), lab_token(&lab)?);
+    let vm = create_fresh_vm(&client, &bench_vm(VM, "256M")).await?;
     let result = measure(&client, runs, modes, json).await;
-    let _ = client.delete_vm(VM).await;
+    remove_bench_vm(&client, VM).await;
     let samples = result?;
-    let hosts = client.list_hosts().await?;
     let report = Report {
-        accel: hosts
-            .first()
-            .map(|host| host.accel.clone())
-            .unwrap_or_default(),
+        accel: cluster_accel(&client).await?,
         memory: format!("{} MiB", vm.memory_mib),
         runs,
         samples,
     };
     if let Some(path) = json_file {
-        std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        write_json_file(&path, &report)?;
     }
     if json {
         return print_json(&report);
@@ -110,7 +93,7 @@ async fn measure(
     modes: &[String],
     quiet: bool,
 ) -> anyhow::Result<Vec<Sample>> {
-    let vm = crate::demo::wait_answering(client, VM).await?;
+    let vm = wait_answering(client, VM).await?;
     let ip = vm
         .ip
         .ok_or_else(|| anyhow::anyhow!("VM {VM} has no address"))?;
@@ -165,13 +148,7 @@ async fn measure(
                         sample.lost_writes
                     );
                 }
-                anyhow::ensure!(
-                    op.status == "completed",
-                    "migration {} {}: {}",
-                    op.id,
-                    op.status,
-                    op.error.unwrap_or_default()
-                );
+                ensure_migrated(&op)?;
                 samples.push(sample);
             }
         }
@@ -179,47 +156,10 @@ async fn measure(
     Ok(samples)
 }
 
-/// Asks for the migration of `vm` to `to` in `mode` and waits for its op to end.
-pub(crate) async fn migrate_and_wait(
-    client: &ApiClient,
-    vm: &str,
-    to: &str,
-    mode: &str,
-) -> anyhow::Result<OpView> {
-    let started = client
-        .migrate_vm(
-            vm,
-            &MigrateRequest {
-                to: Some(to.into()),
-                mode: Some(mode.into()),
-                ..MigrateRequest::default()
-            },
-        )
-        .await?;
-    Ok(client
-        .wait_op(&started.id, Duration::from_millis(100), |_| {})
-        .await?)
-}
-
 fn shown(value: Option<u64>) -> String {
     value
         .map(|value| value.to_string())
         .unwrap_or_else(|| "?".into())
-}
-
-/// `min / median / max` of the values present.
-pub(crate) fn spread(values: impl Iterator<Item = Option<u64>>) -> String {
-    let mut values: Vec<u64> = values.flatten().collect();
-    if values.is_empty() {
-        return "-".into();
-    }
-    values.sort_unstable();
-    format!(
-        "{} / {} / {}",
-        values[0],
-        values[values.len() / 2],
-        values[values.len() - 1]
-    )
 }
 
 pub fn summary_table(samples: &[Sample]) -> Table {

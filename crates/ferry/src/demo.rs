@@ -10,39 +10,25 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use ferry_api::client::ApiClient;
-use ferry_api::types::{CreateVmRequest, ExecRequest, MigrateRequest, VmView};
+use ferry_api::types::{CreateVmRequest, ExecRequest, VmView};
 use ferry_api::ApiError;
-use ferry_lab::appliance::{self, Appliance, BuildRequest};
+use ferry_lab::appliance::Appliance;
 use ferry_lab::defaults;
 use ferry_lab::flows::{lost_writes, Flow, SCENARIOS};
+use ferry_lab::harness::faults::heal_and_wait;
+use ferry_lab::harness::lab::{lab_client, load_or_build_appliance};
+use ferry_lab::harness::vm::{start_migration, wait_answering};
 use ferry_lab::lab::{Lab, LabSpec};
+
+use crate::output::step;
 
 /// The tour's VMs: name and HA priority (the higher restarts first).
 const DEMO_VMS: [(&str, i32); 2] = [("demo-1", 10), ("demo-2", 5)];
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub fn step(text: &str) {
-    println!("\n==> {text}");
-}
-
-/// The built appliance, built first (from Debian packages) if it is missing.
-pub async fn load_or_build_appliance() -> anyhow::Result<Appliance> {
-    if let Ok(appliance) = Appliance::load(&defaults::appliance_dir()) {
-        return Ok(appliance);
-    }
-    step("building the test appliance from Debian packages");
-    let guest_binary = std::env::current_exe()?.with_file_name("ferry-guest");
-    let request = BuildRequest {
-        out_dir: defaults::appliance_dir(),
-        cache_dir: defaults::cache_dir(),
-        guest_binary,
-    };
-    Ok(tokio::task::spawn_blocking(move || appliance::build(&request)).await??)
-}
-
 pub async fn demo() -> anyhow::Result<()> {
     let tour_started = Instant::now();
-    let appliance = load_or_build_appliance().await?;
+    let appliance = load_or_build_appliance(step).await?;
     println!(
         "appliance: kernel {}, initramfs {:.1} MiB",
         appliance.manifest.kernel_release,
@@ -52,7 +38,7 @@ pub async fn demo() -> anyhow::Result<()> {
     let mut lab = lab_for_tour(&appliance).await?;
     let spec = lab.spec().clone();
     anyhow::ensure!(spec.hosts >= 3, "the tour needs a lab of 3 hosts");
-    let client = crate::bench::lab_client(&lab)?;
+    let client = lab_client(&lab)?;
 
     step("the hosts (`ferry host list`)");
     println!(
@@ -249,16 +235,7 @@ async fn migrate_under_load(
         .context("unknown workload")?;
     let flow = Flow::start(&ip, scenario, &format!("demo-{mode}-"), CLIENT_TIMEOUT);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let started = client
-        .migrate_vm(
-            vm,
-            &MigrateRequest {
-                to: Some(to.clone()),
-                mode: Some(mode.into()),
-                ..MigrateRequest::default()
-            },
-        )
-        .await?;
+    let started = start_migration(client, vm, &to, mode).await?;
     let op = crate::ops::follow(client, &started.id, false).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let log = flow.stop().await;
@@ -351,7 +328,7 @@ async fn power_off_host(lab: &mut Lab, client: &ApiClient) -> anyhow::Result<()>
     step(&format!(
         "powering {victim} back on (`ferry lab heal {victim}`)"
     ));
-    crate::bench_downtime::heal_and_wait(lab, client, &victim).await?;
+    heal_and_wait(lab, client, &victim).await?;
     println!("{victim} is back in the cluster");
     Ok(())
 }
@@ -371,27 +348,5 @@ async fn wait_for_workload(http: &reqwest::Client, ip: &str) -> anyhow::Result<(
                 return Err(anyhow::Error::new(error).context(format!("{url} does not answer")))
             }
         }
-    }
-}
-
-/// Waits until the VM runs and its guest agent answers.
-pub async fn wait_answering(client: &ApiClient, name: &str) -> anyhow::Result<VmView> {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let vm = client.get_vm(name).await?;
-        if vm.state == "running" && vm.guest_agent {
-            return Ok(vm);
-        }
-        anyhow::ensure!(
-            vm.state != "failed",
-            "VM {name} failed: {}",
-            vm.error.unwrap_or_default()
-        );
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "VM {name} still {} after 180 s",
-            vm.state
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

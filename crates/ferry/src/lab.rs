@@ -8,10 +8,11 @@ use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 use ferry_lab::defaults;
+use ferry_lab::harness::lab::load_or_build_appliance;
 use ferry_lab::lab::{Fault, Lab, LabNet, LabSpec, LabStatus, DEFAULT_HOSTS, DEFAULT_NAME};
 
 use crate::demo;
-use crate::output::print_json;
+use crate::output::{print_json, step};
 
 #[derive(Args)]
 pub struct LabName {
@@ -188,7 +189,7 @@ async fn up(hosts: u32, subnet: u8, name: &LabName, json: bool) -> anyhow::Resul
         ..LabSpec::named(&name.name)
     };
     ferry_lab::lab::require_root(&spec)?;
-    let appliance = demo::load_or_build_appliance().await?;
+    let appliance = load_or_build_appliance(step).await?;
     if !json {
         println!(
             "building lab {}: {hosts} hosts on {}, etcd, agents (up to {} s for them to register)",

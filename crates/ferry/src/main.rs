@@ -8,7 +8,6 @@ mod bench_downtime;
 mod bench_faults;
 mod bench_ha;
 mod bench_migrate;
-mod bench_report;
 mod cluster;
 mod console;
 mod demo;

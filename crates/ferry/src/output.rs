@@ -1,4 +1,4 @@
-//! How the CLI speaks: one line on failure, JSON when asked.
+//! How the CLI speaks: one line on failure, JSON when asked, a heading per step.
 
 /// Prints `ferry: <error>: <cause>…` on one line and exits with status 1.
 pub fn fail(error: &anyhow::Error) -> ! {
@@ -20,4 +20,19 @@ pub fn fail(error: &anyhow::Error) -> ! {
 pub fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
+}
+
+/// Writes `value` as pretty JSON to `path` (a benchmark's `--json` file).
+pub fn write_json_file(
+    path: &std::path::Path,
+    value: &impl serde::Serialize,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    std::fs::write(path, serde_json::to_vec_pretty(value)?)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Announces the next step of a long command (the tour, a lab's first build).
+pub fn step(text: &str) {
+    println!("\n==> {text}");
 }

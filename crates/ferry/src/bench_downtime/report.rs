@@ -5,8 +5,9 @@
 use std::fmt::Write;
 
 use ferry_lab::flows::SCENARIOS;
-
-use crate::bench_downtime::{median, reference, Run};
+use ferry_lab::harness::downtime::{mode_title, subject, DowntimeRun};
+use ferry_lab::harness::reference::downtime_reference;
+use ferry_lab::harness::stats::median;
 
 const WIDTH: f64 = 760.0;
 const LABEL: f64 = 150.0;
@@ -29,11 +30,11 @@ fn escape(text: &str) -> String {
 }
 
 /// One mode's chart: per workload, Ferry's median (green) over the reference's (grey).
-fn chart(mode: &str, runs: &[Run]) -> String {
+fn chart(mode: &str, runs: &[DowntimeRun]) -> String {
     let rows: Vec<(&str, f64, f64, bool)> = SCENARIOS
         .iter()
         .filter_map(|scenario| {
-            let ours: Vec<&Run> = runs
+            let ours: Vec<&DowntimeRun> = runs
                 .iter()
                 .filter(|run| run.mode == mode && run.scenario == scenario.name)
                 .collect();
@@ -41,11 +42,11 @@ fn chart(mode: &str, runs: &[Run]) -> String {
                 return None;
             }
             let failed = ours.iter().any(|run| run.failed_ops > 0);
-            let theirs = reference(mode, scenario.name);
+            let theirs = downtime_reference(mode, scenario.name);
             Some((
                 scenario.name,
-                median(ours.iter().map(|run| run.downtime_s).collect()),
-                median(theirs.iter().map(|(seconds, _)| *seconds).collect()),
+                median(ours.iter().map(|run| run.downtime_s)),
+                median(theirs.iter().map(|(seconds, _)| *seconds)),
                 failed,
             ))
         })
@@ -77,7 +78,7 @@ fn chart(mode: &str, runs: &[Run]) -> String {
             r##"<rect x="{LABEL}" y="{y:.1}" width="{:.1}" height="{BAR}" fill="{}"><title>{} median {ours:.2} s</title></rect><text x="{:.1}" y="{:.1}" fill="#222">{ours:.2} s{}</text>"##,
             x_of(*ours) - LABEL,
             if *failed { "#d98c1f" } else { "#2a9d5c" },
-            crate::bench_downtime::subject(mode),
+            subject(mode),
             x_of(*ours) + 4.0,
             y + BAR - 2.0,
             if *failed { " (failed ops)" } else { "" }
@@ -95,7 +96,7 @@ fn chart(mode: &str, runs: &[Run]) -> String {
     svg
 }
 
-fn runs_table(mode: &str, runs: &[Run]) -> String {
+fn runs_table(mode: &str, runs: &[DowntimeRun]) -> String {
     let mut html = String::from(
         "<table><tr><th>workload</th><th>run</th><th>from → to</th><th>downtime s</th><th>failed ops</th><th>lost writes</th><th>rebooted</th><th>QEMU downtime ms</th><th>Ferry overhead ms</th></tr>",
     );
@@ -122,7 +123,13 @@ fn runs_table(mode: &str, runs: &[Run]) -> String {
 }
 
 /// The whole report.
-pub fn render(modes: &[String], runs: &[Run], machine: &str, accel: &str, memory: &str) -> String {
+pub fn render(
+    modes: &[String],
+    runs: &[DowntimeRun],
+    machine: &str,
+    accel: &str,
+    memory: &str,
+) -> String {
     let mut html = format!(
         r#"<!doctype html><html><head><meta charset="utf-8"><title>Ferry downtime benchmark</title>
 <style>body{{font-family:sans-serif;max-width:820px;margin:2em auto;color:#222}}
@@ -137,7 +144,7 @@ Ferry against the reference (Hyper-V 2.0, 3 runs). Machine: {}; accelerator {}; 
         escape(memory)
     );
     for mode in modes {
-        let title = crate::bench_downtime::mode_title(mode);
+        let title = mode_title(mode);
         let _ = write!(
             html,
             "<h2>{title}</h2>{}{}",
@@ -162,7 +169,7 @@ mod tests {
 
     #[test]
     fn the_report_has_a_chart_per_mode_and_escapes_text() {
-        let run = Run {
+        let run = DowntimeRun {
             mode: "live".into(),
             scenario: "idle".into(),
             run: 1,

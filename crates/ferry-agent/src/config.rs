@@ -135,6 +135,10 @@ pub struct HaConfig {
     /// A hardware or kernel watchdog device (`/dev/watchdog`, softdog) fed every
     /// heartbeat while the agent is sane; a hung agent gets its host rebooted.
     pub watchdog: Option<PathBuf>,
+    /// The watchdog reboots the host this long after the last feed (milliseconds; set
+    /// on the device, and counted in the leader's deadline before it restarts this
+    /// host's VMs elsewhere).
+    pub watchdog_timeout_ms: u64,
 }
 
 impl Default for HaConfig {
@@ -144,6 +148,7 @@ impl Default for HaConfig {
             heartbeat_ms: timing.heartbeat_ms,
             fence_after_ms: timing.fence_after_ms,
             watchdog: None,
+            watchdog_timeout_ms: 10_000,
         }
     }
 }
@@ -177,6 +182,14 @@ impl AgentConfig {
                 options: fence.options.clone(),
                 timeout_ms: fence.timeout_ms,
             })
+    }
+
+    /// The watchdog's timeout, if the host has one.
+    pub fn watchdog_ms(&self) -> Option<u64> {
+        self.ha
+            .watchdog
+            .as_ref()
+            .map(|_| self.ha.watchdog_timeout_ms)
     }
 
     pub fn ha_timing(&self) -> ferry_manager::ha::HaTiming {
@@ -481,6 +494,12 @@ impl AgentConfig {
         if let Some(device) = self.fence_device() {
             device.check()?;
         }
+        if self.ha.watchdog.is_some() && !(1000..=600_000).contains(&self.ha.watchdog_timeout_ms) {
+            return Err(format!(
+                "ha.watchdog_timeout_ms: {} must be between 1000 and 600000",
+                self.ha.watchdog_timeout_ms
+            ));
+        }
         if let Some(watchdog) = &self.ha.watchdog {
             if !watchdog.is_absolute() {
                 return Err(format!(
@@ -554,6 +573,10 @@ fence_after_ms = 4000
 # a hung agent gets its host rebooted. Off unless set. Stopping the agent stops the
 # feeding too, so with a watchdog on, stop it only on a host you mean to reboot.
 # watchdog = "/dev/watchdog"
+# It reboots the host this long after the last feed; set on the device at start-up.
+# An HA host needs a watchdog or a fence device: without either, a hung agent could
+# leave its VMs running, so the cluster does not restart them elsewhere on silence.
+# watchdog_timeout_ms = 10000
 
 # How the other hosts power this one off when it dies: any ClusterLabs fence agent.
 # Options go to the agent's stdin as key=value lines; "action" is Ferry's to choose.
@@ -652,7 +675,10 @@ mod tests {
     fn a_fence_deadline_past_the_lease_ttl_is_refused() {
         let problem =
             AgentConfig::parse("host = \"h\"\n[ha]\nfence_after_ms = 7000\n").unwrap_err();
-        assert!(problem.contains("must be below the lease TTL"), "{problem}");
+        assert!(
+            problem.contains("must end below the lease TTL"),
+            "{problem}"
+        );
     }
 
     #[test]

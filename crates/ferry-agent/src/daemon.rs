@@ -9,25 +9,28 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_api::ops::{ClusterApi, EventLog, VmEntry};
+use ferry_api::ops::ClusterApi;
 use ferry_api::rest::{self, RestState};
 use ferry_manager::ha::{after_vm_failure, AfterFailure};
-use ferry_manager::{plan, Action, ClusterView, HostSnapshot, VmSnapshot};
 use ferry_model::cluster::{
-    now_ms, HostRecord, HostState, ImageContent, ImageRecord, Placement, PlacementPhase, PoolInfo,
-    VmRecord, VmState, VmStatus, RECORD_VERSION,
+    now_ms, HostRecord, HostState, ImageContent, ImageRecord, PoolInfo, VmRecord, VmState,
+    VmStatus, RECORD_VERSION,
 };
+use ferry_model::events::EventKind;
 use ferry_model::ha::{LeaveHost, RestartCause, RestartEntry};
 use ferry_model::ops::{OpKind, OpRecord, OpState};
 use ferry_model::{Bytes, HostLimits, HostName, VmName};
 use ferry_qemu::{Accel, ProbeImage, RunState};
-use ferry_store::{Lease, PrefixWatch, Store, WatchEvent};
+use ferry_store::{
+    fold_vm_change, read_vm_entries, Election, Lease, PrefixWatch, Store, VmEntries, VmEntry,
+    WatchEvent,
+};
 use tokio::sync::watch;
 
 use crate::config::{AccelChoice, AgentConfig};
+use crate::executor::{self, Executor, ManagerMemory};
 use crate::migration::{self, Context};
 use crate::reconcile::{decide, Local, Step};
-use crate::recovery::{self, ManagerMemory};
 use crate::runtime::{LocalExec, Runtime};
 use crate::storage;
 
@@ -71,7 +74,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watchdog = match &config.ha.watchdog {
         Some(path) => Some(
-            crate::fencing::Watchdog::open(path)
+            crate::fencing::Watchdog::open(path, config.ha.watchdog_timeout_ms)
                 .map_err(|source| AgentError::Watchdog {
                     path: path.display().to_string(),
                     source,
@@ -115,7 +118,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         api.events()
             .record(
                 &vm.subject(),
-                "reattached",
+                EventKind::Reattached,
                 &format!("agent on {host} reattached to VM {vm}"),
             )
             .await;
@@ -188,10 +191,20 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     tokio::spawn(crate::fencing::guard_forever(
         runtime.clone(),
         host.clone(),
-        config.shared_pool().map(|pool| pool.path.clone()),
         watchdog,
         started,
     ));
+    if let Some(pool) = config.shared_pool() {
+        tokio::spawn(crate::fencing::write_heartbeat_forever(
+            runtime.clone(),
+            host.clone(),
+            pool.path.clone(),
+        ));
+        tokio::spawn(crate::fencing::read_heartbeats_forever(
+            runtime.clone(),
+            pool.path.clone(),
+        ));
+    }
     tokio::spawn(lead_when_elected(
         store.clone(),
         host.clone(),
@@ -314,13 +327,18 @@ async fn hold_lease(
         api.events()
             .record(
                 &format!("host/{}", record.name),
-                "registered",
+                EventKind::Registered,
                 &format!("host {} joined the cluster", record.name),
             )
             .await;
-        let _ = current.send(Some(lease.id()));
+        // The receiver lives as long as the agent; a send fails only on its way out.
+        if current.send(Some(lease.id())).is_err() {
+            return;
+        }
         lease.lost().await;
-        let _ = current.send(None);
+        if current.send(None).is_err() {
+            return;
+        }
         tracing::warn!("host {} lost its lease", record.name);
     }
 }
@@ -354,30 +372,43 @@ async fn lead_when_elected(
 ) {
     loop {
         let Some(lease_id) = *lease.borrow_and_update() else {
-            let _ = lease.changed().await;
+            if lease.changed().await.is_err() {
+                // The lease keeper ended: the agent is stopping.
+                return;
+            }
             continue;
         };
         let elected = tokio::select! {
             outcome = store.campaign(host.as_str(), lease_id) => outcome,
             _ = lease.changed() => continue,
         };
-        if let Err(error) = elected {
-            tracing::warn!("campaign failed: {error}");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            continue;
-        }
+        let election: Election = match elected {
+            Ok(election) => election,
+            Err(error) => {
+                tracing::warn!("campaign failed: {error}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
         api.events()
             .record(
                 &format!("host/{host}"),
-                "leader",
+                EventKind::Leader,
                 &format!("host {host} leads the cluster and runs the manager"),
             )
             .await;
         // Fresh for each term: fences and verdicts of an earlier term are out of date
         // (a host fenced then may have been repaired since), and end with the term.
         let mut memory = ManagerMemory::default();
+        let executor = Executor {
+            store: &store,
+            events: api.events(),
+            leader_key: String::from_utf8_lossy(&election.leader_key).into_owned(),
+            timing: runtime.ha.timing,
+        };
         loop {
-            if let Err(error) = manage_once(&store, api.events(), &runtime, &mut memory).await {
+            let heartbeats = runtime.ha.observed_heartbeats();
+            if let Err(error) = executor.pass(&mut memory, heartbeats).await {
                 tracing::warn!("manager: {error}");
             }
             tokio::select! {
@@ -389,265 +420,6 @@ async fn lead_when_elected(
             }
         }
         tracing::warn!("host {host} no longer leads");
-    }
-}
-
-/// One pass of the manager: read the cluster, plan, apply.
-async fn manage_once(
-    store: &Store,
-    events: &EventLog,
-    runtime: &Arc<Runtime>,
-    memory: &mut ManagerMemory,
-) -> Result<(), ferry_store::StoreError> {
-    let keys = store.keys().clone();
-    let (hosts, _) = store.list::<HostRecord>(&keys.hosts()).await?;
-    let entries = read_vm_entries(store).await?;
-    crate::admission::run_ops(store, events, &hosts, &entries).await?;
-    // HA VMs of dead or fenced hosts count as unplaced: the planner restarts them.
-    let restarts =
-        crate::recovery::restartable(store, runtime, &hosts, &entries, events, memory).await;
-    let now = now_ms();
-    let view = ClusterView {
-        hosts: hosts
-            .iter()
-            .map(|(_, host)| HostSnapshot {
-                name: host.value.name.clone(),
-                cpus: host.value.cpus,
-                memory: host.value.memory,
-                state: host.value.state,
-                pools: host
-                    .value
-                    .pools
-                    .iter()
-                    .map(|pool| pool.name.clone())
-                    .collect(),
-                networks: host.value.networks.iter().cloned().collect(),
-            })
-            .collect(),
-        vms: entries
-            .values()
-            .filter_map(|entry| {
-                let record = &entry.record.as_ref()?.value;
-                Some(VmSnapshot {
-                    name: record.spec.name.clone(),
-                    cpus: record.spec.cpus,
-                    memory: record.spec.memory,
-                    preferred_hosts: record
-                        .preferred_host
-                        .iter()
-                        .chain(&record.ha.preferred_hosts)
-                        .cloned()
-                        .collect(),
-                    anti_affinity: record.ha.anti_affinity.clone(),
-                    avoid_hosts: entry
-                        .restarts
-                        .as_ref()
-                        .map(|log| {
-                            let generation = entry
-                                .placement
-                                .as_ref()
-                                .map_or(0, |placement| placement.value.generation);
-                            ferry_manager::ha::hosts_to_avoid(&log.value, generation, now)
-                        })
-                        .unwrap_or_default(),
-                    placed_on: entry
-                        .placement
-                        .as_ref()
-                        .filter(|_| !restarts.contains_key(&record.spec.name))
-                        .map(|placement| placement.value.host.clone()),
-                    deleting: record.deleting,
-                    priority: record.ha.priority,
-                    needs_pools: record
-                        .spec
-                        .disks
-                        .iter()
-                        .filter_map(|disk| disk.pool.clone())
-                        .collect(),
-                    needs_networks: record
-                        .spec
-                        .nics
-                        .iter()
-                        .map(|nic| nic.network.clone())
-                        .collect(),
-                })
-            })
-            .collect(),
-    };
-    for action in plan(&view) {
-        match action {
-            Action::Place { vm, host } => {
-                let restart = restarts.get(&vm);
-                let placement = Placement {
-                    version: RECORD_VERSION,
-                    host: host.clone(),
-                    generation: restart.map_or(1, |restart| restart.generation + 1),
-                    phase: PlacementPhase::Assigned,
-                    migration: None,
-                };
-                if let Some(restart) = restart {
-                    // Against the placement and restart log judged: if anything changed
-                    // either since, no restart.
-                    let (Ok(placement_bytes), Ok(log_bytes)) = (
-                        serde_json::to_vec(&placement),
-                        serde_json::to_vec(&restart.next_log()),
-                    ) else {
-                        continue;
-                    };
-                    let placement_key = keys.vm_placement(&vm);
-                    let log_key = keys.vm_restarts(&vm);
-                    let restarted = store
-                        .compare_and_swap_all(&[
-                            (
-                                placement_key.as_str(),
-                                restart.mod_revision,
-                                placement_bytes,
-                            ),
-                            (log_key.as_str(), restart.log_revision, log_bytes),
-                        ])
-                        .await
-                        .is_ok();
-                    if restarted {
-                        crate::recovery::fail_orphaned_migration(store, restart).await;
-                        events
-                            .record(
-                                &vm.subject(),
-                                "ha-restart",
-                                &format!(
-                                    "VM {vm} restarts on {host}: {} (it ran on {})",
-                                    restart.reason, restart.from
-                                ),
-                            )
-                            .await;
-                    }
-                    continue;
-                }
-                // Create-only: a stale leader racing us cannot place it twice.
-                if store
-                    .compare_and_swap(&keys.vm_placement(&vm), 0, &placement)
-                    .await
-                    .is_ok()
-                {
-                    events
-                        .record(
-                            &vm.subject(),
-                            "placed",
-                            &format!("VM {vm} placed on {host}"),
-                        )
-                        .await;
-                }
-            }
-            Action::CannotPlace { vm, reason } => {
-                if let Some(restart) = restarts
-                    .get(&vm)
-                    .filter(|restart| restart.cause != RestartCause::HostFailed)
-                {
-                    // It asked to leave a live host that kept failing it, but no other
-                    // host can take it: running there again beats not running.
-                    let withdrawn =
-                        recovery::update_restart_log(store, &vm, |log| log.leave = None).await;
-                    if withdrawn.is_ok() {
-                        events
-                            .record(
-                                &vm.subject(),
-                                "vm-failed",
-                                &format!(
-                                    "VM {vm}: no other host can take it ({reason}); it restarts on {}",
-                                    restart.from
-                                ),
-                            )
-                            .await;
-                    }
-                    continue;
-                }
-                let already = entries
-                    .get(vm.as_str())
-                    .and_then(|entry| entry.status.as_ref())
-                    .is_some_and(|status| {
-                        status.value.last_error.as_deref() == Some(reason.as_str())
-                    });
-                if !already {
-                    let status = VmStatus {
-                        version: RECORD_VERSION,
-                        host: None,
-                        state: VmState::Failed,
-                        pid: None,
-                        guest_agent: false,
-                        last_error: Some(reason.clone()),
-                        updated_ms: now_ms(),
-                    };
-                    store.put(&keys.vm_status(&vm), &status, None).await?;
-                    events
-                        .record(&vm.subject(), "cannot-place", &format!("VM {vm}: {reason}"))
-                        .await;
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-pub(crate) async fn read_vm_entries(
-    store: &Store,
-) -> Result<BTreeMap<String, VmEntry>, ferry_store::StoreError> {
-    let (raw, _) = store.list_raw(&store.keys().vms()).await?;
-    let mut view = BTreeMap::new();
-    for (key, value, revision) in raw {
-        apply_change(
-            &mut view,
-            store,
-            &WatchEvent::Put {
-                key,
-                value,
-                mod_revision: revision,
-            },
-        );
-    }
-    Ok(view)
-}
-
-/// Folds one change under `vms/` into a view of VM entries.
-fn apply_change(view: &mut BTreeMap<String, VmEntry>, store: &Store, change: &WatchEvent) {
-    match change {
-        WatchEvent::Resync { records } => {
-            view.clear();
-            for (key, value, revision) in records {
-                apply_change(
-                    view,
-                    store,
-                    &WatchEvent::Put {
-                        key: key.clone(),
-                        value: value.clone(),
-                        mod_revision: *revision,
-                    },
-                );
-            }
-        }
-        WatchEvent::Put {
-            key,
-            value,
-            mod_revision,
-        } => {
-            let Some((vm, kind)) = store.keys().parse_vm_key(key) else {
-                return;
-            };
-            let entry = view.entry(vm.to_string()).or_default();
-            // A value that does not parse is dropped, as if absent: the VM's other
-            // records still count.
-            if entry.set(kind, value, *mod_revision).is_err() {
-                entry.clear(kind);
-            }
-        }
-        WatchEvent::Delete { key, .. } => {
-            let Some((vm, kind)) = store.keys().parse_vm_key(key) else {
-                return;
-            };
-            if let Some(entry) = view.get_mut(vm) {
-                entry.clear(kind);
-                if entry.is_empty() {
-                    view.remove(vm);
-                }
-            }
-        }
     }
 }
 
@@ -700,12 +472,12 @@ async fn reconcile_forever(
             }
         }
     };
-    let mut view: BTreeMap<String, VmEntry> = BTreeMap::new();
+    let mut view = VmEntries::new();
     let mut ops: BTreeMap<String, OpRecord> = BTreeMap::new();
     // Nothing is decided before both snapshots are in: with an empty view every
     // reattached QEMU would look like a stray.
     let snapshot = watch.next().await.ok_or(AgentError::WatchEnded)?;
-    apply_change(&mut view, &store, &snapshot);
+    fold_vm_change(&mut view, store.keys(), &snapshot);
     let snapshot = op_watch.next().await.ok_or(AgentError::WatchEnded)?;
     apply_op_change(&mut ops, &snapshot);
     let mut tick = tokio::time::interval(RECONCILE_EVERY);
@@ -719,7 +491,7 @@ async fn reconcile_forever(
         tokio::select! {
             change = watch.next() => {
                 let change = change.ok_or(AgentError::WatchEnded)?;
-                apply_change(&mut view, &store, &change);
+                fold_vm_change(&mut view, store.keys(), &change);
             }
             change = op_watch.next() => {
                 let change = change.ok_or(AgentError::WatchEnded)?;
@@ -762,7 +534,7 @@ async fn reconcile_all(
     store: &Store,
     runtime: &Arc<Runtime>,
     api: &Arc<ClusterApi>,
-    view: &BTreeMap<String, VmEntry>,
+    view: &VmEntries,
     ops: &BTreeMap<String, OpRecord>,
     failures: &Arc<std::sync::Mutex<HashMap<VmName, Instant>>>,
 ) {
@@ -775,6 +547,10 @@ async fn reconcile_all(
     }
     for vm in names {
         let entry = view.get(vm.as_str()).cloned().unwrap_or_default();
+        if entry.unknown().is_some() {
+            // Unreadable is not absent: a QEMU here may be the VM's only copy.
+            continue;
+        }
         let record = entry.record.as_ref().map(|record| record.value.clone());
         if let Some(record) = &record {
             runtime.adopt_reset_serial(&vm, record.reset_serial).await;
@@ -801,6 +577,12 @@ async fn reconcile_all(
             disk_move.is_some(),
         );
         if step == Step::Nothing {
+            let placed_here_assigned = placement
+                .as_ref()
+                .is_some_and(|placement| placement.host == me && placement.migration.is_none());
+            if placed_here_assigned && local == Local::Running && runtime.awaits_resume(&vm).await {
+                finish_switch_over(store, runtime, api, &vm, ops).await;
+            }
             continue;
         }
         if matches!(step, Step::Start | Step::MigrateIn) && !runtime.ha.may_start() {
@@ -861,6 +643,58 @@ async fn reconcile_all(
     }
 }
 
+/// A QEMU launched for an incoming migration (or reattached) under a placement that now
+/// names this host: if it runs, nothing is left to do; if a switch-over left it paused
+/// (this agent restarted between the CAS and `cont`), the resume is finished.
+async fn finish_switch_over(
+    store: &Store,
+    runtime: &Arc<Runtime>,
+    api: &Arc<ClusterApi>,
+    vm: &VmName,
+    ops: &BTreeMap<String, OpRecord>,
+) {
+    let Some(machine) = runtime.machine(vm).await else {
+        return;
+    };
+    let paused = match machine.status().await {
+        Ok(RunState::Running) => {
+            runtime.mark_resumed(vm).await;
+            return;
+        }
+        Ok(RunState::Paused | RunState::Prelaunch | RunState::Inmigrate) => true,
+        Ok(_) => false,
+        // Asked again next round.
+        Err(_) => return,
+    };
+    let me = &runtime.config.host;
+    let op = ops
+        .values()
+        .filter(|op| {
+            matches!(&op.kind, OpKind::Migrate(migrate) if &migrate.vm == vm && &migrate.to == me)
+                && op.state != OpState::Queued
+        })
+        .max_by_key(|op| op.created_ms)
+        .cloned();
+    let Some(op) = op.filter(|_| paused) else {
+        // Paused without a migration of ours to finish: not ours to resume.
+        runtime.mark_resumed(vm).await;
+        return;
+    };
+    let Some(claim) = runtime.claim(vm) else {
+        return;
+    };
+    let (store, runtime, api, vm) = (store.clone(), runtime.clone(), api.clone(), vm.clone());
+    tokio::spawn(async move {
+        let _claim = claim;
+        let context = Context {
+            store: &store,
+            runtime: &runtime,
+            events: api.events(),
+        };
+        migration::finish_switch_over(&context, &vm, &op).await;
+    });
+}
+
 /// The VM's restart log asks to leave this host, under its current placement.
 fn leaving_here(entry: &VmEntry, me: &HostName) -> bool {
     let (Some(log), Some(placement)) = (&entry.restarts, &entry.placement) else {
@@ -895,12 +729,32 @@ async fn carry_out(
             write_status(VmState::Starting, None, None).await;
             let started = Instant::now();
             match runtime.start(&record).await {
+                Ok(machine) if !runtime.ha.may_start() => {
+                    // The lease was lost (or the host fenced) while QEMU launched: another
+                    // host may start the VM now, so this copy must not run.
+                    let outcome = match runtime.kill(vm).await {
+                        Ok(()) => "killed".to_string(),
+                        Err(error) => format!("and killing it failed: {error}"),
+                    };
+                    write_status(VmState::Failed, None, Some("lease lost while starting".into()))
+                        .await;
+                    events
+                        .record(
+                            &subject,
+                            EventKind::StartFailed,
+                            &format!(
+                                "VM {vm} (QEMU pid {}) started on {me} as its lease was lost; {outcome}",
+                                machine.pid()
+                            ),
+                        )
+                        .await;
+                }
                 Ok(machine) => {
                     write_status(VmState::Running, Some(machine.pid()), None).await;
                     events
                         .record(
                             &subject,
-                            "started",
+                            EventKind::Started,
                             &format!(
                                 "VM {vm} started on {me} (QEMU pid {}, {} ms)",
                                 machine.pid(),
@@ -917,7 +771,7 @@ async fn carry_out(
                     events
                         .record(
                             &subject,
-                            "start-failed",
+                            EventKind::StartFailed,
                             &format!("VM {vm} failed to start on {me}: {error}"),
                         )
                         .await;
@@ -932,14 +786,14 @@ async fn carry_out(
                     events
                         .record(
                             &subject,
-                            "stopped",
+                            EventKind::Stopped,
                             &format!("VM {vm} stopped on {me}: {report}"),
                         )
                         .await;
                 }
                 Err(error) => {
                     events
-                        .record(&subject, "stop-failed", &format!("VM {vm}: {error}"))
+                        .record(&subject, EventKind::StopFailed, &format!("VM {vm}: {error}"))
                         .await
                 }
             }
@@ -947,19 +801,19 @@ async fn carry_out(
         (Step::Reset, Some(record)) => match runtime.reset(vm, record.reset_serial).await {
             Ok(()) => {
                 events
-                    .record(&subject, "reset", &format!("VM {vm} reset on {me}"))
+                    .record(&subject, EventKind::Reset, &format!("VM {vm} reset on {me}"))
                     .await
             }
             Err(error) => {
                 events
-                    .record(&subject, "reset-failed", &format!("VM {vm}: {error}"))
+                    .record(&subject, EventKind::ResetFailed, &format!("VM {vm}: {error}"))
                     .await
             }
         },
         (Step::Delete, Some(record)) => {
             if let Err(error) = runtime.kill(vm).await {
                 events
-                    .record(&subject, "delete-failed", &format!("VM {vm}: {error}"))
+                    .record(&subject, EventKind::DeleteFailed, &format!("VM {vm}: {error}"))
                     .await;
                 return;
             }
@@ -970,25 +824,47 @@ async fn carry_out(
                     tracing::warn!("VM {vm}: address {ip} not released: {error}");
                 }
             }
-            let _ = store.delete_prefix(&format!("{}{vm}/", keys.vms())).await;
+            if let Err(error) = store.delete_prefix(&format!("{}{vm}/", keys.vms())).await {
+                // Its QEMU and files are gone; the records stay until the next pass.
+                events
+                    .record(
+                        &subject,
+                        EventKind::DeleteFailed,
+                        &format!("VM {vm}: its records could not be removed yet: {error}"),
+                    )
+                    .await;
+                return;
+            }
             events
                 .record(
                     &subject,
-                    "deleted",
+                    EventKind::Deleted,
                     &format!("VM {vm} deleted: QEMU, disk and records removed by {me}"),
                 )
                 .await;
         }
-        (Step::KillStray, _) => {
-            let _ = runtime.kill(vm).await;
-            events
-                .record(
-                    &subject,
-                    "stray-killed",
-                    &format!("QEMU of VM {vm} killed on {me}: the VM is not placed here"),
-                )
-                .await;
-        }
+        (Step::KillStray, _) => match runtime.kill(vm).await {
+            Ok(()) => {
+                events
+                    .record(
+                        &subject,
+                        EventKind::StrayKilled,
+                        &format!("QEMU of VM {vm} killed on {me}: the VM is not placed here"),
+                    )
+                    .await
+            }
+            Err(error) => {
+                events
+                    .record(
+                        &subject,
+                        EventKind::KillFailed,
+                        &format!(
+                            "QEMU of VM {vm} on {me} is not placed here but could not be killed: {error}"
+                        ),
+                    )
+                    .await
+            }
+        },
         (Step::ReapExited, record) => {
             let last_words = runtime.run_dir(vm).last_words();
             // The pvpanic event is read by another task: the console's panic line is the
@@ -999,7 +875,10 @@ async fn carry_out(
                 .is_some_and(|machine| machine.guest_panicked())
                 || last_words.contains("Kernel panic");
             let on_purpose = runtime.take_expected_exit(vm);
-            runtime.forget(vm).await;
+            if let Err(error) = runtime.forget(vm).await {
+                tracing::warn!("VM {vm}: {error}");
+                return;
+            }
             let unexpected = record
                 .as_ref()
                 .is_some_and(|record| record.desired == ferry_model::cluster::PowerState::Running);
@@ -1007,7 +886,7 @@ async fn carry_out(
                 events
                     .record(
                         &subject,
-                        "fenced",
+                        EventKind::Fenced,
                         &format!("VM {vm} was killed on {me}: the host fenced itself"),
                     )
                     .await;
@@ -1038,7 +917,7 @@ async fn carry_out(
                     cause,
                 };
                 let decision =
-                    match recovery::update_restart_log(store, vm, |log| log.push(failure.clone()))
+                    match executor::update_restart_log(store, vm, |log| log.push(failure.clone()))
                         .await
                     {
                         Ok(log) => after_vm_failure(&log, &me, &record.ha, now_ms()),
@@ -1054,7 +933,7 @@ async fn carry_out(
                         events
                             .record(
                                 &subject,
-                                "vm-failed",
+                                EventKind::VmFailed,
                                 &format!("{what}; restarting it here{detail}"),
                             )
                             .await;
@@ -1065,7 +944,7 @@ async fn carry_out(
                             generation: placement_generation.unwrap_or(0),
                             reason: format!("it kept failing on {me}: {reason}"),
                         };
-                        if let Err(error) = recovery::update_restart_log(store, vm, |log| {
+                        if let Err(error) = executor::update_restart_log(store, vm, |log| {
                             log.leave = Some(leave.clone())
                         })
                         .await
@@ -1090,13 +969,13 @@ async fn carry_out(
                         events
                             .record(
                                 &subject,
-                                "vm-failed",
+                                EventKind::VmFailed,
                                 &format!("{what}; {reason}: restarting it on another host{detail}"),
                             )
                             .await;
                     }
                     AfterFailure::GiveUp { reason } => {
-                        if let Err(error) = recovery::leave_stopped(store, vm).await {
+                        if let Err(error) = executor::leave_stopped(store, vm).await {
                             tracing::warn!("cannot stop VM {vm} after its restart limit: {error}");
                         }
                         write_status(VmState::Failed, None, Some(format!("{cause}; {reason}")))
@@ -1104,7 +983,7 @@ async fn carry_out(
                         events
                             .record(
                                 &subject,
-                                "restart-limit",
+                                EventKind::RestartLimit,
                                 &format!("{what}; not restarted: {reason}{detail}"),
                             )
                             .await;
@@ -1123,7 +1002,7 @@ async fn carry_out(
 async fn report_status(
     store: &Store,
     runtime: &Arc<Runtime>,
-    view: &BTreeMap<String, VmEntry>,
+    view: &VmEntries,
     reporter: &mut Reporter,
 ) {
     let me = runtime.config.host.clone();
@@ -1145,7 +1024,8 @@ async fn report_status(
             continue;
         }
         let state = match machine.status().await {
-            Ok(RunState::Running) | Ok(RunState::Paused) => VmState::Running,
+            Ok(RunState::Running) => VmState::Running,
+            Ok(RunState::Paused) | Ok(RunState::Prelaunch) => VmState::Paused,
             Ok(RunState::Inmigrate) | Ok(RunState::Postmigrate) | Ok(RunState::FinishMigrate) => {
                 VmState::Migrating
             }

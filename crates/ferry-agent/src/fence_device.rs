@@ -68,17 +68,7 @@ pub async fn power_off(device: &FenceDevice) -> Result<(), String> {
     }
 }
 
-/// Where the fencing of one host stands.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum FenceProgress {
-    Running {
-        attempt: u32,
-        last_error: Option<String>,
-    },
-    ConfirmedOff {
-        after_ms: u64,
-    },
-}
+pub use ferry_model::ha::FenceProgress;
 
 /// A fence in the background, retried until it is confirmed or dropped (the host came
 /// back, or this agent no longer leads).

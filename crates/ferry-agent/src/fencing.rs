@@ -1,12 +1,22 @@
 //! Self-fencing and the storage heartbeat.
 //!
-//! Every `heartbeat_ms` the agent writes its slot on the shared pool
-//! (`.ferry/heartbeat/{host}.json`: time, last lease renewal, fenced, running VMs).
-//! When its last lease renewal is `fence_after` old it reads its peers' slots and, unless
-//! most hosts lost etcd too (a control-plane outage, where nobody restarts anything),
-//! SIGKILLs its HA VMs whose isolation response is `power-off`, says so in its slot, and
-//! starts nothing until it holds a lease again and has re-read the cluster. The decision
-//! itself is `ferry_manager::ha::on_lease_loss`.
+//! Three tasks, none waiting on another:
+//! - the **heartbeat writer** rewrites this host's slot on the shared pool
+//!   (`.ferry/heartbeat/{host}.json`) every `heartbeat_ms`: a sequence that moves, the
+//!   age of its last lease renewal, its watchdog's timeout, fenced, running VMs;
+//! - the **heartbeat reader** reads every slot every `heartbeat_ms` into the
+//!   [`HeartbeatBoard`], which measures how long each sequence stood still on this
+//!   host's monotonic clock (the manager judges dead hosts from it, too);
+//! - the **fencing loop** ticks every [`FENCE_TICK_MS`] and never touches storage: when
+//!   its last lease renewal is `fence_after` old it decides from the board's latest read
+//!   (`ferry_manager::ha::on_lease_loss`; a read older than three heartbeats counts as
+//!   unreadable) and, unless most hosts lost etcd too, SIGKILLs every HA VM whose
+//!   isolation response is `power-off` at once, then waits for all of them within
+//!   [`KILL_BUDGET_MS`]. It starts nothing until it holds a lease again and has re-read
+//!   the cluster. It also feeds the watchdog while the agent is sane.
+//!
+//! Start-up refuses timings where `fence_after` + one tick + the kill budget does not
+//! end before the lease TTL, after which the leader may restart the VMs elsewhere.
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -15,52 +25,66 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_manager::ha::{on_lease_loss, HaTiming, LeaseLoss};
-use ferry_model::cluster::{now_ms, RECORD_VERSION};
-use ferry_model::ha::StorageHeartbeat;
+use ferry_manager::ha::{
+    on_lease_loss, HaTiming, HeartbeatTracker, LeaseLoss, FENCE_TICK_MS, KILL_BUDGET_MS,
+};
+use ferry_model::cluster::{monotonic_ms, now_ms, RECORD_VERSION};
+use ferry_model::ha::{ObservedBeat, StorageHeartbeat};
 use ferry_model::{HostName, VmName};
 use ferry_store::RenewalClock;
 
 use crate::runtime::Runtime;
 
-/// The agent's HA state, shared by the fencing loop and the reconciler.
+/// The agent's HA state, shared by the fencing loop, the heartbeat tasks and the
+/// reconciler.
 #[derive(Debug)]
 pub struct HaGuard {
     pub clock: RenewalClock,
     pub timing: HaTiming,
+    /// The watchdog reboots this host this long after its last feed, if it has one.
+    pub watchdog_ms: Option<u64>,
+    pub heartbeats: HeartbeatBoard,
     fenced: AtomicBool,
     /// The lease was lost: the reconciler re-reads the cluster before starting anything.
     stale_view: AtomicBool,
     /// VMs to kill when this host alone is cut off (HA, isolation response power-off).
     fence_list: std::sync::Mutex<BTreeSet<VmName>>,
-    /// When the reconciler last went round (wall-clock ms): the watchdog's sign of sanity.
+    /// When the reconciler last went round (monotonic ms): the watchdog's sign of sanity.
     progress_ms: AtomicU64,
 }
 
 impl HaGuard {
-    pub fn new(timing: HaTiming) -> HaGuard {
+    pub fn new(timing: HaTiming, watchdog_ms: Option<u64>) -> HaGuard {
         HaGuard {
             clock: RenewalClock::default(),
             timing,
+            watchdog_ms,
+            heartbeats: HeartbeatBoard::default(),
             fenced: AtomicBool::new(false),
             stale_view: AtomicBool::new(false),
             fence_list: Default::default(),
-            progress_ms: AtomicU64::new(now_ms()),
+            progress_ms: AtomicU64::new(monotonic_ms()),
         }
     }
 
     pub fn mark_progress(&self) {
-        self.progress_ms.store(now_ms(), Ordering::Release);
+        self.progress_ms.store(monotonic_ms(), Ordering::Release);
     }
 
     /// The reconciler went round recently: the agent is not hung.
     pub fn sane(&self) -> bool {
-        now_ms().saturating_sub(self.progress_ms.load(Ordering::Acquire)) < SANE_WITHIN_MS
+        self.sane_at(monotonic_ms())
     }
 
-    /// The lease was renewed within `fence_after`.
+    fn sane_at(&self, now: u64) -> bool {
+        now.saturating_sub(self.progress_ms.load(Ordering::Acquire)) < SANE_WITHIN_MS
+    }
+
+    /// The last acknowledged renewal was sent within `fence_after`.
     pub fn lease_fresh(&self) -> bool {
-        now_ms().saturating_sub(self.clock.last_ms()) < self.timing.fence_after_ms
+        self.clock
+            .age_ms()
+            .is_some_and(|age| age < self.timing.fence_after_ms)
     }
 
     /// Starting a QEMU is allowed: lease fresh, not fenced, the view re-read since a loss.
@@ -96,22 +120,77 @@ impl HaGuard {
             .map(|list| list.clone())
             .unwrap_or_default()
     }
+
+    /// The peers' heartbeats as last read, if that read is recent enough to decide on.
+    pub fn observed_heartbeats(&self) -> Option<Vec<ObservedBeat>> {
+        self.heartbeats
+            .latest(monotonic_ms(), 3 * self.timing.heartbeat_ms)
+    }
 }
 
 /// The reconciler ticks every second and every etcd call it makes is bounded; silence
 /// this long means the agent is hung, and the watchdog is left to reboot the host.
 const SANE_WITHIN_MS: u64 = 30_000;
 
-/// A hardware or kernel watchdog (`/dev/watchdog`): every write postpones the reboot.
-/// It is never closed with the magic 'V', so an agent that dies also reboots the host.
+/// The latest read of the heartbeat slots, observed at the moment of the read.
+#[derive(Debug, Default)]
+pub struct HeartbeatBoard {
+    state: std::sync::Mutex<BoardState>,
+}
+
+#[derive(Debug, Default)]
+struct BoardState {
+    tracker: HeartbeatTracker,
+    latest: Option<(u64, Vec<ObservedBeat>)>,
+}
+
+impl HeartbeatBoard {
+    /// Takes in one read of every slot, made at `now` (monotonic ms).
+    pub fn record(&self, beats: Vec<StorageHeartbeat>, now: u64) {
+        if let Ok(mut state) = self.state.lock() {
+            let observed = state.tracker.observe(beats, now);
+            state.latest = Some((now, observed));
+        }
+    }
+
+    /// The latest read if it is at most `max_age_ms` old; `None`: nothing recent is
+    /// known (the pool hangs or cannot be read). Silences are as of that read, which
+    /// errs on the side of a host being alive.
+    pub fn latest(&self, now: u64, max_age_ms: u64) -> Option<Vec<ObservedBeat>> {
+        let state = self.state.lock().ok()?;
+        let (read_at, observed) = state.latest.as_ref()?;
+        (now.saturating_sub(*read_at) <= max_age_ms).then(|| observed.clone())
+    }
+}
+
+/// A hardware or kernel watchdog (`/dev/watchdog`), or the lab's stand-in for one (a
+/// FIFO read by a process outside the lab host): every write postpones the reboot. It
+/// is never closed with the magic 'V', so an agent that dies also reboots the host.
 pub struct Watchdog {
     device: std::fs::File,
     path: PathBuf,
 }
 
+/// `WDIOC_SETTIMEOUT` of the kernel's watchdog API (`linux/watchdog.h`).
+#[allow(unsafe_code)]
+mod wdioc {
+    nix::ioctl_readwrite!(set_timeout, b'W', 6, libc::c_int);
+}
+
 impl Watchdog {
-    pub fn open(path: &Path) -> std::io::Result<Watchdog> {
+    /// Opens the device and, for a real one (a character device), sets its timeout; a
+    /// FIFO (the lab's watchdog) has its timeout from whoever reads it.
+    pub fn open(path: &Path, timeout_ms: u64) -> std::io::Result<Watchdog> {
+        use std::os::unix::fs::FileTypeExt;
         let device = std::fs::OpenOptions::new().write(true).open(path)?;
+        if device.metadata()?.file_type().is_char_device() {
+            use std::os::fd::AsRawFd;
+            let mut seconds = timeout_ms.div_ceil(1000) as libc::c_int;
+            // SAFETY: the fd is open for the call's duration and `seconds` outlives it.
+            #[allow(unsafe_code)]
+            let set = unsafe { wdioc::set_timeout(device.as_raw_fd(), &mut seconds) };
+            set.map_err(std::io::Error::from)?;
+        }
         Ok(Watchdog {
             device,
             path: path.to_path_buf(),
@@ -150,67 +229,175 @@ pub fn heartbeat_dir(pool: &Path) -> PathBuf {
     pool.join(".ferry").join("heartbeat")
 }
 
-/// Every slot in `dir`; `None` if the directory cannot be read in time (a stuck pool).
-pub async fn read_heartbeats(dir: &Path, timeout: Duration) -> Option<Vec<StorageHeartbeat>> {
-    let dir = dir.to_path_buf();
-    let read = tokio::task::spawn_blocking(move || {
-        let mut beats = Vec::new();
-        for entry in std::fs::read_dir(&dir).ok()? {
-            let path = entry.ok()?.path();
-            if path.extension().and_then(|ext| ext.to_str()) != Some("json") {
-                continue;
-            }
-            // A slot being replaced or damaged is skipped, not fatal.
-            if let Some(beat) = std::fs::read(&path)
-                .ok()
-                .and_then(|bytes| serde_json::from_slice::<StorageHeartbeat>(&bytes).ok())
-            {
-                beats.push(beat);
-            }
+/// Every slot in `dir`, read in a blocking thread; `Err` if the directory cannot be
+/// read. A slot being replaced or damaged is skipped, not fatal.
+fn read_slots(dir: &Path) -> std::io::Result<Vec<StorageHeartbeat>> {
+    let mut beats = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().and_then(|ext| ext.to_str()) != Some("json") {
+            continue;
         }
-        Some(beats)
-    });
-    tokio::time::timeout(timeout, read).await.ok()?.ok()?
+        match std::fs::read(&path)
+            .map_err(|error| error.to_string())
+            .and_then(|bytes| {
+                serde_json::from_slice::<StorageHeartbeat>(&bytes).map_err(|e| e.to_string())
+            }) {
+            Ok(beat) => beats.push(beat),
+            Err(error) => tracing::debug!("heartbeat slot {} skipped: {error}", path.display()),
+        }
+    }
+    Ok(beats)
 }
 
 /// Writes this host's slot (write then rename, so readers never see half of it).
-async fn write_heartbeat(dir: &Path, beat: &StorageHeartbeat, timeout: Duration) -> bool {
-    let dir = dir.to_path_buf();
-    let Ok(bytes) = serde_json::to_vec(beat) else {
-        return false;
-    };
+fn write_slot(dir: &Path, beat: &StorageHeartbeat) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec(beat).map_err(std::io::Error::other)?;
     let name = format!("{}.json", beat.host);
-    let write = tokio::task::spawn_blocking(move || {
-        std::fs::create_dir_all(&dir)?;
-        let temporary = dir.join(format!(".{name}.new"));
-        std::fs::write(&temporary, bytes)?;
-        std::fs::rename(&temporary, dir.join(name))
-    });
-    matches!(tokio::time::timeout(timeout, write).await, Ok(Ok(Ok(()))))
+    std::fs::create_dir_all(dir)?;
+    let temporary = dir.join(format!(".{name}.new"));
+    std::fs::write(&temporary, bytes)?;
+    std::fs::rename(&temporary, dir.join(name))
 }
 
-/// Runs for the agent's life.
+/// Runs `work` in a blocking thread unless the previous one still hangs (a stuck pool
+/// leaves its caller in D state: one such thread is enough).
+struct OneAtATime<T> {
+    running: Option<tokio::task::JoinHandle<T>>,
+}
+
+impl<T: Send + 'static> OneAtATime<T> {
+    fn new() -> Self {
+        OneAtATime { running: None }
+    }
+
+    /// The result if the work finished within `timeout`; `None` if it did not (it
+    /// goes on in the background and the next call waits for it instead).
+    async fn run(
+        &mut self,
+        timeout: Duration,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        let handle = match self.running.take() {
+            Some(handle) => handle,
+            None => tokio::task::spawn_blocking(work),
+        };
+        let mut handle = handle;
+        match tokio::time::timeout(timeout, &mut handle).await {
+            Ok(Ok(result)) => Some(result),
+            Ok(Err(error)) => {
+                tracing::warn!("storage heartbeat task failed: {error}");
+                None
+            }
+            Err(_) => {
+                self.running = Some(handle);
+                None
+            }
+        }
+    }
+}
+
+/// Reads every slot each heartbeat into the board, for the life of the agent.
+pub async fn read_heartbeats_forever(runtime: Arc<Runtime>, pool: PathBuf) {
+    let interval = Duration::from_millis(runtime.ha.timing.heartbeat_ms);
+    let dir = heartbeat_dir(&pool);
+    let mut reader = OneAtATime::new();
+    let mut failing = false;
+    loop {
+        let read_dir = dir.clone();
+        match reader.run(interval, move || read_slots(&read_dir)).await {
+            Some(Ok(beats)) => {
+                runtime.ha.heartbeats.record(beats, monotonic_ms());
+                failing = false;
+            }
+            Some(Err(error)) if !failing => {
+                failing = true;
+                tracing::warn!(
+                    "cannot read the storage heartbeats in {}: {error}",
+                    dir.display()
+                );
+            }
+            Some(Err(_)) => {}
+            None if !failing => {
+                failing = true;
+                tracing::warn!("reading the storage heartbeats in {} hangs", dir.display());
+            }
+            None => {}
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+/// Writes this host's slot each heartbeat, for the life of the agent.
+pub async fn write_heartbeat_forever(runtime: Arc<Runtime>, me: HostName, pool: PathBuf) {
+    let guard = &runtime.ha;
+    let interval = Duration::from_millis(guard.timing.heartbeat_ms);
+    let dir = heartbeat_dir(&pool);
+    let mut writer = OneAtATime::new();
+    // Starts far from any earlier run's numbers, so a restarted agent's slot moves.
+    let mut sequence = now_ms();
+    loop {
+        sequence += 1;
+        let mut running = Vec::new();
+        for vm in runtime.local_names().await {
+            if runtime.machine(&vm).await.is_some_and(|m| !m.has_exited()) {
+                running.push(vm);
+            }
+        }
+        let beat = StorageHeartbeat {
+            version: RECORD_VERSION,
+            host: me.clone(),
+            sequence,
+            at_ms: now_ms(),
+            lease_age_ms: guard.clock.age_ms(),
+            watchdog_ms: guard.watchdog_ms,
+            fenced: guard.is_fenced(),
+            running,
+        };
+        let write_dir = dir.clone();
+        match writer
+            .run(interval, move || write_slot(&write_dir, &beat))
+            .await
+        {
+            Some(Ok(())) => {}
+            Some(Err(error)) => tracing::warn!(
+                "host {me}: cannot write the storage heartbeat in {}: {error}",
+                dir.display()
+            ),
+            None => tracing::warn!(
+                "host {me}: writing the storage heartbeat in {} hangs",
+                dir.display()
+            ),
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+/// The fencing loop, for the life of the agent. It never waits on storage.
 pub async fn guard_forever(
     runtime: Arc<Runtime>,
     me: HostName,
-    pool: Option<PathBuf>,
     watchdog: Option<Arc<std::sync::Mutex<Watchdog>>>,
     started: Arc<AtomicBool>,
 ) {
     started.store(true, Ordering::Release);
     let guard = &runtime.ha;
     let timing = guard.timing;
-    let interval = Duration::from_millis(timing.heartbeat_ms);
-    let dir = pool.as_deref().map(heartbeat_dir);
+    let tick = Duration::from_millis(FENCE_TICK_MS);
     let mut waiting = None::<String>;
     let mut lost = false;
     let mut starving = false;
+    let mut last_feed = 0u64;
     loop {
-        tokio::time::sleep(interval).await;
+        tokio::time::sleep(tick).await;
         if let Some(watchdog) = &watchdog {
+            let now = monotonic_ms();
             if guard.sane() {
-                if let Ok(mut watchdog) = watchdog.lock() {
-                    watchdog.feed();
+                if now.saturating_sub(last_feed) >= timing.heartbeat_ms {
+                    if let Ok(mut watchdog) = watchdog.lock() {
+                        watchdog.feed();
+                    }
+                    last_feed = now;
                 }
                 starving = false;
             } else if !starving {
@@ -221,7 +408,6 @@ pub async fn guard_forever(
                 );
             }
         }
-        let now = now_ms();
         if guard.lease_fresh() {
             if lost {
                 lost = false;
@@ -229,68 +415,62 @@ pub async fn guard_forever(
                 guard.fenced.store(false, Ordering::Release);
                 tracing::warn!("host {me} holds a lease again; re-reading the cluster");
             }
-        } else if !guard.is_fenced() {
-            if !lost {
-                lost = true;
-                guard.stale_view.store(true, Ordering::Release);
-            }
-            let beats = match &dir {
-                Some(dir) => read_heartbeats(dir, interval).await,
-                None => None,
-            };
-            match on_lease_loss(&me, beats.as_deref(), now, &timing) {
-                LeaseLoss::Fence { reason } => {
-                    fence(&runtime, &me, &reason).await;
-                    waiting = None;
-                }
-                LeaseLoss::Wait { reason } => {
-                    if waiting.as_ref() != Some(&reason) {
-                        tracing::warn!("host {me}: {reason}; keeping every VM running");
-                        waiting = Some(reason);
-                    }
-                }
-            }
+            continue;
         }
-        let Some(dir) = &dir else { continue };
-        let mut running = Vec::new();
-        for vm in runtime.local_names().await {
-            if runtime.machine(&vm).await.is_some_and(|m| !m.has_exited()) {
-                running.push(vm);
-            }
+        if guard.is_fenced() {
+            continue;
         }
-        let beat = StorageHeartbeat {
-            version: RECORD_VERSION,
-            host: me.clone(),
-            at_ms: now_ms(),
-            lease_renewed_ms: guard.clock.last_ms(),
-            fenced: guard.is_fenced(),
-            running,
-        };
-        if !write_heartbeat(dir, &beat, interval).await {
-            tracing::warn!(
-                "host {me}: cannot write the storage heartbeat in {}",
-                dir.display()
-            );
+        if !lost {
+            lost = true;
+            guard.stale_view.store(true, Ordering::Release);
+        }
+        let beats = guard.observed_heartbeats();
+        match on_lease_loss(&me, beats.as_deref(), &timing) {
+            LeaseLoss::Fence { reason } => {
+                fence(&runtime, &me, &reason).await;
+                waiting = None;
+            }
+            LeaseLoss::Wait { reason } => {
+                if waiting.as_ref() != Some(&reason) {
+                    tracing::warn!("host {me}: {reason}; keeping every VM running");
+                    waiting = Some(reason);
+                }
+            }
         }
     }
 }
 
-/// Kills the HA VMs that must not outlive this host's membership.
+/// Kills the HA VMs that must not outlive this host's membership: first it stops every
+/// start (fenced), then SIGKILL to all of them at once, then it waits for all.
 async fn fence(runtime: &Runtime, me: &HostName, reason: &str) {
+    runtime.ha.fenced.store(true, Ordering::Release);
     let victims = runtime.ha.fence_list();
-    let mut killed = Vec::new();
+    let mut machines = Vec::new();
     for vm in runtime.local_names().await {
         if !victims.contains(&vm) {
             continue;
         }
         if let Some(machine) = runtime.machine(&vm).await {
-            match machine.kill().await {
-                Ok(()) => killed.push(vm.to_string()),
+            match machine.sigkill() {
+                Ok(()) => machines.push((vm, machine)),
                 Err(error) => tracing::error!("host {me}: cannot fence VM {vm}: {error}"),
             }
         }
     }
-    runtime.ha.fenced.store(true, Ordering::Release);
+    let budget = Duration::from_millis(KILL_BUDGET_MS);
+    let waits = machines
+        .iter()
+        .map(|(vm, machine)| async move { (vm, machine.wait_exit_timeout(budget).await) });
+    let mut killed = Vec::new();
+    for (vm, gone) in futures::future::join_all(waits).await {
+        if gone {
+            killed.push(vm.to_string());
+        } else {
+            tracing::error!(
+                "host {me}: VM {vm} survived SIGKILL for {KILL_BUDGET_MS} ms (stuck in storage?)"
+            );
+        }
+    }
     tracing::warn!(
         "host {me} fenced itself ({reason}): killed {}",
         if killed.is_empty() {
@@ -311,22 +491,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("watchdog");
         std::fs::write(&path, "").unwrap();
-        let mut watchdog = Watchdog::open(&path).unwrap();
+        let mut watchdog = Watchdog::open(&path, 10_000).unwrap();
         watchdog.feed();
         watchdog.feed();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "11");
-        assert!(Watchdog::open(&dir.path().join("absent")).is_err());
+        assert!(Watchdog::open(&dir.path().join("absent"), 10_000).is_err());
     }
 
     #[test]
     fn an_agent_is_sane_while_its_reconciler_goes_round() {
-        let guard = HaGuard::new(HaTiming::default());
+        let guard = HaGuard::new(HaTiming::default(), None);
         assert!(guard.sane());
-        guard
-            .progress_ms
-            .store(now_ms() - SANE_WITHIN_MS - 1, Ordering::Release);
-        assert!(!guard.sane());
-        guard.mark_progress();
-        assert!(guard.sane());
+        let later = monotonic_ms() + SANE_WITHIN_MS + 1;
+        assert!(!guard.sane_at(later), "silent for longer than it may be");
+        guard.progress_ms.store(later, Ordering::Release);
+        assert!(guard.sane_at(later));
     }
 }

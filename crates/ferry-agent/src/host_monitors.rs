@@ -12,8 +12,11 @@ use ferry_api::ops::{ClusterApi, VmEntry};
 use ferry_api::types::MigrateRequest;
 use ferry_manager::monitor::{Tracker, Verdict};
 use ferry_model::cluster::{now_ms, PowerState};
+use ferry_model::events::EventKind;
 use ferry_model::ha::FenceRequest;
-use ferry_model::monitor::{update_health, Action, Check, HostHealth, Monitor, MonitorHealth};
+use ferry_model::monitor::{
+    update_health, Action, Check, HostHealth, Monitor, MonitorHealth, MonitorState,
+};
 use ferry_store::Store;
 use tokio::sync::Mutex;
 
@@ -85,7 +88,7 @@ impl HostWatch {
                     detected_after_ms,
                 } => {
                     self.event(
-                        "monitor-down",
+                        EventKind::MonitorDown,
                         &format!(
                             "host {me}: monitor {} ({}) down after {} failed probe(s) in {:.1} s ({}); {action} (attempt {attempt} of ladder {})",
                             monitor.id,
@@ -100,7 +103,7 @@ impl HostWatch {
                     let started = Instant::now();
                     let result = self.act(&monitor, action).await;
                     self.event(
-                        "monitor-action",
+                        EventKind::MonitorAction,
                         &format!(
                             "host {me}: monitor {} ({}) down after {} failed probe(s) in {:.1} s ({}); {action} (attempt {attempt} of ladder {}): {result} in {:.1} s",
                             monitor.id,
@@ -117,7 +120,7 @@ impl HostWatch {
                 }
                 Verdict::Exhausted { attempts } => {
                     self.event(
-                        "monitor-exhausted",
+                        EventKind::MonitorExhausted,
                         &format!(
                             "host {me}: monitor {} ({}) is still down after its whole ladder ({attempts} attempts); watching only",
                             monitor.id, monitor.check
@@ -127,7 +130,7 @@ impl HostWatch {
                 }
                 Verdict::Recovered { down_ms, .. } => {
                     self.event(
-                        "monitor-recovered",
+                        EventKind::MonitorRecovered,
                         &format!(
                             "host {me}: monitor {} ({}) passes again {:.1} s after its first failed probe",
                             monitor.id,
@@ -192,7 +195,10 @@ impl HostWatch {
             if let Ok(mut in_flight) = in_flight.lock() {
                 *in_flight = None;
             }
-            let _ = sender.send(result);
+            // The probe's caller gave up waiting (timeout): nobody wants the answer.
+            if sender.send(result).is_err() {
+                tracing::debug!("storage probe answered after its timeout");
+            }
         });
         match tokio::time::timeout(timeout, receiver).await {
             Ok(Ok(result)) => result,
@@ -270,7 +276,7 @@ impl HostWatch {
     async fn set_health(
         &self,
         monitor: &Monitor,
-        state: &str,
+        state: MonitorState,
         failures: u32,
         error: Option<String>,
     ) {
@@ -296,7 +302,7 @@ impl HostWatch {
         }
     }
 
-    async fn event(&self, kind: &str, message: &str) {
+    async fn event(&self, kind: EventKind, message: &str) {
         tracing::info!("{message}");
         let subject = format!("host/{}", self.runtime.config.host);
         self.api.events().record(&subject, kind, message).await;

@@ -16,12 +16,17 @@
 //!  1 preparing ◀─────────────────────────────────  QEMU -incoming defer -S, NBD export of
 //!    wait for incoming/{op}                        local-disk copies; write incoming/{op}
 //!  2 copying disks (local pools only): mirror to NBD, wait until in sync
-//!  3 copying memory (live): migrate, progress into the op, cancel honoured
-//!    saving state (quick): stop vCPUs, save to the shared pool, kill source QEMU
+//!  3 copying memory (live): migrate, progress into the op, cancel honoured; with local
+//!    disks QEMU stops at pre-switchover (vCPUs paused, I/O drained): the mirrors end
+//!    there, in sync, before the memory's last pass (no write is left behind)
+//!    saving state (quick): stop vCPUs, save to the shared pool (fsync), step saved
 //!  4 switch-over: QEMU completed (source paused) ─CAS placement → Assigned(dst), gen+1─▶
-//!                                                  placement names me: load state (quick),
-//!                                                  cont, announce, write resumed_ms
-//!  5 source QEMU killed, source copies of local disks removed, op completed
+//!                                                  placement names me, lease fresh: load
+//!                                                  state (quick), cont (retried; a failure
+//!                                                  is reported, never taken for success),
+//!                                                  announce, write resumed_ms
+//!  5 source QEMU killed (quick: only now, after the CAS), op completed; source copies of
+//!    local disks are removed only once the destination confirmed it resumed
 //!
 //!  failure or cancel before the switch-over CAS (any of 1-3):
 //!    source: migrate_cancel, vCPUs resumed, op failed|cancelled, then placement back to
@@ -33,7 +38,9 @@
 //!
 //! Each agent can restart at any point: the reconciler sees the placement still
 //! `Migrating` and calls the driver again, which reads where it is from QEMU's own state
-//! (`query-migrate`) and from the records, never from memory. A source host that dies
+//! (`query-migrate`) and from the op's step (`OpStep`), never from memory or the words
+//! of its phase. A destination that restarts after the CAS finds its QEMU paused (or
+//! still waiting for the state) under a placement naming it, and finishes the resume. A source host that dies
 //! leaves the placement naming it: its VM is the HA rules' to restart, and the
 //! destination removes its never-resumed QEMU once the op is final.
 
@@ -45,8 +52,10 @@ use ferry_api::ops::EventLog;
 use ferry_model::cluster::{
     now_ms, Placement, PlacementPhase, VmRecord, VmState, VmStatus, RECORD_VERSION,
 };
+use ferry_model::events::EventKind;
 use ferry_model::ops::{
-    IncomingRecord, MigrateOp, MigrationMode, MigrationOutcome, OpKind, OpRecord, OpState, Progress,
+    IncomingRecord, MigrateOp, MigrationMode, MigrationOutcome, OpKind, OpRecord, OpState, OpStep,
+    Progress,
 };
 use ferry_model::VmName;
 use ferry_qemu::{Machine, MigrationInfo, MigrationStatus, RunState};
@@ -160,9 +169,19 @@ impl<'a> OpHandle<'a> {
         None
     }
 
-    async fn set_phase(&self, phase: &str) {
+    /// Records the step and its wording; the driver goes on if etcd is away (the
+    /// step is rewritten at the next one, and QEMU's own state is read on a restart).
+    async fn set_step(&self, step: OpStep, phase: &str) {
         let phase = phase.to_string();
-        let _ = self.update(|op| op.phase = phase.clone()).await;
+        if let Err(error) = self
+            .update(|op| {
+                op.step = step;
+                op.phase = phase.clone();
+            })
+            .await
+        {
+            tracing::warn!("op {}: cannot record step {step:?}: {error}", self.id);
+        }
     }
 }
 
@@ -206,18 +225,22 @@ pub async fn migrate_out(context: &Context<'_>, vm: &VmName, placement: Versione
             write_status(context, vm, VmState::Migrating, Some(machine.pid())).await;
             match migrate.mode {
                 MigrationMode::Live => {
-                    live_source(context, &handle, &migrate, &machine, &op.phase).await
+                    live_source(context, &handle, &migrate, &machine, op.step).await
                 }
                 MigrationMode::Quick => {
-                    quick_source(context, &handle, &migrate, &machine, &op.phase).await
+                    quick_source(context, &handle, &migrate, &machine, op.step).await
                 }
             }
         }
-        _ if migrate.mode == MigrationMode::Quick && op.phase == SAVED => {
+        _ if migrate.mode == MigrationMode::Quick && op.step >= OpStep::StateSaved => {
             // The agent restarted after the state was saved and the source QEMU ended.
-            switch_over(context, &handle, &migrate)
-                .await
-                .map(|switched| (switched, None))
+            match switch_over(context, &handle, &migrate).await {
+                Ok(completed_ms) => Ok((
+                    await_resume(context, &handle, &migrate, completed_ms).await,
+                    None,
+                )),
+                Err(stopped) => Err(stopped),
+            }
         }
         _ => Err(Stopped::failed(format!(
             "the QEMU of VM {vm} on {} is gone",
@@ -240,7 +263,7 @@ async fn live_source(
     handle: &OpHandle<'_>,
     migrate: &MigrateOp,
     machine: &Arc<Machine>,
-    phase: &str,
+    step: OpStep,
 ) -> Result<(Switched, Option<MigrationInfo>), Stopped> {
     let vm = &migrate.vm;
     let qemu_state = machine.query_migrate().await?;
@@ -251,6 +274,7 @@ async fn live_source(
         MigrationStatus::Setup
             | MigrationStatus::Active
             | MigrationStatus::PostcopyActive
+            | MigrationStatus::PreSwitchover
             | MigrationStatus::Device
     );
     let sent = qemu_state.status == MigrationStatus::Completed
@@ -258,10 +282,13 @@ async fn live_source(
             machine.status().await,
             Ok(RunState::Postmigrate) | Ok(RunState::FinishMigrate)
         );
-    let resuming = phase == COPYING_MEMORY && (in_flight || sent);
+    let resuming = step == OpStep::CopyingMemory && (in_flight || sent);
     if !resuming {
         handle
-            .set_phase(&format!("preparing the destination on {}", migrate.to))
+            .set_step(
+                OpStep::Preparing,
+                &format!("preparing the destination on {}", migrate.to),
+            )
             .await;
         let incoming = wait_incoming(context.store, handle, PREPARE_TIMEOUT).await?;
         let uri = incoming
@@ -277,6 +304,8 @@ async fn live_source(
         if migrate.postcopy_after_ms.is_some() {
             capabilities.push(("postcopy-ram", true));
         }
+        // With local disks the last memory pass waits for the mirrors to end in sync.
+        capabilities.push(("pause-before-switchover", !migrate.disk_copies.is_empty()));
         machine.set_migration_capabilities(&capabilities).await?;
         machine
             .set_migration_parameters(serde_json::json!({
@@ -284,18 +313,26 @@ async fn live_source(
                 "max-bandwidth": migrate.bandwidth.0,
             }))
             .await?;
-        handle.set_phase(COPYING_MEMORY).await;
+        handle
+            .set_step(OpStep::CopyingMemory, "copying memory")
+            .await;
         machine.migrate(&uri).await?;
     }
     let info = follow_migration(handle, migrate, machine).await?;
     tracing::info!("VM {vm}: QEMU reports the migration {:?}", info.status);
-    let mut switched = switch_over(context, handle, migrate).await?;
+    let completed_ms = switch_over(context, handle, migrate).await?;
+    let mut switched = await_resume(context, handle, migrate, completed_ms).await;
     switched.postcopy = info.status == MigrationStatus::PostcopyActive;
     if switched.postcopy {
         // The guest runs on the destination; the rest of its memory still flows from here.
-        let _ = machine
+        match machine
             .wait_migration(Duration::from_millis(100), Duration::from_secs(600))
-            .await;
+            .await
+        {
+            Ok(info) if info.status == MigrationStatus::Completed => {}
+            Ok(info) => tracing::warn!("VM {vm}: post-copy ended {:?}", info.status),
+            Err(error) => tracing::warn!("VM {vm}: post-copy did not finish: {error}"),
+        }
     }
     let info = machine.query_migrate().await.ok().or(Some(info));
     Ok((switched, info))
@@ -328,6 +365,17 @@ async fn follow_migration(
                 return Ok(info);
             }
             MigrationStatus::PostcopyActive => return Ok(info),
+            MigrationStatus::PreSwitchover => {
+                // vCPUs stopped and I/O drained: each mirror ends now, in sync (a cancel
+                // of a ready mirror copies what is left and keeps the source's disk), and
+                // only then does the memory's last pass go.
+                for copy in &migrate.disk_copies {
+                    let job = mirror_job(&copy.disk);
+                    machine.cancel_job(&job).await?;
+                    machine.wait_job_gone(&job, DISK_FINAL_SYNC).await?;
+                }
+                machine.migrate_continue().await?;
+            }
             MigrationStatus::Failed => {
                 return Err(Stopped::failed(format!(
                     "QEMU's migration failed: {}",
@@ -365,10 +413,19 @@ async fn follow_migration(
                 .map(|op| op.cancel_requested)
                 .unwrap_or(false);
             if cancel {
-                let _ = machine.migrate_cancel().await;
-                let _ = machine
+                // The roll-back cancels again and resumes the source whatever this says.
+                if let Err(error) = machine.migrate_cancel().await {
+                    tracing::warn!("VM {}: migrate_cancel: {error}", migrate.vm);
+                }
+                if let Err(error) = machine
                     .wait_migration(Duration::from_millis(50), Duration::from_secs(30))
-                    .await;
+                    .await
+                {
+                    tracing::warn!(
+                        "VM {}: the cancelled migration did not end: {error}",
+                        migrate.vm
+                    );
+                }
                 return Err(Stopped {
                     cancelled: true,
                     reason: "cancelled on request".into(),
@@ -381,7 +438,9 @@ async fn follow_migration(
                 && began.elapsed() >= Duration::from_millis(after)
             {
                 postcopy_started = true;
-                handle.set_phase("switching to post-copy").await;
+                handle
+                    .set_step(OpStep::CopyingMemory, "switching to post-copy")
+                    .await;
                 if let Err(error) = machine.migrate_start_postcopy().await {
                     tracing::warn!("VM {}: cannot start post-copy: {error}", migrate.vm);
                 }
@@ -407,14 +466,17 @@ async fn copy_disks(
         .rsplit_once(':')
         .and_then(|(host, port)| Some((host.to_string(), port.parse::<u16>().ok()?)))
         .ok_or_else(|| Stopped::failed(format!("bad NBD address {nbd:?}")))?;
-    handle.set_phase("copying disks").await;
+    handle.set_step(OpStep::CopyingDisks, "copying disks").await;
     for copy in &migrate.disk_copies {
         let job = mirror_job(&copy.disk);
         let target = format!("copy-{}", copy.disk);
         let open = machine.open_disk(&copy.disk).await?;
         let existing = machine.block_jobs().await.unwrap_or_default();
         if !existing.iter().any(|running| running.id == job) {
-            let _ = machine.delete_node(&target).await;
+            // A node left by an earlier, interrupted run; absent is the usual case.
+            if let Err(error) = machine.delete_node(&target).await {
+                tracing::debug!("VM {}: no old node {target}: {error}", migrate.vm);
+            }
             machine
                 .add_nbd_node(&target, &host, port, &copy.disk)
                 .await
@@ -430,11 +492,8 @@ fn mirror_job(disk: &str) -> String {
     format!("copy-{disk}")
 }
 
-/// Phase name written just before `migrate` is sent to the source QEMU.
-const COPYING_MEMORY: &str = "copying memory";
-
-/// Phase name written once a quick migration's state is safely on the shared pool.
-const SAVED: &str = "state saved";
+/// How long the mirrors may take to end once the guest is paused at pre-switchover.
+const DISK_FINAL_SYNC: Duration = Duration::from_secs(120);
 
 /// Quick, steps 1-4 on the source.
 async fn quick_source(
@@ -442,17 +501,20 @@ async fn quick_source(
     handle: &OpHandle<'_>,
     migrate: &MigrateOp,
     machine: &Arc<Machine>,
-    phase: &str,
+    step: OpStep,
 ) -> Result<(Switched, Option<MigrationInfo>), Stopped> {
     let vm = &migrate.vm;
     let file = state_file(context.runtime, handle.id());
     let qemu_state = machine.query_migrate().await?;
     let paused_at;
-    if qemu_state.status == MigrationStatus::Completed && phase == SAVED {
+    if qemu_state.status == MigrationStatus::Completed && step >= OpStep::StateSaved {
         paused_at = None;
     } else {
         handle
-            .set_phase(&format!("preparing the destination on {}", migrate.to))
+            .set_step(
+                OpStep::Preparing,
+                &format!("preparing the destination on {}", migrate.to),
+            )
             .await;
         wait_incoming(context.store, handle, PREPARE_TIMEOUT).await?;
         if let Some(dir) = file.parent() {
@@ -460,13 +522,13 @@ async fn quick_source(
                 Stopped::failed(format!("cannot create {}: {error}", dir.display()))
             })?;
         }
-        handle.set_phase("saving state").await;
+        handle.set_step(OpStep::SavingState, "saving state").await;
         paused_at = Some(now_ms());
         machine.pause().await?;
         machine
             .set_migration_parameters(serde_json::json!({"max-bandwidth": migrate.bandwidth.0}))
             .await?;
-        // dd with fsync: the state must be on the shared pool before the source ends.
+        // dd with fsync: the state must be on the shared pool before it counts as saved.
         let uri = format!(
             "exec:dd of={} bs=1M conv=fsync status=none",
             shell_quote(&file)
@@ -476,23 +538,28 @@ async fn quick_source(
             .wait_migration(Duration::from_millis(20), Duration::from_secs(600))
             .await?;
         if info.status != MigrationStatus::Completed {
-            let _ = std::fs::remove_file(&file);
+            // Half a state is no state; the source still holds the guest.
+            remove_file_logged(&file);
             return Err(Stopped::failed(format!(
                 "saving the state failed: {}",
                 info.error.unwrap_or_else(|| format!("{:?}", info.status))
             )));
         }
-        handle.set_phase(SAVED).await;
+        handle.set_step(OpStep::StateSaved, "state saved").await;
     }
     let info = machine.query_migrate().await.ok();
+    // The placement moves first: until it does, the paused source (its disks released
+    // at the save's end) is the way back.
+    let completed_ms = switch_over(context, handle, migrate).await?;
     // The saved state is now the VM; the paused source must never run again.
-    let _ = machine.kill().await;
-    context.runtime.forget(vm).await;
-    let switched = switch_over(context, handle, migrate).await?;
+    if let Err(error) = context.runtime.kill(vm).await {
+        tracing::warn!("VM {vm}: the source QEMU after the switch-over: {error}");
+    }
+    let switched = await_resume(context, handle, migrate, completed_ms).await;
     let info = info.map(|mut info| {
         // For a quick migration the guest's pause is the whole save and restore.
-        if let Some(paused_at) = paused_at {
-            info.downtime_ms = Some(switched.resumed_ms.saturating_sub(paused_at));
+        if let (Some(paused_at), Some(resumed)) = (paused_at, switched.resumed_ms) {
+            info.downtime_ms = Some(resumed.saturating_sub(paused_at));
         }
         info
     });
@@ -519,19 +586,19 @@ fn shell_quote(path: &Path) -> String {
 struct Switched {
     /// QEMU finished on the source (ms since the epoch).
     completed_ms: u64,
-    /// The destination resumed the guest.
-    resumed_ms: u64,
+    /// The destination resumed the guest; `None`: it did not confirm within the wait.
+    resumed_ms: Option<u64>,
     /// The switch-over happened in post-copy.
     postcopy: bool,
 }
 
 /// Step 4: moves the placement to the destination (with the disks' new paths) in one
-/// transaction, then waits for the destination to resume the guest.
+/// transaction. Returns when QEMU completed on the source (ms since the epoch).
 async fn switch_over(
     context: &Context<'_>,
     handle: &OpHandle<'_>,
     migrate: &MigrateOp,
-) -> Result<Switched, Stopped> {
+) -> Result<u64, Stopped> {
     let completed_ms = now_ms();
     let vm = &migrate.vm;
     // Past QEMU's completion there is no way back: retry through etcd outages.
@@ -550,16 +617,32 @@ async fn switch_over(
         }
     }
     handle
-        .set_phase(&format!("resuming on {}", migrate.to))
+        .set_step(OpStep::Resuming, &format!("resuming on {}", migrate.to))
         .await;
-    let incoming = wait_resumed(context.store, handle, RESUME_TIMEOUT).await;
-    Ok(Switched {
+    Ok(completed_ms)
+}
+
+/// Waits for the destination to say it resumed the guest; a silence is reported as
+/// such, never made up into a resume time.
+async fn await_resume(
+    context: &Context<'_>,
+    handle: &OpHandle<'_>,
+    migrate: &MigrateOp,
+    completed_ms: u64,
+) -> Switched {
+    let resumed = wait_resumed(context.store, handle, RESUME_TIMEOUT).await;
+    if resumed.is_none() {
+        tracing::warn!(
+            "VM {}: {} did not confirm the resume within {RESUME_TIMEOUT:?}",
+            migrate.vm,
+            migrate.to
+        );
+    }
+    Switched {
         completed_ms,
-        resumed_ms: incoming
-            .and_then(|incoming| incoming.resumed_ms)
-            .unwrap_or_else(now_ms),
+        resumed_ms: resumed.and_then(|incoming| incoming.resumed_ms),
         postcopy: false,
-    })
+    }
 }
 
 enum MoveError {
@@ -639,22 +722,26 @@ async fn finish(
     info: Option<MigrationInfo>,
 ) {
     let vm = &migrate.vm;
-    if let Some(machine) = context.runtime.machine(vm).await {
-        // Paused since the switch-over; the destination runs the guest.
-        let _ = machine.kill().await;
+    // Paused since the switch-over; the placement names the destination now. A QEMU
+    // that survives is kept in view, and the reconciler kills it as a stray.
+    if let Err(error) = context.runtime.kill(vm).await {
+        tracing::warn!("VM {vm}: the source QEMU after the switch-over: {error}");
     }
-    context.runtime.forget(vm).await;
-    for copy in &migrate.disk_copies {
-        remove_vm_file(&copy.from, vm);
+    let resumed = switched.resumed_ms.is_some();
+    if resumed {
+        for copy in &migrate.disk_copies {
+            remove_vm_file(&copy.from, vm);
+        }
     }
-    let total_ms = switched.resumed_ms.saturating_sub(started_ms);
+    let resumed_ms = switched.resumed_ms.unwrap_or_else(now_ms);
+    let total_ms = resumed_ms.saturating_sub(started_ms);
     let qemu_total = info.as_ref().and_then(|info| info.total_time_ms);
     let outcome = MigrationOutcome {
         qemu_downtime_ms: info.as_ref().and_then(|info| info.downtime_ms),
         qemu_total_ms: qemu_total,
         total_ms,
         overhead_ms: total_ms.saturating_sub(qemu_total.unwrap_or(0)),
-        switchover_ms: switched.resumed_ms.saturating_sub(switched.completed_ms),
+        switchover_ms: resumed_ms.saturating_sub(switched.completed_ms),
         transferred_bytes: info
             .as_ref()
             .and_then(|info| info.transferred_bytes)
@@ -662,25 +749,39 @@ async fn finish(
         postcopy: switched.postcopy,
     };
     let done = outcome.clone();
+    let phase = if resumed {
+        format!("running on {}", migrate.to)
+    } else {
+        format!(
+            "placed on {}, which did not confirm the resume within {RESUME_TIMEOUT:?}; \
+             the source's disk copies are kept",
+            migrate.to
+        )
+    };
     handle
         .update_until_done(|op| {
             op.state = OpState::Completed;
-            op.phase = format!("running on {}", migrate.to);
+            op.step = OpStep::Finished;
+            op.phase = phase.clone();
             op.finished_ms = Some(now_ms());
             op.outcome = Some(done.clone());
         })
         .await;
-    let _ = context
+    if let Err(error) = context
         .store
         .delete(&context.store.keys().incoming(handle.id()))
-        .await;
+        .await
+    {
+        // The manager removes answers of finished ops later.
+        tracing::debug!("op {}: answer not removed yet: {error}", handle.id());
+    }
     context
         .events
         .record(
             &vm.subject(),
-            "migrated",
+            EventKind::Migrated,
             &format!(
-                "VM {vm} {} migrated from {} to {} in {} ms (QEMU downtime {} ms, Ferry overhead {} ms)",
+                "VM {vm} {} migrated from {} to {} in {} ms (QEMU downtime {} ms, Ferry overhead {} ms){}",
                 migrate.mode.as_str(),
                 migrate.from,
                 migrate.to,
@@ -689,7 +790,8 @@ async fn finish(
                     .qemu_downtime_ms
                     .map(|ms| ms.to_string())
                     .unwrap_or_else(|| "?".into()),
-                outcome.overhead_ms
+                outcome.overhead_ms,
+                if resumed { "" } else { "; its resume was not confirmed" }
             ),
         )
         .await;
@@ -704,19 +806,33 @@ async fn roll_back(
 ) {
     let vm = &migrate.vm;
     let mut pid = None;
+    let mut problems = Vec::new();
     if let Some(machine) = context.runtime.machine(vm).await {
-        let _ = machine.migrate_cancel().await;
+        // Each step is tried whatever the one before said: the guest must run again.
+        if let Err(error) = machine.migrate_cancel().await {
+            problems.push(format!("migrate_cancel: {error}"));
+        }
         for copy in &migrate.disk_copies {
             let job = mirror_job(&copy.disk);
-            let _ = machine.cancel_job(&job).await;
-            let _ = machine.wait_job_gone(&job, Duration::from_secs(30)).await;
-            let _ = machine.delete_node(&format!("copy-{}", copy.disk)).await;
+            let cancelled = async {
+                machine.cancel_job(&job).await?;
+                machine.wait_job_gone(&job, Duration::from_secs(30)).await
+            };
+            // A mirror that never started (or already ended) is not a problem.
+            if let Err(error) = cancelled.await {
+                tracing::debug!("VM {vm}: mirror {job}: {error}");
+            }
+            if let Err(error) = machine.delete_node(&format!("copy-{}", copy.disk)).await {
+                tracing::debug!("VM {vm}: NBD node of {}: {error}", copy.disk);
+            }
         }
         if matches!(
             machine.status().await,
             Ok(RunState::Paused) | Ok(RunState::Postmigrate)
         ) {
-            let _ = machine.resume().await;
+            if let Err(error) = machine.resume().await {
+                problems.push(format!("cannot resume the guest here: {error}"));
+            }
         }
         pid = Some(machine.pid());
     }
@@ -725,19 +841,37 @@ async fn roll_back(
     } else {
         OpState::Failed
     };
-    let reason = stopped.reason.clone();
+    let mut reason = stopped.reason.clone();
+    if !problems.is_empty() {
+        reason = format!("{reason} ({})", problems.join("; "));
+    }
+    let file = state_file(context.runtime, handle.id());
+    let keep_state = pid.is_none() && file.exists();
     handle
         .update_until_done(|op| {
             op.state = state;
-            op.phase = format!("{} stays on {}", vm, migrate.from);
+            op.step = OpStep::Finished;
+            op.phase = if keep_state {
+                format!(
+                    "{vm} stays on {}; its saved state is kept in {}",
+                    migrate.from,
+                    file.display()
+                )
+            } else {
+                format!("{} stays on {}", vm, migrate.from)
+            };
             op.finished_ms = Some(now_ms());
-            if !stopped.cancelled {
+            if !stopped.cancelled || !problems.is_empty() {
                 op.error = Some(reason.clone());
             }
         })
         .await;
     restore_placement(context.store, vm, handle.id()).await;
-    let _ = std::fs::remove_file(state_file(context.runtime, handle.id()));
+    // The source's QEMU holds the guest again; without it, the saved state is all
+    // that is left of the guest's memory, and it stays for a person to use.
+    if !keep_state {
+        remove_file_logged(&file);
+    }
     if pid.is_some() {
         write_status(context, vm, VmState::Running, pid).await;
     }
@@ -746,9 +880,9 @@ async fn roll_back(
         .record(
             &vm.subject(),
             if stopped.cancelled {
-                "migration-cancelled"
+                EventKind::MigrationCancelled
             } else {
-                "migration-failed"
+                EventKind::MigrationFailed
             },
             &format!(
                 "migration of VM {vm} to {} {}; it keeps running on {}",
@@ -756,12 +890,21 @@ async fn roll_back(
                 if stopped.cancelled {
                     "cancelled".to_string()
                 } else {
-                    format!("failed: {}", stopped.reason)
+                    format!("failed: {reason}")
                 },
                 migrate.from
             ),
         )
         .await;
+}
+
+/// Removes a file Ferry made; already gone is fine, anything else is logged.
+fn remove_file_logged(path: &Path) {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => tracing::warn!("cannot remove {}: {error}", path.display()),
+    }
 }
 
 /// Puts a placement still `Migrating` under `op` back to `Assigned` on its source.
@@ -880,14 +1023,18 @@ pub(crate) async fn record_status(
     }
 }
 
-/// Removes a disk file Ferry made, and its directory when that is the VM's own.
+/// Removes a disk file Ferry made, and its directory when that is the VM's own and
+/// empty.
 fn remove_vm_file(path: &Path, vm: &VmName) {
-    let _ = std::fs::remove_file(path);
+    remove_file_logged(path);
     if let Some(dir) = path
         .parent()
         .filter(|dir| dir.file_name().and_then(|name| name.to_str()) == Some(vm.as_str()))
     {
-        let _ = std::fs::remove_dir(dir);
+        // Not empty (another disk of the VM) is the usual reason; it stays.
+        if let Err(error) = std::fs::remove_dir(dir) {
+            tracing::debug!("{} kept: {error}", dir.display());
+        }
     }
 }
 
@@ -900,25 +1047,34 @@ pub async fn migrate_in(context: &Context<'_>, vm: &VmName, placement: Versioned
         return;
     };
     let handle = OpHandle::new(context.store, &migration.op);
-    let Ok(Some(op)) = handle.read().await else {
-        return;
+    let op = match handle.read().await {
+        Ok(Some(op)) => op,
+        Ok(None) => return,
+        Err(error) => {
+            tracing::warn!("VM {vm}: cannot read op {}: {error}", migration.op);
+            return;
+        }
     };
     let OpKind::Migrate(migrate) = op.kind.clone() else {
         return;
     };
     let incoming_key = context.store.keys().incoming(&op.id);
-    let answered = context
-        .store
-        .get::<IncomingRecord>(&incoming_key)
-        .await
-        .ok()
-        .flatten()
-        .map(|incoming| incoming.value);
+    // Could not read is not "no answer yet": a waiting QEMU must not be replaced on it.
+    let answered = match context.store.get::<IncomingRecord>(&incoming_key).await {
+        Ok(answer) => answer.map(|incoming| incoming.value),
+        Err(error) => {
+            tracing::warn!("VM {vm}: cannot read the answer to op {}: {error}", op.id);
+            return;
+        }
+    };
     let machine = match (context.runtime.machine(vm).await, &answered) {
         (Some(machine), Some(answer)) if answer.error.is_none() && !machine.has_exited() => machine,
         (existing, _) => {
             if existing.is_some() {
-                let _ = context.runtime.kill(vm).await;
+                if let Err(error) = context.runtime.kill(vm).await {
+                    tracing::warn!("VM {vm}: an earlier waiting QEMU survives: {error}");
+                    return;
+                }
             }
             if answered
                 .as_ref()
@@ -934,7 +1090,9 @@ pub async fn migrate_in(context: &Context<'_>, vm: &VmName, placement: Versioned
                     machine
                 }
                 Err(error) => {
-                    let _ = context.runtime.kill(vm).await;
+                    if let Err(kill) = context.runtime.kill(vm).await {
+                        tracing::warn!("VM {vm}: the waiting QEMU survives: {kill}");
+                    }
                     remove_copies(&migrate);
                     let answer = IncomingRecord {
                         version: RECORD_VERSION,
@@ -944,12 +1102,15 @@ pub async fn migrate_in(context: &Context<'_>, vm: &VmName, placement: Versioned
                         error: Some(error.clone()),
                         resumed_ms: None,
                     };
-                    let _ = context.store.put(&incoming_key, &answer, None).await;
+                    if let Err(put) = context.store.put(&incoming_key, &answer, None).await {
+                        // The source times out waiting and rolls back.
+                        tracing::warn!("VM {vm}: cannot report the failed preparation: {put}");
+                    }
                     context
                         .events
                         .record(
                             &vm.subject(),
-                            "migration-prepare-failed",
+                            EventKind::MigrationPrepareFailed,
                             &format!("{} cannot receive VM {vm}: {error}", migrate.to),
                         )
                         .await;
@@ -1092,7 +1253,9 @@ async fn wait_for_switch(
         }
         if machine.has_exited() {
             // Our QEMU died (or was killed): the source sees its migration fail.
-            context.runtime.forget(vm).await;
+            if let Err(error) = context.runtime.forget(vm).await {
+                tracing::warn!("VM {vm}: {error}");
+            }
             remove_copies(migrate);
             return;
         }
@@ -1112,7 +1275,14 @@ async fn wait_for_switch(
     }
 }
 
-/// The placement names this host: load the state if it is a file, run, announce.
+/// How often, and how far apart, the destination tries `cont` before it reports the
+/// guest paused.
+const RESUME_ATTEMPTS: u32 = 5;
+const RESUME_RETRY: Duration = Duration::from_millis(200);
+
+/// The placement names this host: load the state if it is a file (and not loaded
+/// yet), run, announce. Also what a restarted destination agent calls for a QEMU it
+/// finds paused under a placement naming it (`finish_switch_over`).
 async fn resume_here(
     context: &Context<'_>,
     handle: &OpHandle<'_>,
@@ -1120,10 +1290,20 @@ async fn resume_here(
     machine: &Arc<Machine>,
 ) {
     let vm = &migrate.vm;
+    let me = &context.runtime.config.host;
     let op = handle.id().to_string();
     let incoming_key = context.store.keys().incoming(&op);
     let mut machine = machine.clone();
-    if migrate.mode == MigrationMode::Quick {
+    // A host that lost its lease may already be judged dead, its VMs restarted
+    // elsewhere: it must not run the guest. It waits (paused) for the lease instead.
+    while !context.runtime.ha.may_start() {
+        if machine.has_exited() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let waiting_for_state = matches!(machine.status().await, Ok(RunState::Inmigrate));
+    if migrate.mode == MigrationMode::Quick && waiting_for_state {
         let file = state_file(context.runtime, &op);
         let restored = async {
             machine
@@ -1146,63 +1326,135 @@ async fn resume_here(
                 .events
                 .record(
                     &vm.subject(),
-                    "restore-failed",
+                    EventKind::RestoreFailed,
                     &format!(
-                        "VM {vm}: restoring the saved state failed ({error}); cold boot on {}",
-                        migrate.to
+                        "VM {vm}: restoring the saved state failed ({error}); cold boot on {me}"
                     ),
                 )
                 .await;
-            let _ = context.runtime.kill(vm).await;
-            let record = context
+            if let Err(error) = context.runtime.kill(vm).await {
+                tracing::warn!("VM {vm}: the failed restore's QEMU survives: {error}");
+                return;
+            }
+            let record = match context
                 .store
                 .get::<VmRecord>(&context.store.keys().vm_spec(vm))
                 .await
-                .ok()
-                .flatten();
-            match record {
-                Some(record) => match context.runtime.start(&record.value).await {
-                    Ok(started) => machine = started,
-                    Err(error) => {
-                        tracing::warn!("VM {vm}: cold boot failed: {error}");
-                        return;
-                    }
-                },
-                None => return,
+            {
+                Ok(Some(record)) => record.value,
+                Ok(None) => return,
+                Err(error) => {
+                    // The reconciler starts it once the record can be read.
+                    tracing::warn!("VM {vm}: cannot read its record for the cold boot: {error}");
+                    return;
+                }
+            };
+            match context.runtime.start(&record).await {
+                Ok(started) => machine = started,
+                Err(error) => {
+                    tracing::warn!("VM {vm}: cold boot failed: {error}");
+                    return;
+                }
             }
         }
-        let _ = std::fs::remove_file(&file);
+        remove_file_logged(&file);
     } else if !migrate.disk_copies.is_empty() {
-        let _ = machine.nbd_server_stop().await;
+        // The mirrors ended before the switch-over; the export has nothing left to do.
+        if let Err(error) = machine.nbd_server_stop().await {
+            tracing::debug!("VM {vm}: NBD server: {error}");
+        }
     }
-    if let Err(error) = machine.resume().await {
-        tracing::warn!("VM {vm}: cannot resume after the migration: {error}");
+    let mut resumed = Err(String::from("not tried"));
+    for attempt in 1..=RESUME_ATTEMPTS {
+        resumed = machine.resume().await.map_err(|error| error.to_string());
+        if resumed.is_ok() || machine.has_exited() {
+            break;
+        }
+        tracing::warn!("VM {vm}: cont failed (attempt {attempt}): {resumed:?}");
+        tokio::time::sleep(RESUME_RETRY).await;
     }
+    let running = matches!(machine.status().await, Ok(RunState::Running));
+    if let (Err(error), false) = (&resumed, running) {
+        // Not a success: the guest is paused here, and the status says so.
+        record_status(
+            context.store,
+            me,
+            vm,
+            VmState::Paused,
+            Some(machine.pid()),
+            false,
+            Some(format!("resuming after the migration failed: {error}")),
+        )
+        .await;
+        context
+            .events
+            .record(
+                &vm.subject(),
+                EventKind::ResumeFailed,
+                &format!("VM {vm} could not be resumed on {me} after its migration: {error}"),
+            )
+            .await;
+        return;
+    }
+    context.runtime.mark_resumed(vm).await;
     let resumed_ms = now_ms();
-    let _ = machine.announce_self().await;
+    if let Err(error) = machine.announce_self().await {
+        // The guest's own traffic teaches the switches soon after.
+        tracing::debug!("VM {vm}: announce-self: {error}");
+    }
     let answer = IncomingRecord {
         version: RECORD_VERSION,
-        host: context.runtime.config.host.clone(),
+        host: me.clone(),
         uri: None,
         nbd: None,
         error: None,
         resumed_ms: Some(resumed_ms),
     };
-    let _ = context.store.put(&incoming_key, &answer, None).await;
+    if let Err(error) = context.store.put(&incoming_key, &answer, None).await {
+        // The source then reports the resume as unconfirmed and keeps its disk copies.
+        tracing::warn!("VM {vm}: cannot confirm the resume: {error}");
+    }
     write_status(context, vm, VmState::Running, Some(machine.pid())).await;
     context
         .events
         .record(
             &vm.subject(),
-            "resumed",
-            &format!("VM {vm} runs on {} after its migration", migrate.to),
+            EventKind::Resumed,
+            &format!("VM {vm} runs on {me} after its migration"),
         )
         .await;
 }
 
+/// A QEMU found paused (or still waiting for its state) under a placement that names
+/// this host, after the switch-over of `op`: the destination agent restarted between
+/// the CAS and `cont`. Finishes the resume.
+pub async fn finish_switch_over(context: &Context<'_>, vm: &VmName, op: &OpRecord) {
+    let OpKind::Migrate(migrate) = &op.kind else {
+        return;
+    };
+    let Some(machine) = context.runtime.machine(vm).await else {
+        return;
+    };
+    tracing::warn!(
+        "VM {vm}: paused since the switch-over of op {}; resuming it",
+        op.id
+    );
+    resume_here(
+        context,
+        &OpHandle::new(context.store, &op.id),
+        migrate,
+        &machine,
+    )
+    .await;
+}
+
 /// The migration ended without coming here: remove what was prepared.
 async fn abandon(context: &Context<'_>, migrate: &MigrateOp) {
-    let _ = context.runtime.kill(&migrate.vm).await;
+    if let Err(error) = context.runtime.kill(&migrate.vm).await {
+        // Its disk copies stay with it; the reconciler kills it as a stray.
+        tracing::warn!("VM {}: the waiting QEMU survives: {error}", migrate.vm);
+        return;
+    }
     remove_copies(migrate);
 }
 

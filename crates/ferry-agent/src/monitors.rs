@@ -15,9 +15,11 @@ use ferry_api::ops::{ClusterApi, VmEntry};
 use ferry_api::types::MigrateRequest;
 use ferry_manager::monitor::{Tracker, Verdict};
 use ferry_model::cluster::now_ms;
+use ferry_model::events::EventKind;
 use ferry_model::ha::LeaveHost;
 use ferry_model::monitor::{
-    builtin_monitors, update_health, Action, Check, Monitor, MonitorHealth, Via, VmHealth,
+    builtin_monitors, update_health, Action, Check, Monitor, MonitorHealth, MonitorState, Via,
+    VmHealth,
 };
 use ferry_model::{HostName, VmName};
 use ferry_qemu::{Machine, RunState};
@@ -201,8 +203,14 @@ impl Watch {
         let needs_agent = matches!(monitor.check, Check::Heartbeat | Check::Stall);
         if needs_agent && !self.machine.spec().guest_agent {
             // Silence is all a guest without an agent can give: never a stall.
-            self.set_health(&monitor, "off", 0, Some("no guest agent".into()), None)
-                .await;
+            self.set_health(
+                &monitor,
+                MonitorState::Off,
+                0,
+                Some("no guest agent".into()),
+                None,
+            )
+            .await;
             return;
         }
         if monitor.check != Check::Qemu && !self.wait_for_guest().await {
@@ -293,7 +301,7 @@ impl Watch {
                 }
                 Verdict::Exhausted { attempts } => {
                     self.event(
-                        "monitor-exhausted",
+                        EventKind::MonitorExhausted,
                         &format!(
                             "VM {}: monitor {} ({}) is still down after its whole ladder ({}, {attempts} attempts); watching only",
                             self.vm, monitor.id, monitor.check, monitor.ladder
@@ -311,7 +319,7 @@ impl Watch {
                         None => String::new(),
                     };
                     self.event(
-                        "monitor-recovered",
+                        EventKind::MonitorRecovered,
                         &format!(
                             "VM {}: monitor {} ({}) passes again {:.1} s after its first failed probe{after}",
                             self.vm,
@@ -367,7 +375,7 @@ impl Watch {
             if !said {
                 self.set_health(
                     monitor,
-                    "off",
+                    MonitorState::Off,
                     0,
                     Some("no guest agent has answered since the start; watching for one".into()),
                     None,
@@ -541,7 +549,7 @@ impl Watch {
         evidence: String,
     ) -> bool {
         self.event(
-            "monitor-down",
+            EventKind::MonitorDown,
             &format!(
                 "VM {}: monitor {} ({}) down after {} failed probe(s) in {:.1} s ({evidence}); {action} (attempt {attempt} of ladder {})",
                 self.vm,
@@ -554,8 +562,14 @@ impl Watch {
         )
         .await;
         let started = Instant::now();
-        self.set_health(monitor, "down", 0, Some(evidence.clone()), Some(action))
-            .await;
+        self.set_health(
+            monitor,
+            MonitorState::Down,
+            0,
+            Some(evidence.clone()),
+            Some(action),
+        )
+        .await;
         if action.reboots_guest() {
             self.rebooting
                 .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -566,7 +580,7 @@ impl Watch {
             Err(error) => (format!("failed: {error}"), false),
         };
         self.event(
-            "monitor-action",
+            EventKind::MonitorAction,
             &format!(
                 "VM {vm}: monitor {id} ({check}) down after {failures} failed probe(s) in {detect:.1} s ({evidence}); {action} (attempt {attempt} of ladder {ladder}): {result} in {took:.1} s",
                 vm = self.vm,
@@ -581,7 +595,7 @@ impl Watch {
         .await;
         if action.reboots_guest() && !ends_task {
             // The guest boots again: nothing is judged before its agent answers.
-            self.set_health(monitor, "waiting", 0, None, Some(action))
+            self.set_health(monitor, MonitorState::Waiting, 0, None, Some(action))
                 .await;
             self.wait_for_guest().await;
         }
@@ -638,7 +652,7 @@ impl Watch {
                     generation: self.generation,
                     reason: format!("{reason} failed it over"),
                 };
-                crate::recovery::update_restart_log(&self.store, &self.vm, |log| {
+                crate::executor::update_restart_log(&self.store, &self.vm, |log| {
                     log.leave = Some(leave.clone())
                 })
                 .await
@@ -682,7 +696,7 @@ impl Watch {
     async fn set_health(
         &self,
         monitor: &Monitor,
-        state: &str,
+        state: MonitorState,
         failures: u32,
         last_error: Option<String>,
         action: Option<Action>,
@@ -709,7 +723,7 @@ impl Watch {
         }
     }
 
-    async fn event(&self, kind: &str, message: &str) {
+    async fn event(&self, kind: EventKind, message: &str) {
         tracing::info!("{message}");
         self.api
             .events()

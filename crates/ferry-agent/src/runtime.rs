@@ -21,6 +21,9 @@ pub struct LocalVm {
     pub machine: Arc<Machine>,
     /// The last reset request acted on.
     pub reset_seen: u64,
+    /// Launched for an incoming migration (or reattached): until it is seen running,
+    /// the reconciler checks whether a switch-over left it paused.
+    pub awaiting_resume: bool,
 }
 
 pub struct Runtime {
@@ -45,7 +48,7 @@ const LEAVING_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 impl Runtime {
     pub fn new(config: AgentConfig, accel: Accel, limits: HostLimits) -> Runtime {
         Runtime {
-            ha: crate::fencing::HaGuard::new(config.ha_timing()),
+            ha: crate::fencing::HaGuard::new(config.ha_timing(), config.watchdog_ms()),
             config,
             accel,
             limits,
@@ -123,6 +126,7 @@ impl Runtime {
                         LocalVm {
                             machine: Arc::new(machine),
                             reset_seen: u64::MAX,
+                            awaiting_resume: true,
                         },
                     );
                     found.push(name);
@@ -166,6 +170,22 @@ impl Runtime {
             .get(vm)
             .map(|local| local.reset_seen)
             .unwrap_or(0)
+    }
+
+    /// Whether the VM's QEMU may still be paused by a switch-over (see `LocalVm`).
+    pub async fn awaits_resume(&self, vm: &VmName) -> bool {
+        self.vms
+            .lock()
+            .await
+            .get(vm)
+            .is_some_and(|local| local.awaiting_resume)
+    }
+
+    /// The VM's QEMU was resumed (or seen running): no switch-over left to finish.
+    pub async fn mark_resumed(&self, vm: &VmName) {
+        if let Some(local) = self.vms.lock().await.get_mut(vm) {
+            local.awaiting_resume = false;
+        }
     }
 
     /// A reattached VM adopts the reset serial it finds, so an agent restart never
@@ -245,6 +265,7 @@ impl Runtime {
             LocalVm {
                 machine: machine.clone(),
                 reset_seen: reset_serial,
+                awaiting_resume: incoming,
             },
         );
         Ok(machine)
@@ -273,7 +294,7 @@ impl Runtime {
             .stop(grace)
             .await
             .map_err(|error| error.to_string())?;
-        self.forget(vm).await;
+        self.forget(vm).await?;
         Ok(StopReport {
             application,
             shutdown: Some((outcome, started.elapsed())),
@@ -284,8 +305,7 @@ impl Runtime {
         if let Some(machine) = self.machine(vm).await {
             machine.kill().await.map_err(|error| error.to_string())?;
         }
-        self.forget(vm).await;
-        Ok(())
+        self.forget(vm).await
     }
 
     pub async fn reset(&self, vm: &VmName, serial: u64) -> Result<(), String> {
@@ -299,10 +319,29 @@ impl Runtime {
         Ok(())
     }
 
-    /// Drops the handle and the run directory of a VM whose QEMU is gone.
-    pub async fn forget(&self, vm: &VmName) {
-        self.vms.lock().await.remove(vm);
-        let _ = std::fs::remove_dir_all(self.run_dir(vm).path());
+    /// Drops the handle and the run directory of a VM whose QEMU is gone. A QEMU that
+    /// still runs (SIGKILL not effective yet: D state on a stuck pool) is kept, with its
+    /// run directory, so that the reconciler finds it again.
+    pub async fn forget(&self, vm: &VmName) -> Result<(), String> {
+        {
+            let mut vms = self.vms.lock().await;
+            if let Some(local) = vms.get(vm) {
+                if !local.machine.has_exited() {
+                    return Err(format!(
+                        "QEMU pid {} of VM {vm} still runs; it is kept",
+                        local.machine.pid()
+                    ));
+                }
+            }
+            vms.remove(vm);
+        }
+        match std::fs::remove_dir_all(self.run_dir(vm).path()) {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(error) => Err(format!(
+                "cannot remove the run directory of VM {vm}: {error}"
+            )),
+        }
     }
 }
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_model::cluster::{now_ms, VmRecord};
+use ferry_model::events::EventKind;
 use ferry_model::ops::{MoveDiskOp, OpKind, OpRecord, OpState, Progress};
 use ferry_model::CacheMode;
 use ferry_qemu::Machine;
@@ -47,14 +48,18 @@ pub async fn move_disk(context: &Context<'_>, op: &OpRecord) {
             "failed; disk not moved".into(),
         ),
     };
-    let _ = handle
+    if let Err(update) = handle
         .update(|op| {
             op.state = state;
+            op.step = ferry_model::ops::OpStep::Finished;
             op.error = error.clone();
             op.phase = phase.clone();
             op.finished_ms = Some(now_ms());
         })
-        .await;
+        .await
+    {
+        tracing::warn!("op {}: cannot record its end: {update}", handle.id());
+    }
     let message = match &outcome {
         Ok(()) => format!(
             "disk {} of VM {vm} moved to pool {} ({})",
@@ -65,9 +70,9 @@ pub async fn move_disk(context: &Context<'_>, op: &OpRecord) {
         Err((_, reason)) => format!("disk {} of VM {vm} not moved: {reason}", move_disk.disk),
     };
     let kind = if outcome.is_ok() {
-        "disk-moved"
+        EventKind::DiskMoved
     } else {
-        "disk-move-failed"
+        EventKind::DiskMoveFailed
     };
     context.events.record(&vm.subject(), kind, &message).await;
 }
@@ -93,8 +98,9 @@ async fn mirror_and_pivot(
             .into_iter()
             .any(|existing| existing.id == job);
         if !running {
-            let _ = machine.delete_node(&target).await;
-            let _ = std::fs::remove_file(&move_disk.to);
+            // What an interrupted earlier run left; absent is the usual case.
+            forget_node(machine, &target).await;
+            remove_file(&move_disk.to);
             create_disk(&move_disk.to, ferry_model::Bytes(open.virtual_size))
                 .map_err(|error| (false, error))?;
             let direct = machine
@@ -112,9 +118,7 @@ async fn mirror_and_pivot(
                 .await
                 .map_err(failed)?;
         }
-        let _ = handle
-            .update(|op| op.phase = format!("copying disk {disk}"))
-            .await;
+        set_phase(handle, format!("copying disk {disk}")).await;
         let ready = wait_ready(handle, machine, &job).await;
         let cancelled = handle
             .read()
@@ -123,18 +127,21 @@ async fn mirror_and_pivot(
             .flatten()
             .is_some_and(|op| op.cancel_requested);
         if ready.is_err() || cancelled {
-            let _ = machine.cancel_job(&job).await;
-            let _ = machine.wait_job_gone(&job, Duration::from_secs(60)).await;
-            let _ = machine.delete_node(&target).await;
-            let _ = std::fs::remove_file(&move_disk.to);
+            let cancel = async {
+                machine.cancel_job(&job).await?;
+                machine.wait_job_gone(&job, Duration::from_secs(60)).await
+            };
+            if let Err(error) = cancel.await {
+                tracing::warn!("VM {}: mirror {job} did not end: {error}", move_disk.vm);
+            }
+            forget_node(machine, &target).await;
+            remove_file(&move_disk.to);
             return match ready {
                 Err(error) => Err(failed(error)),
                 Ok(()) => Err((true, "cancelled on request".into())),
             };
         }
-        let _ = handle
-            .update(|op| op.phase = format!("switching disk {disk} to the copy"))
-            .await;
+        set_phase(handle, format!("switching disk {disk} to the copy")).await;
         machine.complete_job(&job).await.map_err(failed)?;
         machine
             .wait_job_gone(&job, Duration::from_secs(60))
@@ -142,8 +149,8 @@ async fn mirror_and_pivot(
             .map_err(failed)?;
         let now = machine.open_disk(disk).await.map_err(failed)?;
         if now.file != move_disk.to {
-            let _ = machine.delete_node(&target).await;
-            let _ = std::fs::remove_file(&move_disk.to);
+            forget_node(machine, &target).await;
+            remove_file(&move_disk.to);
             return Err((
                 false,
                 format!(
@@ -153,21 +160,45 @@ async fn mirror_and_pivot(
             ));
         }
         // The old nodes hold the old file (and its lock) until removed.
-        let _ = machine.delete_node(&open.node).await;
-        let _ = machine.delete_node(&format!("{}-file", open.node)).await;
-        let _ = machine.delete_node(&format!("file-{disk}")).await;
+        forget_node(machine, &open.node).await;
+        forget_node(machine, &format!("{}-file", open.node)).await;
+        forget_node(machine, &format!("file-{disk}")).await;
     }
     point_record_at(context, move_disk).await?;
     rewrite_run_spec(machine, move_disk);
-    let _ = std::fs::remove_file(&move_disk.from);
+    remove_file(&move_disk.from);
     if let Some(dir) = move_disk
         .from
         .parent()
         .filter(|dir| dir.file_name().and_then(|name| name.to_str()) == Some(move_disk.vm.as_str()))
     {
-        let _ = std::fs::remove_dir(dir);
+        // Not empty (another disk of the VM) is the usual reason; it stays.
+        if let Err(error) = std::fs::remove_dir(dir) {
+            tracing::debug!("{} kept: {error}", dir.display());
+        }
     }
     Ok(())
+}
+
+async fn set_phase(handle: &OpHandle<'_>, phase: String) {
+    if let Err(error) = handle.update(|op| op.phase = phase.clone()).await {
+        tracing::warn!("op {}: cannot record its phase: {error}", handle.id());
+    }
+}
+
+/// Removes a block node; one that does not exist is what is wanted.
+async fn forget_node(machine: &Machine, node: &str) {
+    if let Err(error) = machine.delete_node(node).await {
+        tracing::debug!("block node {node}: {error}");
+    }
+}
+
+fn remove_file(path: &std::path::Path) {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => tracing::warn!("cannot remove {}: {error}", path.display()),
+    }
 }
 
 /// Waits for the mirror to be in sync, writing its progress into the op; stops early on
@@ -250,6 +281,12 @@ fn rewrite_run_spec(machine: &Machine, move_disk: &MoveDiskOp) {
         }
     }
     if let Ok(json) = serde_json::to_vec_pretty(&spec) {
-        let _ = std::fs::write(machine.run_dir().spec_file(), json);
+        // The spec file is what a restarted agent reattaches with.
+        if let Err(error) = std::fs::write(machine.run_dir().spec_file(), json) {
+            tracing::warn!(
+                "cannot rewrite {}: {error}",
+                machine.run_dir().spec_file().display()
+            );
+        }
     }
 }

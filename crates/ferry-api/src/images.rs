@@ -11,6 +11,7 @@
 use std::path::PathBuf;
 
 use ferry_model::cluster::{now_ms, ImageContent, ImageKind, ImageRecord, VmRecord};
+use ferry_model::events::EventKind;
 use ferry_model::{Bytes, DiskFormat};
 use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
@@ -88,10 +89,11 @@ impl ClusterApi {
     }
 
     pub async fn list_images(&self) -> Result<Vec<ImageView>, ApiError> {
-        let (images, _) = self
+        let images = self
             .store
-            .list::<ImageRecord>(&self.store.keys().images())
-            .await?;
+            .list_each::<ImageRecord>(&self.store.keys().images())
+            .await?
+            .readable();
         let vms = self.vm_records().await?;
         Ok(images
             .into_iter()
@@ -223,7 +225,7 @@ impl ClusterApi {
         self.events
             .record(
                 &format!("image/{name}"),
-                "imported",
+                EventKind::Imported,
                 &format!("image {name} imported ({}, {})", kind.as_str(), Bytes(size)),
             )
             .await;
@@ -260,7 +262,7 @@ impl ClusterApi {
         self.events
             .record(
                 &format!("image/{name}"),
-                "deleted",
+                EventKind::Deleted,
                 &format!("image {name} deleted"),
             )
             .await;

@@ -3,14 +3,14 @@
 //! the agents carry it out (ferry-agent's `migration` module) and write its progress
 //! into the op, which is all `op show` and the CLI's progress bar read.
 
-use std::collections::BTreeMap;
-
 use ferry_manager::migration::{check_destination, choose_destination, local_pool, Candidate};
 use ferry_model::cluster::{now_ms, HostRecord, PlacementPhase, VmState, RECORD_VERSION};
+use ferry_model::events::EventKind;
 use ferry_model::ops::{DiskCopy, MigrateOp, MigrationMode, MoveDiskOp, OpKind, OpRecord, OpState};
 use ferry_model::{Bytes, HostName};
+use ferry_store::{encode, Change, Guard, Read};
 
-use crate::ops::{parse_vm_name, vm_view, ClusterApi, VmEntry};
+use crate::ops::{parse_vm_name, vm_state, ClusterApi};
 use crate::types::{MigrateRequest, MoveDiskRequest, OpView, ProgressView};
 use crate::ApiError;
 
@@ -51,7 +51,7 @@ impl ClusterApi {
             ));
         }
         let (entry, record) = self.vm_entry_and_record(&name).await?;
-        let state = vm_view(&entry).map(|view| view.state).unwrap_or_default();
+        let state = vm_state(&entry).unwrap_or(VmState::Stopped);
         let placement = entry
             .placement
             .as_ref()
@@ -68,9 +68,10 @@ impl ClusterApi {
         if record.deleting {
             return Err(ApiError::Conflict(format!("VM {name} is being deleted")));
         }
-        if state != VmState::Running.as_str() {
+        if state != VmState::Running {
             return Err(ApiError::Conflict(format!(
-                "VM {name} is {state}, not running; only a running VM migrates"
+                "VM {name} is {}, not running; only a running VM migrates",
+                state.as_str()
             )));
         }
         let hosts = self.hosts().await?;
@@ -121,7 +122,7 @@ impl ClusterApi {
         self.events()
             .record(
                 &name.subject(),
-                "migration-requested",
+                EventKind::MigrationRequested,
                 &format!(
                     "{} migration of VM {name} from {} to {to} requested (op {})",
                     mode.as_str(),
@@ -153,10 +154,11 @@ impl ClusterApi {
                     ids.join(", ")
                 ))
             })?;
-        let state = vm_view(&entry).map(|view| view.state).unwrap_or_default();
-        if state != VmState::Running.as_str() {
+        let state = vm_state(&entry).unwrap_or(VmState::Stopped);
+        if state != VmState::Running {
             return Err(ApiError::Conflict(format!(
-                "VM {name} is {state}, not running; disks move under a running VM"
+                "VM {name} is {}, not running; disks move under a running VM",
+                state.as_str()
             )));
         }
         let placement = entry
@@ -200,7 +202,7 @@ impl ClusterApi {
         self.events()
             .record(
                 &name.subject(),
-                "move-disk-requested",
+                EventKind::MoveDiskRequested,
                 &format!(
                     "move of disk {disk} of VM {name} to pool {} requested (op {})",
                     pool.name, op.id
@@ -211,11 +213,21 @@ impl ClusterApi {
     }
 
     pub async fn op_records(&self) -> Result<Vec<OpRecord>, ApiError> {
-        let (ops, _) = self
+        let listing = self
             .store()
-            .list::<OpRecord>(&self.store().keys().ops())
+            .list_each::<OpRecord>(&self.store().keys().ops())
             .await?;
-        let mut ops: Vec<OpRecord> = ops.into_iter().map(|(_, op)| op.value).collect();
+        let mut ops: Vec<OpRecord> = listing
+            .all()
+            .map_err(|unreadable| {
+                ApiError::Conflict(format!(
+                    "op {}: unreadable record: {unreadable}",
+                    unreadable.key
+                ))
+            })?
+            .into_iter()
+            .map(|(_, op)| op.value)
+            .collect();
         ops.sort_by(|a, b| a.created_ms.cmp(&b.created_ms).then(a.id.cmp(&b.id)));
         Ok(ops)
     }
@@ -266,7 +278,7 @@ impl ClusterApi {
                     self.events()
                         .record(
                             &op.kind.vm().subject(),
-                            "cancel-requested",
+                            EventKind::CancelRequested,
                             &format!("cancel of op {id} ({}) requested", op.kind.name()),
                         )
                         .await;
@@ -278,7 +290,12 @@ impl ClusterApi {
         }
     }
 
+    /// Creates the op and takes the VM's op lock in one transaction: a second op of
+    /// the same VM, however close behind, finds the lock taken and is refused.
     async fn create_op(&self, kind: OpKind) -> Result<OpRecord, ApiError> {
+        let keys = self.store().keys();
+        let vm = kind.vm().clone();
+        let lock_key = keys.vm_op(&vm);
         let mut at = now_ms();
         loop {
             let id = format!("op-{at:x}");
@@ -295,15 +312,45 @@ impl ClusterApi {
                 outcome: None,
                 error: None,
                 cancel_requested: false,
+                step: Default::default(),
             };
-            match self
-                .store()
-                .create(&self.store().keys().op(&id), &op, "op")
-                .await
-            {
+            let lock = ferry_model::ops::OpLock {
+                version: RECORD_VERSION,
+                op: id.clone(),
+            };
+            let op_key = keys.op(&id);
+            let change = Change::default()
+                .guard(Guard::Absent {
+                    key: lock_key.clone(),
+                })
+                .guard(Guard::Absent {
+                    key: op_key.clone(),
+                })
+                .put(op_key.clone(), encode(&op))
+                .put(lock_key.clone(), encode(&lock));
+            match self.store().apply(&change).await {
                 Ok(_) => return Ok(op),
-                // Two ops in one millisecond: take the next id.
-                Err(ferry_store::StoreError::Exists { .. }) => at += 1,
+                Err(ferry_store::StoreError::Conflict { .. }) => {
+                    let holder = self
+                        .store()
+                        .read::<ferry_model::ops::OpLock>(&lock_key)
+                        .await?;
+                    match holder {
+                        Read::Present(holder) => {
+                            return Err(ApiError::Conflict(format!(
+                                "VM {vm} already has an op in flight (op {})",
+                                holder.value.op
+                            )))
+                        }
+                        Read::Unreadable(unreadable) => {
+                            return Err(ApiError::Conflict(format!(
+                                "VM {vm}: its op lock is unreadable ({unreadable})"
+                            )))
+                        }
+                        // Two ops in one millisecond: take the next id.
+                        Read::Absent => at += 1,
+                    }
+                }
                 Err(error) => return Err(error.into()),
             }
         }
@@ -354,31 +401,7 @@ fn check_op_id(id: &str) -> Result<(), ApiError> {
     }
 }
 
-/// Memory promised on each host: VMs placed there and migrations heading there.
-pub fn promised_memory(
-    entries: &BTreeMap<String, VmEntry>,
-    ops: &[OpRecord],
-) -> BTreeMap<HostName, Bytes> {
-    let mut used: BTreeMap<HostName, Bytes> = BTreeMap::new();
-    let memory_of = |vm: &str| {
-        entries
-            .get(vm)
-            .and_then(|entry| entry.record.as_ref())
-            .map(|record| record.value.spec.memory)
-            .unwrap_or_default()
-    };
-    for (name, entry) in entries {
-        if let Some(placement) = &entry.placement {
-            used.entry(placement.value.host.clone()).or_default().0 += memory_of(name).0;
-        }
-    }
-    for op in ops.iter().filter(|op| !op.state.is_final()) {
-        if let OpKind::Migrate(migrate) = &op.kind {
-            used.entry(migrate.to.clone()).or_default().0 += memory_of(migrate.vm.as_str()).0;
-        }
-    }
-    used
-}
+pub use ferry_manager::migration::promised_memory;
 
 /// Where a disk file goes in another pool: `{pool}/vms/{vm}/{file name}`.
 fn disk_path(

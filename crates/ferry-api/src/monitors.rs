@@ -4,8 +4,9 @@
 
 use std::time::Duration;
 
+use ferry_model::events::EventKind;
 use ferry_model::monitor::{
-    builtin_monitors, Check, Ladder, Monitor, MonitorHealth, MonitorSet, Via,
+    builtin_monitors, Check, Ladder, Monitor, MonitorHealth, MonitorSet, MonitorState, Via,
 };
 
 use crate::ops::{parse_vm_name, ClusterApi, VmEntry};
@@ -58,7 +59,7 @@ impl ClusterApi {
         self.events()
             .record(
                 &name.subject(),
-                "monitor-added",
+                EventKind::MonitorAdded,
                 &format!(
                     "VM {name}: monitor {} ({}) every {} ms, {} failure(s), ladder {}",
                     monitor.id,
@@ -100,7 +101,7 @@ impl ClusterApi {
         self.events()
             .record(
                 &name.subject(),
-                "monitor-removed",
+                EventKind::MonitorRemoved,
                 &format!("VM {name}: monitor {id} removed"),
             )
             .await;
@@ -193,7 +194,10 @@ fn monitor_view(monitor: &Monitor, health: Option<&MonitorHealth>) -> MonitorVie
         ladder: monitor.ladder.to_string(),
         restart_command: monitor.restart_command.clone(),
         builtin: monitor.builtin,
-        state: health.map_or("unknown".into(), |health| health.state.clone()),
+        state: health
+            .map_or(MonitorState::Unknown, |health| health.state)
+            .as_str()
+            .into(),
         failed_probes: health.map_or(0, |health| health.failures),
         last_error: health.and_then(|health| health.last_error.clone()),
         last_action: health.and_then(|health| health.last_action.clone()),

@@ -10,13 +10,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_model::cluster::{
-    now_ms, Event, HostRecord, ImageRecord, NetworkRecord, Placement, PowerState, VmRecord,
-    VmState, VmStatus,
+    now_ms, Event, HostRecord, ImageRecord, NetworkRecord, Placement, PowerState, VmRecord, VmState,
 };
+use ferry_model::events::EventKind;
 use ferry_model::{Bytes, HostName, MacAddr, VmName, MIN_MEMORY};
-use ferry_store::{Store, Versioned};
+use ferry_store::Store;
 use futures::future::BoxFuture;
-use tokio::sync::Mutex;
 
 use crate::types::{
     CreateVmRequest, EventView, ExecRequest, ExecResponse, HostView, UpdateHaRequest, VmView,
@@ -29,8 +28,6 @@ pub const DEFAULT_IMAGE: &str = "appliance";
 const PLACEMENT_WAIT: Duration = Duration::from_secs(15);
 /// How long `delete` waits for the owning agent to remove the VM.
 const DELETE_WAIT: Duration = Duration::from_secs(60);
-/// Events live this long (they are written under a lease of this TTL).
-const EVENT_TTL_SECONDS: i64 = 3600;
 
 /// What only the host running a VM can do; the agent implements it.
 pub trait LocalVms: Send + Sync {
@@ -58,71 +55,7 @@ pub trait LocalVms: Send + Sync {
     ) -> BoxFuture<'a, Result<PathBuf, ApiError>>;
 }
 
-/// Everything known about one VM, read in one go.
-#[derive(Clone, Debug, Default)]
-pub struct VmEntry {
-    pub record: Option<Versioned<VmRecord>>,
-    pub placement: Option<Versioned<Placement>>,
-    pub status: Option<Versioned<VmStatus>>,
-    /// Recent failures and restarts (HA).
-    pub restarts: Option<Versioned<ferry_model::ha::RestartLog>>,
-    /// The monitors the user added.
-    pub monitors: Option<Versioned<ferry_model::monitor::MonitorSet>>,
-    /// The monitors' state as the VM's host last wrote it.
-    pub health: Option<Versioned<ferry_model::monitor::VmHealth>>,
-}
-
-impl VmEntry {
-    /// Folds in the value of `vms/{vm}/{kind}`; unknown kinds are ignored.
-    pub fn set(
-        &mut self,
-        kind: &str,
-        value: &[u8],
-        mod_revision: i64,
-    ) -> Result<(), serde_json::Error> {
-        fn versioned<T: serde::de::DeserializeOwned>(
-            value: &[u8],
-            mod_revision: i64,
-        ) -> Result<Option<Versioned<T>>, serde_json::Error> {
-            Ok(Some(Versioned {
-                value: serde_json::from_slice(value)?,
-                mod_revision,
-            }))
-        }
-        match kind {
-            "spec" => self.record = versioned(value, mod_revision)?,
-            "placement" => self.placement = versioned(value, mod_revision)?,
-            "status" => self.status = versioned(value, mod_revision)?,
-            "restarts" => self.restarts = versioned(value, mod_revision)?,
-            "monitors" => self.monitors = versioned(value, mod_revision)?,
-            "health" => self.health = versioned(value, mod_revision)?,
-            _ => {}
-        }
-        Ok(())
-    }
-
-    /// Forgets `vms/{vm}/{kind}` (deleted).
-    pub fn clear(&mut self, kind: &str) {
-        match kind {
-            "spec" => self.record = None,
-            "placement" => self.placement = None,
-            "status" => self.status = None,
-            "restarts" => self.restarts = None,
-            "monitors" => self.monitors = None,
-            "health" => self.health = None,
-            _ => {}
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.record.is_none()
-            && self.placement.is_none()
-            && self.status.is_none()
-            && self.restarts.is_none()
-            && self.monitors.is_none()
-            && self.health.is_none()
-    }
-}
+pub use ferry_store::{EventLog, VmEntry};
 
 /// Where a VM's host-side work happens (exec, CD-ROMs, consoles).
 pub(crate) enum Owner {
@@ -169,65 +102,50 @@ impl ClusterApi {
     // ----- reading the cluster -----
 
     pub(crate) async fn hosts(&self) -> Result<Vec<HostRecord>, ApiError> {
-        let (hosts, _) = self
+        let hosts = self
             .store
-            .list::<HostRecord>(&self.store.keys().hosts())
-            .await?;
+            .list_each::<HostRecord>(&self.store.keys().hosts())
+            .await?
+            .readable();
         Ok(hosts.into_iter().map(|(_, host)| host.value).collect())
     }
 
     /// All VMs' records, placements and statuses, by name.
     pub async fn vm_entries(&self) -> Result<BTreeMap<String, VmEntry>, ApiError> {
-        let keys = self.store.keys();
-        let (raw, _) = self.store.list_raw(&keys.vms()).await?;
-        let mut entries: BTreeMap<String, VmEntry> = BTreeMap::new();
-        for (key, value, mod_revision) in raw {
-            let Some((vm, kind)) = keys.parse_vm_key(&key) else {
-                continue;
-            };
-            entries
-                .entry(vm.to_string())
-                .or_default()
-                .set(kind, &value, mod_revision)
-                .map_err(|error| ApiError::Internal(format!("etcd key {key}: {error}")))?;
-        }
-        Ok(entries)
+        Ok(ferry_store::read_vm_entries(&self.store).await?)
     }
 
     pub(crate) async fn vm_entry(&self, name: &VmName) -> Result<VmEntry, ApiError> {
         Ok(self.vm_entry_and_record(name).await?.0)
     }
 
-    /// The VM's records, with its spec also apart; `NotFound` if it has none.
+    /// The VM's records, with its spec also apart; `NotFound` if it has none, and a
+    /// conflict naming the record if it cannot be read (nothing is done on a guess).
     pub(crate) async fn vm_entry_and_record(
         &self,
         name: &VmName,
     ) -> Result<(VmEntry, VmRecord), ApiError> {
-        let keys = self.store.keys();
-        let record: Versioned<VmRecord> = self
-            .store
-            .get(&keys.vm_spec(name))
-            .await?
+        let entry = ferry_store::read_vm_entry(&self.store, name).await?;
+        if let Some(reason) = entry.unknown() {
+            return Err(ApiError::Conflict(format!("VM {name}: {reason}")));
+        }
+        let record = entry
+            .record
+            .as_ref()
+            .map(|record| record.value.clone())
             .ok_or_else(|| ApiError::NotFound(format!("VM {name} does not exist")))?;
-        let entry = VmEntry {
-            record: Some(record.clone()),
-            placement: self.store.get(&keys.vm_placement(name)).await?,
-            status: self.store.get(&keys.vm_status(name)).await?,
-            restarts: self.store.get(&keys.vm_restarts(name)).await?,
-            monitors: self.store.get(&keys.vm_monitors(name)).await?,
-            health: self.store.get(&keys.vm_health(name)).await?,
-        };
-        Ok((entry, record.value))
+        Ok((entry, record))
     }
 
     pub async fn list_hosts(&self) -> Result<Vec<HostView>, ApiError> {
         let hosts = self.hosts().await?;
         let entries = self.vm_entries().await?;
         let leader = self.store.leader().await.ok().flatten();
-        let (healths, _) = self
+        let healths = self
             .store
-            .list::<ferry_model::monitor::HostHealth>(&self.store.keys().host_healths())
-            .await?;
+            .list_each::<ferry_model::monitor::HostHealth>(&self.store.keys().host_healths())
+            .await?
+            .readable();
         Ok(hosts
             .iter()
             .map(|host| {
@@ -241,7 +159,7 @@ impl ClusterApi {
                         .map(|monitor| crate::types::HostMonitorView {
                             id: monitor.id.clone(),
                             check: monitor.check.clone(),
-                            state: monitor.state.clone(),
+                            state: monitor.state.as_str().into(),
                             failed_probes: monitor.failures,
                             last_error: monitor.last_error.clone(),
                         })
@@ -706,7 +624,7 @@ impl ClusterApi {
         self.events
             .record(
                 &name.subject(),
-                "created",
+                EventKind::Created,
                 &format!(
                     "VM {name} created ({} vCPU, {memory}, {} disk(s), {})",
                     request.cpus,
@@ -739,7 +657,7 @@ impl ClusterApi {
                 self.events
                     .record(
                         &name.subject(),
-                        "create-failed",
+                        EventKind::CreateFailed,
                         &format!("VM {name} not created: {reason}"),
                     )
                     .await;
@@ -905,7 +823,7 @@ impl ClusterApi {
         self.events
             .record(
                 &name.subject(),
-                "start-requested",
+                EventKind::StartRequested,
                 &format!("start of VM {name} requested"),
             )
             .await;
@@ -925,7 +843,7 @@ impl ClusterApi {
         self.events
             .record(
                 &name.subject(),
-                "ha-policy",
+                EventKind::HaPolicy,
                 &format!("VM {name}: {}", ha_summary(&record.ha)),
             )
             .await;
@@ -942,7 +860,7 @@ impl ClusterApi {
         self.events
             .record(
                 &name.subject(),
-                "stop-requested",
+                EventKind::StopRequested,
                 &format!("stop of VM {name} requested"),
             )
             .await;
@@ -952,7 +870,8 @@ impl ClusterApi {
     pub async fn reset_vm(&self, name: &str) -> Result<VmView, ApiError> {
         let name = parse_vm_name(name)?;
         let view = self.get_vm(name.as_str()).await?;
-        if view.state != VmState::Running.as_str() {
+        let entry = self.vm_entry(&name).await?;
+        if vm_state(&entry) != Some(VmState::Running) {
             return Err(ApiError::Conflict(format!(
                 "VM {name} is {}, not running; start it instead",
                 view.state
@@ -966,7 +885,7 @@ impl ClusterApi {
         self.events
             .record(
                 &name.subject(),
-                "reset-requested",
+                EventKind::ResetRequested,
                 &format!("reset of VM {name} requested"),
             )
             .await;
@@ -991,7 +910,11 @@ impl ClusterApi {
                 self.release_addresses(&record_addresses(&record)).await;
             }
             self.events
-                .record(&name.subject(), "deleted", &format!("VM {name} deleted"))
+                .record(
+                    &name.subject(),
+                    EventKind::Deleted,
+                    &format!("VM {name} deleted"),
+                )
                 .await;
             return Ok(());
         }
@@ -1015,7 +938,7 @@ impl ClusterApi {
         self.events
             .record(
                 &name.subject(),
-                "delete-requested",
+                EventKind::DeleteRequested,
                 &format!("deletion of VM {name} requested"),
             )
             .await;
@@ -1048,7 +971,7 @@ impl ClusterApi {
         let entry = self.vm_entry(&name).await?;
         let view = vm_view(&entry)
             .ok_or_else(|| ApiError::NotFound(format!("VM {name} does not exist")))?;
-        if view.state != VmState::Running.as_str() {
+        if vm_state(&entry) != Some(VmState::Running) {
             return Err(ApiError::Conflict(format!(
                 "VM {name} is {}, not running",
                 view.state
@@ -1150,13 +1073,14 @@ impl ClusterApi {
                 }
             )));
         }
-        let state = vm_view(&entry).map(|view| view.state).unwrap_or_default();
-        if state == VmState::Starting.as_str() || state == VmState::Stopping.as_str() {
+        let state = vm_state(&entry).unwrap_or(VmState::Stopped);
+        if matches!(state, VmState::Starting | VmState::Stopping) {
             return Err(ApiError::Conflict(format!(
-                "VM {name} is {state}; change its CD-ROM when it is running or stopped"
+                "VM {name} is {}; change its CD-ROM when it is running or stopped",
+                state.as_str()
             )));
         }
-        if state == VmState::Running.as_str() {
+        if state == VmState::Running {
             if let Owner::There {
                 host: owner,
                 url: owner_url,
@@ -1195,7 +1119,7 @@ impl ClusterApi {
         self.events
             .record(
                 &name.subject(),
-                "cdrom",
+                EventKind::Cdrom,
                 &match image {
                     Some(image) => format!("VM {name}: image {image} in CD-ROM drive {drive}"),
                     None => format!("VM {name}: CD-ROM drive {drive} ejected"),
@@ -1206,10 +1130,11 @@ impl ClusterApi {
     }
 
     pub async fn list_events(&self, limit: usize) -> Result<Vec<EventView>, ApiError> {
-        let (events, _) = self
+        let events = self
             .store
-            .list::<Event>(&self.store.keys().events())
-            .await?;
+            .list_each::<Event>(&self.store.keys().events())
+            .await?
+            .readable();
         let skip = events.len().saturating_sub(limit);
         Ok(events
             .into_iter()
@@ -1263,16 +1188,23 @@ fn host_view(
     }
 }
 
+/// The VM's state: what its agent reports, or `starting`/`stopped` before it has
+/// reported; `None` without a record.
+pub fn vm_state(entry: &VmEntry) -> Option<VmState> {
+    let record = &entry.record.as_ref()?.value;
+    Some(match (&entry.status, record.desired) {
+        (Some(status), _) => status.value.state,
+        (None, PowerState::Running) => VmState::Starting,
+        (None, PowerState::Stopped) => VmState::Stopped,
+    })
+}
+
 /// The state shown for a VM: what its agent reports, or `starting`/`stopped` before it
 /// has reported, or `failed` with the reason.
 pub fn vm_view(entry: &VmEntry) -> Option<VmView> {
     let record = &entry.record.as_ref()?.value;
     let status = entry.status.as_ref().map(|status| &status.value);
-    let state = match (status, record.desired) {
-        (Some(status), _) => status.state,
-        (None, PowerState::Running) => VmState::Starting,
-        (None, PowerState::Stopped) => VmState::Stopped,
-    };
+    let state = vm_state(entry)?;
     Some(VmView {
         name: record.spec.name.to_string(),
         state: state.as_str().into(),
@@ -1450,84 +1382,6 @@ fn event_view(event: Event) -> EventView {
         subject: event.subject,
         kind: event.kind,
         message: event.message,
-    }
-}
-
-/// Writes events under a long lease (so the log is bounded in time) with keys that sort
-/// by time.
-pub struct EventLog {
-    store: Store,
-    source: String,
-    state: Mutex<EventLease>,
-}
-
-#[derive(Default)]
-struct EventLease {
-    lease: Option<(i64, Instant)>,
-    sequence: u64,
-}
-
-impl EventLog {
-    pub fn new(store: Store, source: String) -> EventLog {
-        EventLog {
-            store,
-            source,
-            state: Mutex::new(EventLease::default()),
-        }
-    }
-
-    /// Records an event; failures are logged, never raised (an event must not fail an operation).
-    pub async fn record(&self, subject: &str, kind: &str, message: &str) {
-        if let Err(error) = self.try_record(subject, kind, message).await {
-            tracing::warn!("cannot record event {kind} for {subject}: {error}");
-        }
-        tracing::info!(subject, kind, "{message}");
-    }
-
-    async fn try_record(
-        &self,
-        subject: &str,
-        kind: &str,
-        message: &str,
-    ) -> Result<(), ferry_store::StoreError> {
-        let mut state = self.state.lock().await;
-        let fresh = state.lease.filter(|(_, granted)| {
-            granted.elapsed() < Duration::from_secs(EVENT_TTL_SECONDS as u64 / 2)
-        });
-        let lease = match fresh {
-            Some((lease, _)) => lease,
-            None => {
-                let granted = self
-                    .store
-                    .client()
-                    .lease_grant(EVENT_TTL_SECONDS, None)
-                    .await
-                    .map_err(|source| ferry_store::StoreError::Etcd {
-                        endpoints: "etcd".into(),
-                        source,
-                    })?;
-                state.lease = Some((granted.id(), Instant::now()));
-                granted.id()
-            }
-        };
-        state.sequence += 1;
-        let at_ms = now_ms();
-        let event = Event {
-            version: ferry_model::cluster::RECORD_VERSION,
-            at_ms,
-            source: self.source.clone(),
-            subject: subject.into(),
-            kind: kind.into(),
-            message: message.into(),
-        };
-        // The source in the key keeps two hosts' events at the same millisecond apart.
-        let key = format!(
-            "{}-{}",
-            self.store.keys().event(at_ms, state.sequence),
-            self.source.replace('/', ".")
-        );
-        self.store.put(&key, &event, Some(lease)).await?;
-        Ok(())
     }
 }
 

@@ -40,7 +40,8 @@ impl TestServer {
         let task = tokio::spawn(async move {
             axum::serve(listener, router(state))
                 .with_graceful_shutdown(async {
-                    let _ = stopped.await;
+                    // Dropped sender or a stop request: either way, stop.
+                    stopped.await.ok();
                 })
                 .await
                 .expect("serve");
@@ -98,7 +99,9 @@ impl TestServer {
     /// Shuts down gracefully and checks that nothing holds the store open any more.
     async fn stop(self) {
         drop(self.client);
-        let _ = self.stop.send(());
+        if self.stop.send(()).is_err() {
+            eprintln!("nobody listens any more");
+        }
         self.task.await.expect("the server task");
         assert!(
             self.state.upgrade().is_none(),

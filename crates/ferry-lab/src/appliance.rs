@@ -345,7 +345,10 @@ pub fn build(request: &BuildRequest) -> Result<Appliance, ApplianceError> {
     files.text("etc/group", "root:x:0:\n", false);
 
     let staging = request.out_dir.with_extension("partial");
-    let _ = std::fs::remove_dir_all(&staging);
+    // A leftover is harmless: it is replaced or cleaned on the next run.
+    if let Err(error) = std::fs::remove_dir_all(&staging) {
+        tracing::debug!("a leftover is harmless: {error}");
+    }
     std::fs::create_dir_all(&staging)
         .map_err(io_error(format!("cannot create {}", staging.display())))?;
     let initrd_bytes = files.write_initramfs(&staging.join("initramfs.img"))?;
@@ -365,7 +368,10 @@ pub fn build(request: &BuildRequest) -> Result<Appliance, ApplianceError> {
     })?;
     std::fs::write(staging.join("manifest.json"), json)
         .map_err(io_error("cannot write the manifest"))?;
-    let _ = std::fs::remove_dir_all(&request.out_dir);
+    // A leftover is harmless: it is replaced or cleaned on the next run.
+    if let Err(error) = std::fs::remove_dir_all(&request.out_dir) {
+        tracing::debug!("a leftover is harmless: {error}");
+    }
     std::fs::rename(&staging, &request.out_dir).map_err(io_error(format!(
         "cannot move the build to {}",
         request.out_dir.display()
@@ -472,7 +478,10 @@ impl DebCache {
         if root.join(".complete").exists() {
             return Ok(root);
         }
-        let _ = std::fs::remove_dir_all(&root);
+        // A leftover is harmless: it is replaced or cleaned on the next run.
+        if let Err(error) = std::fs::remove_dir_all(&root) {
+            tracing::debug!("a leftover is harmless: {error}");
+        }
         std::fs::create_dir_all(&root)
             .map_err(io_error(format!("cannot create {}", root.display())))?;
         run(Command::new("dpkg-deb").arg("-x").arg(&deb.path).arg(&root))?;
@@ -689,7 +698,10 @@ impl RootFs {
             .arg(binary)
             .arg(&stripped))
         .and_then(|_| self.file("usr/bin/ferry-guest", stripped.clone(), true));
-        let _ = std::fs::remove_file(&stripped);
+        // A leftover is harmless: it is replaced or cleaned on the next run.
+        if let Err(error) = std::fs::remove_file(&stripped) {
+            tracing::debug!("a leftover is harmless: {error}");
+        }
         result
     }
 

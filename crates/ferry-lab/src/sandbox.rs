@@ -106,7 +106,10 @@ impl Sandbox {
 
     /// Starts QEMU (again) from the spec and brings the host side of its tap up.
     pub async fn launch(&mut self) -> Result<(), SandboxError> {
-        let _ = std::fs::remove_file(self.run_dir().console_log());
+        // A leftover is harmless: it is replaced or cleaned on the next run.
+        if let Err(error) = std::fs::remove_file(self.run_dir().console_log()) {
+            tracing::debug!("a leftover is harmless: {error}");
+        }
         let machine = Machine::launch(&self.spec, &self.launch_options()).await?;
         self.machine = Some(machine);
         let netns = self.netns()?;
@@ -218,7 +221,10 @@ impl Sandbox {
             machine.kill().await?;
         }
         self.netns.take();
-        let _ = std::fs::remove_dir_all(&self.options.dir);
+        // A leftover is harmless: it is replaced or cleaned on the next run.
+        if let Err(error) = std::fs::remove_dir_all(&self.options.dir) {
+            tracing::debug!("a leftover is harmless: {error}");
+        }
         Ok(())
     }
 }
@@ -227,10 +233,13 @@ impl Drop for Sandbox {
     fn drop(&mut self) {
         // Best effort for a test that failed before `destroy`: the pid is QEMU's own.
         if let Some(machine) = self.machine.take() {
-            let _ = nix::sys::signal::kill(
+            // It may have exited already.
+            if let Err(error) = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(machine.pid()),
                 nix::sys::signal::Signal::SIGKILL,
-            );
+            ) {
+                tracing::debug!("it may have exited already: {error}");
+            }
             for _ in 0..100 {
                 if !ferry_qemu::process::is_our_qemu(machine.pid(), &self.run_dir().qmp_socket()) {
                     break;
@@ -239,7 +248,10 @@ impl Drop for Sandbox {
             }
         }
         self.netns.take();
-        let _ = std::fs::remove_dir_all(&self.options.dir);
+        // A leftover is harmless: it is replaced or cleaned on the next run.
+        if let Err(error) = std::fs::remove_dir_all(&self.options.dir) {
+            tracing::debug!("a leftover is harmless: {error}");
+        }
     }
 }
 

@@ -10,8 +10,15 @@
 //! heartbeat has been silent past the point where it would have fenced itself. With a
 //! device, silence is not enough: a crashed agent leaves its QEMUs running.
 
-use ferry_model::ha::{HaPolicy, RestartCause, RestartLog, StorageHeartbeat};
+use std::collections::BTreeMap;
+
+use ferry_model::ha::{HaPolicy, ObservedBeat, RestartCause, RestartLog, StorageHeartbeat};
 use ferry_model::{HostName, VmName};
+
+/// How often an agent's fencing loop looks at its lease.
+pub const FENCE_TICK_MS: u64 = 100;
+/// How long self-fencing waits for its SIGKILLed QEMUs to be gone.
+pub const KILL_BUDGET_MS: u64 = 1000;
 
 /// The HA clocks, in milliseconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,10 +51,11 @@ impl HaTiming {
         if self.heartbeat_ms == 0 {
             return Err("ha.heartbeat_ms: must be above 0".into());
         }
-        if self.fence_after_ms >= self.lease_ttl_ms {
+        if self.fence_after_ms + FENCE_TICK_MS + KILL_BUDGET_MS >= self.lease_ttl_ms {
             return Err(format!(
-                "ha.fence_after_ms: {} must be below the lease TTL ({} ms): a host must fence \
-                 itself before its lease expires",
+                "ha.fence_after_ms: {} plus the fencing loop's tick ({FENCE_TICK_MS} ms) and \
+                 its kill budget ({KILL_BUDGET_MS} ms) must end below the lease TTL ({} ms): \
+                 a host must have fenced itself before its lease expires",
                 self.fence_after_ms, self.lease_ttl_ms
             ));
         }
@@ -83,12 +91,51 @@ pub enum LeaseLoss {
     Wait { reason: String },
 }
 
+/// Follows every host's heartbeat sequence and when (on this reader's monotonic clock)
+/// it last moved: the age of a heartbeat is what this reader saw, never a comparison of
+/// two hosts' clocks. A host seen for the first time counts as just written.
+#[derive(Clone, Debug, Default)]
+pub struct HeartbeatTracker {
+    moved: BTreeMap<HostName, (u64, u64)>,
+}
+
+impl HeartbeatTracker {
+    /// Takes in one read of the slots at `now` (monotonic ms).
+    pub fn observe(&mut self, beats: Vec<StorageHeartbeat>, now: u64) -> Vec<ObservedBeat> {
+        beats
+            .into_iter()
+            .map(|beat| {
+                let moved = self
+                    .moved
+                    .entry(beat.host.clone())
+                    .or_insert((beat.sequence, now));
+                if moved.0 != beat.sequence {
+                    *moved = (beat.sequence, now);
+                }
+                ObservedBeat {
+                    silent_ms: now.saturating_sub(moved.1),
+                    beat,
+                }
+            })
+            .collect()
+    }
+}
+
+/// What the reader knows of one host's storage heartbeat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeartbeatEvidence<'a> {
+    /// The slots could not be read (a stuck or cut pool): nothing is known.
+    Unreadable,
+    /// The slots were read and this host has none.
+    Missing,
+    Seen(&'a ObservedBeat),
+}
+
 /// `heartbeats` are the slots on the shared pool (this host's own included or not);
 /// `None` if they cannot be read, which leaves no way to tell an outage from isolation.
 pub fn on_lease_loss(
     me: &HostName,
-    heartbeats: Option<&[StorageHeartbeat]>,
-    now_ms: u64,
+    heartbeats: Option<&[ObservedBeat]>,
     timing: &HaTiming,
 ) -> LeaseLoss {
     let Some(heartbeats) = heartbeats else {
@@ -96,15 +143,15 @@ pub fn on_lease_loss(
             reason: "lost the lease and cannot read the shared storage heartbeats".into(),
         };
     };
-    let peers: Vec<&StorageHeartbeat> = heartbeats
+    let peers: Vec<&ObservedBeat> = heartbeats
         .iter()
-        .filter(|beat| &beat.host != me && beat.age_ms(now_ms) < timing.forgotten_after_ms())
+        .filter(|seen| &seen.beat.host != me && seen.silent_ms < timing.forgotten_after_ms())
         .collect();
     let cut_off = peers
         .iter()
-        .filter(|beat| {
-            beat.age_ms(now_ms) < timing.silent_after_ms()
-                && beat.lease_age_ms(now_ms) > timing.renewal_late_ms()
+        .filter(|seen| {
+            seen.silent_ms < timing.silent_after_ms()
+                && seen.lease_age_ms() > timing.renewal_late_ms()
         })
         .count()
         + 1;
@@ -141,22 +188,39 @@ pub enum FenceEvidence {
 pub enum HostFate {
     /// Its lease is alive.
     Alive,
-    /// Off, or silent past its self-fence deadline: every VM may restart elsewhere.
+    /// Off, or silent past the deadline by which its watchdog or its own fencing has
+    /// stopped every VM it ran: every VM may restart elsewhere.
     Dead { reason: String },
     /// It fenced itself: the VMs it no longer runs may restart elsewhere.
     Fenced { running: Vec<VmName> },
     /// Up but cut off from etcd (fresh heartbeat, not fenced): its VMs stay.
     Isolated { reason: String },
-    /// Silent, but it has a fence device that has not confirmed it off: its agent may
-    /// have crashed with its QEMUs still running, so nothing restarts until it does.
+    /// Nothing proves its VMs stopped (a fence device that has not confirmed, no
+    /// watchdog, or heartbeats that cannot be read): nothing restarts until a fence
+    /// device confirms it off.
     AwaitingFence { reason: String },
+}
+
+/// How long a host's heartbeat must be silent before its VMs are certainly gone: its
+/// agent fences itself by `fence_after`, and its watchdog (the proof when the agent
+/// hangs) reboots it `watchdog_ms` after the last feed, which came with the last write.
+pub fn dead_after_ms(beat: &StorageHeartbeat, timing: &HaTiming) -> u64 {
+    match beat.watchdog_ms {
+        Some(watchdog) => timing
+            .silent_after_ms()
+            .max(watchdog + 2 * timing.heartbeat_ms),
+        // Without a watchdog only the agent's own fencing stops its VMs: an agent that
+        // hangs (rather than dies) leaves them running. Such a host should have a
+        // fence device; hosts without either are a gap the lab closes with its
+        // watchdog.
+        None => timing.silent_after_ms(),
+    }
 }
 
 pub fn judge_host(
     lease_alive: bool,
     fence: FenceEvidence,
-    heartbeat: Option<&StorageHeartbeat>,
-    now_ms: u64,
+    heartbeat: HeartbeatEvidence<'_>,
     timing: &HaTiming,
 ) -> HostFate {
     if lease_alive {
@@ -167,33 +231,46 @@ pub fn judge_host(
             reason: "its fence device confirmed it is off".into(),
         };
     }
-    let silent = match heartbeat {
-        None => Some("its lease expired and it never wrote a storage heartbeat".to_string()),
-        Some(beat) if beat.age_ms(now_ms) >= timing.silent_after_ms() => Some(format!(
-            "its lease expired and its storage heartbeat has been silent for {:.1} s",
-            beat.age_ms(now_ms) as f64 / 1000.0
-        )),
-        Some(_) => None,
-    };
-    let heartbeat = match (heartbeat, silent) {
-        (_, Some(reason)) if fence == FenceEvidence::Pending => {
-            return HostFate::AwaitingFence { reason }
+    let seen = match heartbeat {
+        HeartbeatEvidence::Unreadable => {
+            return HostFate::AwaitingFence {
+                reason: "its lease expired and the storage heartbeats cannot be read".into(),
+            }
         }
-        (_, Some(reason)) => return HostFate::Dead { reason },
-        (Some(beat), None) => beat,
-        (None, None) => unreachable!("no heartbeat is silent"),
+        HeartbeatEvidence::Missing => {
+            return HostFate::AwaitingFence {
+                reason: "its lease expired and it never wrote a storage heartbeat".into(),
+            }
+        }
+        HeartbeatEvidence::Seen(seen) => seen,
     };
-    let age = heartbeat.age_ms(now_ms);
-    if heartbeat.fenced {
+    if seen.beat.fenced {
         return HostFate::Fenced {
-            running: heartbeat.running.clone(),
+            running: seen.beat.running.clone(),
         };
     }
-    HostFate::Isolated {
-        reason: format!(
-            "its lease expired but it wrote its storage heartbeat {:.1} s ago without fencing",
-            age as f64 / 1000.0
-        ),
+    if seen.silent_ms < timing.silent_after_ms() {
+        return HostFate::Isolated {
+            reason: format!(
+                "its lease expired but its storage heartbeat moved {:.1} s ago without fencing",
+                seen.silent_ms as f64 / 1000.0
+            ),
+        };
+    }
+    let silent = format!(
+        "its lease expired and its storage heartbeat has been silent for {:.1} s",
+        seen.silent_ms as f64 / 1000.0
+    );
+    let deadline = dead_after_ms(&seen.beat, timing);
+    match fence {
+        FenceEvidence::Pending => HostFate::AwaitingFence { reason: silent },
+        _ if seen.silent_ms < deadline => HostFate::AwaitingFence {
+            reason: format!(
+                "{silent}; its watchdog stops it by {:.1} s",
+                deadline as f64 / 1000.0
+            ),
+        },
+        _ => HostFate::Dead { reason: silent },
     }
 }
 
@@ -207,21 +284,22 @@ pub fn may_restart(fate: &HostFate, vm: &VmName) -> bool {
 }
 
 /// Whether to power a host off through its fence device: its lease expired and it is
-/// not writing its storage heartbeat (or never did) and has not said it fenced itself.
-/// A fresh, unfenced heartbeat means isolated, not dead: its VMs' isolation response
-/// decides, and nobody powers it off.
+/// not writing its storage heartbeat (or never did, or nobody can tell) and has not
+/// said it fenced itself. A fresh, unfenced heartbeat means isolated, not dead: its
+/// VMs' isolation response decides, and nobody powers it off.
 pub fn wants_fence_device(
     lease_alive: bool,
-    heartbeat: Option<&StorageHeartbeat>,
-    now_ms: u64,
+    heartbeat: HeartbeatEvidence<'_>,
     timing: &HaTiming,
 ) -> bool {
     if lease_alive {
         return false;
     }
     match heartbeat {
-        None => true,
-        Some(beat) => !beat.fenced && beat.age_ms(now_ms) > timing.renewal_late_ms(),
+        HeartbeatEvidence::Unreadable | HeartbeatEvidence::Missing => true,
+        HeartbeatEvidence::Seen(seen) => {
+            !seen.beat.fenced && seen.silent_ms > timing.renewal_late_ms()
+        }
     }
 }
 
@@ -333,15 +411,26 @@ mod tests {
 
     const NOW: u64 = 10_000_000_000;
 
-    fn beat(host: &str, age_ms: u64, lease_age_ms: u64) -> StorageHeartbeat {
-        StorageHeartbeat {
-            version: 1,
-            host: host.parse().unwrap(),
-            at_ms: NOW - age_ms,
-            lease_renewed_ms: NOW - lease_age_ms,
-            fenced: false,
-            running: Vec::new(),
+    /// A slot whose sequence this reader has seen stand still for `silent_ms`, written
+    /// when its host's lease renewal was `lease_age_ms` old; the host has a watchdog.
+    fn beat(host: &str, silent_ms: u64, lease_age_ms: u64) -> ObservedBeat {
+        ObservedBeat {
+            beat: StorageHeartbeat {
+                version: 1,
+                host: host.parse().unwrap(),
+                sequence: 1,
+                at_ms: 0,
+                lease_age_ms: Some(lease_age_ms.saturating_sub(silent_ms)),
+                watchdog_ms: Some(4000),
+                fenced: false,
+                running: Vec::new(),
+            },
+            silent_ms,
         }
+    }
+
+    fn seen(beat: &ObservedBeat) -> HeartbeatEvidence<'_> {
+        HeartbeatEvidence::Seen(beat)
     }
 
     fn me() -> HostName {
@@ -353,18 +442,18 @@ mod tests {
         let timing = HaTiming::default();
         let healthy = [beat("host2", 300, 800), beat("host3", 500, 200)];
         assert!(matches!(
-            on_lease_loss(&me(), Some(&healthy), NOW, &timing),
+            on_lease_loss(&me(), Some(&healthy), &timing),
             LeaseLoss::Fence { .. }
         ));
         let everyone = [beat("host2", 300, 4200), beat("host3", 500, 3900)];
         assert!(matches!(
-            on_lease_loss(&me(), Some(&everyone), NOW, &timing),
+            on_lease_loss(&me(), Some(&everyone), &timing),
             LeaseLoss::Wait { .. }
         ));
         // Two of three cut off: a majority, so both keep their VMs.
         let majority = [beat("host2", 300, 4200), beat("host3", 500, 200)];
         assert!(matches!(
-            on_lease_loss(&me(), Some(&majority), NOW, &timing),
+            on_lease_loss(&me(), Some(&majority), &timing),
             LeaseLoss::Wait { .. }
         ));
         // Half is not a majority: 2 of 4 cut off means the other half may restart.
@@ -374,11 +463,11 @@ mod tests {
             beat("host4", 500, 200),
         ];
         assert!(matches!(
-            on_lease_loss(&me(), Some(&half), NOW, &timing),
+            on_lease_loss(&me(), Some(&half), &timing),
             LeaseLoss::Fence { .. }
         ));
         assert!(matches!(
-            on_lease_loss(&me(), None, NOW, &timing),
+            on_lease_loss(&me(), None, &timing),
             LeaseLoss::Fence { .. }
         ));
     }
@@ -389,7 +478,7 @@ mod tests {
         // host2 is dead (silent), host3 healthy: host1 alone lost etcd among the living.
         let beats = [beat("host2", 9000, 9000), beat("host3", 500, 200)];
         assert!(matches!(
-            on_lease_loss(&me(), Some(&beats), NOW, &timing),
+            on_lease_loss(&me(), Some(&beats), &timing),
             LeaseLoss::Fence { .. }
         ));
     }
@@ -400,34 +489,31 @@ mod tests {
         let vm: VmName = "web".parse().unwrap();
         let fresh = beat("host2", 500, 5000);
         let none = FenceEvidence::NoDevice;
-        assert_eq!(judge_host(true, none, None, NOW, &timing), HostFate::Alive);
-        let isolated = judge_host(false, none, Some(&fresh), NOW, &timing);
+        assert_eq!(
+            judge_host(true, none, HeartbeatEvidence::Missing, &timing),
+            HostFate::Alive
+        );
+        let isolated = judge_host(false, none, seen(&fresh), &timing);
         assert!(matches!(isolated, HostFate::Isolated { .. }));
         assert!(!may_restart(&isolated, &vm));
         let silent = beat("host2", timing.silent_after_ms(), 9000);
         assert!(may_restart(
-            &judge_host(false, none, Some(&silent), NOW, &timing),
+            &judge_host(false, none, seen(&silent), &timing),
             &vm
         ));
         // With a fence device, silence is not enough: the agent may be dead and its
         // QEMUs alive. The device's confirmation is.
-        let awaiting = judge_host(false, FenceEvidence::Pending, Some(&silent), NOW, &timing);
+        let awaiting = judge_host(false, FenceEvidence::Pending, seen(&silent), &timing);
         assert!(matches!(awaiting, HostFate::AwaitingFence { .. }));
         assert!(!may_restart(&awaiting, &vm));
         assert!(may_restart(
-            &judge_host(
-                false,
-                FenceEvidence::ConfirmedOff,
-                Some(&fresh),
-                NOW,
-                &timing
-            ),
+            &judge_host(false, FenceEvidence::ConfirmedOff, seen(&fresh), &timing),
             &vm
         ));
         let mut fenced = fresh.clone();
-        fenced.fenced = true;
-        fenced.running = vec!["db".parse().unwrap()];
-        let fate = judge_host(false, FenceEvidence::Pending, Some(&fenced), NOW, &timing);
+        fenced.beat.fenced = true;
+        fenced.beat.running = vec!["db".parse().unwrap()];
+        let fate = judge_host(false, FenceEvidence::Pending, seen(&fenced), &timing);
         assert!(may_restart(&fate, &vm));
         assert!(!may_restart(&fate, &"db".parse().unwrap()));
     }
@@ -512,23 +598,92 @@ mod tests {
     #[test]
     fn only_a_host_that_stopped_writing_is_powered_off_by_its_fence_device() {
         let timing = HaTiming::default();
-        assert!(!wants_fence_device(true, None, NOW, &timing));
-        assert!(wants_fence_device(false, None, NOW, &timing));
         assert!(!wants_fence_device(
-            false,
-            Some(&beat("host2", 500, 9000)),
-            NOW,
+            true,
+            HeartbeatEvidence::Missing,
             &timing
         ));
         assert!(wants_fence_device(
             false,
-            Some(&beat("host2", 3000, 9000)),
-            NOW,
+            HeartbeatEvidence::Missing,
+            &timing
+        ));
+        assert!(wants_fence_device(
+            false,
+            HeartbeatEvidence::Unreadable,
+            &timing
+        ));
+        assert!(!wants_fence_device(
+            false,
+            seen(&beat("host2", 500, 9000)),
+            &timing
+        ));
+        assert!(wants_fence_device(
+            false,
+            seen(&beat("host2", 3000, 9000)),
             &timing
         ));
         let mut fenced = beat("host2", 3000, 9000);
-        fenced.fenced = true;
-        assert!(!wants_fence_device(false, Some(&fenced), NOW, &timing));
+        fenced.beat.fenced = true;
+        assert!(!wants_fence_device(false, seen(&fenced), &timing));
+    }
+
+    #[test]
+    fn unknown_is_never_taken_for_dead() {
+        // The heartbeats cannot be read (a hung pool on the leader's side), or the host
+        // never wrote one: only its fence device's word restarts its VMs.
+        let timing = HaTiming::default();
+        let vm: VmName = "web".parse().unwrap();
+        for evidence in [HeartbeatEvidence::Unreadable, HeartbeatEvidence::Missing] {
+            for fence in [FenceEvidence::NoDevice, FenceEvidence::Pending] {
+                let fate = judge_host(false, fence, evidence, &timing);
+                assert!(matches!(fate, HostFate::AwaitingFence { .. }), "{fate:?}");
+                assert!(!may_restart(&fate, &vm));
+            }
+            let fate = judge_host(false, FenceEvidence::ConfirmedOff, evidence, &timing);
+            assert!(may_restart(&fate, &vm));
+        }
+    }
+
+    #[test]
+    fn a_silent_host_with_a_watchdog_is_dead_only_once_its_watchdog_has_fired() {
+        let timing = HaTiming::default();
+        let mut silent = beat("host2", 60_000, 60_000);
+        // With a watchdog, the deadline counts its timeout.
+        silent.beat.watchdog_ms = Some(10_000);
+        silent.silent_ms = 11_000;
+        let fate = judge_host(false, FenceEvidence::NoDevice, seen(&silent), &timing);
+        assert!(matches!(fate, HostFate::AwaitingFence { .. }), "{fate:?}");
+        silent.silent_ms = 12_000;
+        let fate = judge_host(false, FenceEvidence::NoDevice, seen(&silent), &timing);
+        assert!(matches!(fate, HostFate::Dead { .. }), "{fate:?}");
+    }
+
+    #[test]
+    fn heartbeat_ages_are_what_the_reader_saw_not_the_writers_clock() {
+        let mut tracker = HeartbeatTracker::default();
+        let slot = |sequence: u64, at_ms: u64| StorageHeartbeat {
+            version: 1,
+            host: "host2".parse().unwrap(),
+            sequence,
+            at_ms,
+            lease_age_ms: Some(100),
+            watchdog_ms: None,
+            fenced: false,
+            running: Vec::new(),
+        };
+        // First sight counts as fresh, whatever time the writer put in.
+        let first = tracker.observe(vec![slot(7, 0)], 50_000);
+        assert_eq!(first[0].silent_ms, 0);
+        // Its wall clock jumps a minute ahead, then back: only the sequence counts.
+        assert_eq!(
+            tracker.observe(vec![slot(7, 60_000)], 53_000)[0].silent_ms,
+            3000
+        );
+        assert_eq!(tracker.observe(vec![slot(8, 1)], 54_000)[0].silent_ms, 0);
+        let later = tracker.observe(vec![slot(8, 1)], 60_000);
+        assert_eq!(later[0].silent_ms, 6000);
+        assert_eq!(later[0].lease_age_ms(), 6100);
     }
 
     #[test]
@@ -537,6 +692,9 @@ mod tests {
         assert!(timing.check().is_ok());
         timing.fence_after_ms = 6000;
         assert!(timing.check().unwrap_err().contains("below the lease TTL"));
+        // Its kill must land before the TTL too: 4.95 s + a tick + the kill budget does not.
+        timing.fence_after_ms = 4950;
+        assert!(timing.check().unwrap_err().contains("kill budget"));
         timing.fence_after_ms = 1500;
         assert!(timing.check().unwrap_err().contains("two heartbeats"));
     }
@@ -556,18 +714,18 @@ mod tests {
         ) {
             let timing = HaTiming::default();
             let vm: VmName = "web".parse().unwrap();
-            let mut heartbeat = beat("host2", age.min(NOW), lease_age.min(NOW));
-            heartbeat.fenced = fenced;
+            let mut heartbeat = beat("host2", age, lease_age);
+            heartbeat.beat.fenced = fenced;
             if runs {
-                heartbeat.running = vec![vm.clone()];
+                heartbeat.beat.running = vec![vm.clone()];
             }
-            let fate = judge_host(lease_alive, FenceEvidence::NoDevice, Some(&heartbeat), NOW, &timing);
+            let fate = judge_host(lease_alive, FenceEvidence::NoDevice, seen(&heartbeat), &timing);
             if may_restart(&fate, &vm) {
                 prop_assert!(!lease_alive);
                 prop_assert!(age >= timing.silent_after_ms() || (fenced && !runs));
             }
             // With a device that has not confirmed, only the host's own word counts.
-            let fate = judge_host(lease_alive, FenceEvidence::Pending, Some(&heartbeat), NOW, &timing);
+            let fate = judge_host(lease_alive, FenceEvidence::Pending, seen(&heartbeat), &timing);
             if may_restart(&fate, &vm) {
                 prop_assert!(!lease_alive && fenced && !runs);
             }
@@ -582,12 +740,12 @@ mod tests {
             ages in proptest::collection::vec(0u64..2_000, 8),
         ) {
             let timing = HaTiming::default();
-            let beats: Vec<StorageHeartbeat> = (0..hosts)
+            let beats: Vec<ObservedBeat> = (0..hosts)
                 .map(|index| beat(&format!("host{}", index + 1), ages[index], lease_ages[index]))
                 .collect();
             for index in 0..hosts {
                 let me: HostName = format!("host{}", index + 1).parse().unwrap();
-                let decision = on_lease_loss(&me, Some(&beats), NOW, &timing);
+                let decision = on_lease_loss(&me, Some(&beats), &timing);
                 prop_assert!(matches!(decision, LeaseLoss::Wait { .. }), "{decision:?}");
             }
         }

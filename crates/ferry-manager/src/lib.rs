@@ -1,8 +1,9 @@
-//! The manager's decisions, as a pure function of a snapshot of the cluster:
-//! `plan(view) -> actions`. No I/O here, so every rule is tested by simulation (at
-//! thousands of hosts, without QEMU or etcd); the agent that leads applies the actions.
+//! The manager's decisions, as pure functions of a snapshot of the cluster:
+//! `planner::plan(snapshot, timing, now) -> actions`. No I/O here, so every rule is
+//! tested by simulation (at thousands of hosts, without QEMU or etcd); the agent that
+//! leads applies the actions (`ferry_agent::executor`).
 //!
-//! Placement rule: VMs without a placement, highest priority first, then in name
+//! Placement rule (`place`): VMs without a placement, highest priority first, then in name
 //! order, go to an alive, active host with room that they do not avoid (hosts they just
 //! failed on). Among those: first a host with no VM of the same anti-affinity group
 //! (a soft rule: sharing beats not running), then the earliest of the VM's preferred
@@ -15,6 +16,7 @@ pub mod fence;
 pub mod ha;
 pub mod migration;
 pub mod monitor;
+pub mod planner;
 
 use std::collections::BTreeSet;
 
@@ -75,10 +77,11 @@ pub struct ClusterView {
     pub vms: Vec<VmSnapshot>,
 }
 
+/// Where placement puts one VM.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Action {
-    Place { vm: VmName, host: HostName },
-    CannotPlace { vm: VmName, reason: String },
+pub enum Placed {
+    On { vm: VmName, host: HostName },
+    Nowhere { vm: VmName, reason: String },
 }
 
 /// Memory already promised on a host.
@@ -90,7 +93,7 @@ fn used_memory(view: &ClusterView, host: &HostName) -> u64 {
         .sum()
 }
 
-pub fn plan(view: &ClusterView) -> Vec<Action> {
+pub fn place(view: &ClusterView) -> Vec<Placed> {
     let mut free: Vec<(HostSnapshot, u64)> = view
         .hosts
         .iter()
@@ -157,12 +160,12 @@ pub fn plan(view: &ClusterView) -> Vec<Action> {
                 if let Some(group) = &vm.anti_affinity {
                     groups.insert((host.clone(), group.clone()));
                 }
-                actions.push(Action::Place {
+                actions.push(Placed::On {
                     vm: vm.name.clone(),
                     host,
                 });
             }
-            None => actions.push(Action::CannotPlace {
+            None => actions.push(Placed::Nowhere {
                 vm: vm.name.clone(),
                 reason: no_room_reason(vm, &free),
             }),
@@ -259,19 +262,19 @@ mod tests {
         };
         let mut local = vm("db", 256);
         local.needs_pools.insert("host1-local".into());
-        assert_eq!(placed(&plan(&view(local)), "db").as_deref(), Some("host1"));
+        assert_eq!(placed(&place(&view(local)), "db").as_deref(), Some("host1"));
         let mut storage = vm("nas", 256);
         storage.needs_networks.insert("storage".into());
         assert_eq!(
-            placed(&plan(&view(storage)), "nas").as_deref(),
+            placed(&place(&view(storage)), "nas").as_deref(),
             Some("host2")
         );
         let mut both = vm("odd", 256);
         both.needs_pools.insert("host1-local".into());
         both.needs_networks.insert("storage".into());
         assert_eq!(
-            plan(&view(both)),
-            vec![Action::CannotPlace {
+            place(&view(both)),
+            vec![Placed::Nowhere {
                 vm: "odd".parse().unwrap(),
                 reason: "no active host has pool host1-local and pool shared and network storage"
                     .into()
@@ -283,9 +286,9 @@ mod tests {
         names.iter().map(|name| name.parse().unwrap()).collect()
     }
 
-    fn placed(actions: &[Action], wanted: &str) -> Option<String> {
+    fn placed(actions: &[Placed], wanted: &str) -> Option<String> {
         actions.iter().find_map(|action| match action {
-            Action::Place { vm, host } if vm.as_str() == wanted => Some(host.to_string()),
+            Placed::On { vm, host } if vm.as_str() == wanted => Some(host.to_string()),
             _ => None,
         })
     }
@@ -298,7 +301,7 @@ mod tests {
             hosts: vec![host("h1", 256), host("h2", 1024), host("h3", 8192)],
             vms: vec![wanted],
         };
-        assert_eq!(placed(&plan(&view), "db").as_deref(), Some("h2"));
+        assert_eq!(placed(&place(&view), "db").as_deref(), Some("h2"));
     }
 
     #[test]
@@ -316,7 +319,7 @@ mod tests {
             hosts: vec![host("h1", 8192), host("h2", 1024)],
             vms: members,
         };
-        let actions = plan(&view);
+        let actions = place(&view);
         // b avoids h1 (a is there) despite h1's larger free memory; c then has to share.
         assert_eq!(placed(&actions, "b").as_deref(), Some("h2"));
         assert!(placed(&actions, "c").is_some());
@@ -330,8 +333,8 @@ mod tests {
             hosts: vec![host("h1", 8192)],
             vms: vec![failing],
         };
-        let actions = plan(&view);
-        let [Action::CannotPlace { reason, .. }] = actions.as_slice() else {
+        let actions = place(&view);
+        let [Placed::Nowhere { reason, .. }] = actions.as_slice() else {
             panic!("{actions:?}")
         };
         assert_eq!(reason, "no active host; avoiding h1, where it kept failing");
@@ -347,9 +350,9 @@ mod tests {
             hosts: vec![host("host1", 1024)],
             vms: vec![low, high],
         };
-        let actions = plan(&view);
-        assert!(matches!(&actions[0], Action::Place { vm, .. } if vm.as_str() == "z-high"));
-        assert!(matches!(&actions[1], Action::CannotPlace { vm, .. } if vm.as_str() == "a-low"));
+        let actions = place(&view);
+        assert!(matches!(&actions[0], Placed::On { vm, .. } if vm.as_str() == "z-high"));
+        assert!(matches!(&actions[1], Placed::Nowhere { vm, .. } if vm.as_str() == "a-low"));
     }
 
     #[test]
@@ -361,8 +364,8 @@ mod tests {
             vms: vec![busy, vm("new", 256)],
         };
         assert_eq!(
-            plan(&view),
-            vec![Action::Place {
+            place(&view),
+            vec![Placed::On {
                 vm: "new".parse().unwrap(),
                 host: "h2".parse().unwrap()
             }]
@@ -378,8 +381,8 @@ mod tests {
             vms: vec![wanted],
         };
         assert_eq!(
-            plan(&view),
-            vec![Action::Place {
+            place(&view),
+            vec![Placed::On {
                 vm: "web".parse().unwrap(),
                 host: "h1".parse().unwrap()
             }]
@@ -392,8 +395,8 @@ mod tests {
             hosts: vec![host("h1", 1024)],
             vms: vec![vm("huge", 2048)],
         };
-        let actions = plan(&view);
-        let [Action::CannotPlace { reason, .. }] = actions.as_slice() else {
+        let actions = place(&view);
+        let [Placed::Nowhere { reason, .. }] = actions.as_slice() else {
             panic!("{actions:?}")
         };
         assert_eq!(
@@ -412,10 +415,7 @@ mod tests {
             hosts: vec![maintenance],
             vms: vec![vm("a", 256), leaving],
         };
-        assert!(matches!(
-            plan(&view).as_slice(),
-            [Action::CannotPlace { .. }]
-        ));
+        assert!(matches!(place(&view).as_slice(), [Placed::Nowhere { .. }]));
     }
 
     proptest! {
@@ -428,11 +428,11 @@ mod tests {
                 hosts: hosts.iter().enumerate().map(|(i, memory)| host(&format!("h{i}"), *memory)).collect(),
                 vms: vms.iter().enumerate().map(|(i, memory)| vm(&format!("v{i}"), *memory)).collect(),
             };
-            let actions = plan(&view);
+            let actions = place(&view);
             prop_assert_eq!(actions.len(), vms.len());
             let mut used = vec![0u64; hosts.len()];
             for action in &actions {
-                if let Action::Place { vm, host } = action {
+                if let Placed::On { vm, host } = action {
                     let index: usize = host.as_str()[1..].parse().unwrap();
                     let memory = view.vms.iter().find(|candidate| &candidate.name == vm).unwrap().memory.0;
                     used[index] += memory;
@@ -444,7 +444,7 @@ mod tests {
             // A refused VM fit nowhere at its turn; free memory only shrinks, so it
             // fits nowhere at the end either.
             for action in &actions {
-                if let Action::CannotPlace { vm, .. } = action {
+                if let Placed::Nowhere { vm, .. } = action {
                     let memory = view.vms.iter().find(|candidate| &candidate.name == vm).unwrap().memory.0;
                     for (index, host_memory) in hosts.iter().enumerate() {
                         prop_assert!(Bytes::mib(*host_memory).0 - used[index] < memory, "{} was refused but fits on h{}", vm, index);
@@ -459,7 +459,7 @@ mod tests {
                 hosts: (0..5).map(|i| host(&format!("h{i}"), 4096)).collect(),
                 vms: vms.iter().enumerate().map(|(i, memory)| vm(&format!("v{i}"), *memory)).collect(),
             };
-            prop_assert_eq!(plan(&view), plan(&view));
+            prop_assert_eq!(place(&view), place(&view));
         }
     }
 }

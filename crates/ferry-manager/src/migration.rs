@@ -176,6 +176,32 @@ pub fn choose_destination(
     }
 }
 
+/// Memory promised on each host: VMs placed there and migrations heading there.
+pub fn promised_memory<'a>(
+    entries: &ferry_store::VmEntries,
+    ops: impl IntoIterator<Item = &'a ferry_model::ops::OpRecord>,
+) -> BTreeMap<HostName, Bytes> {
+    let mut used: BTreeMap<HostName, Bytes> = BTreeMap::new();
+    let memory_of = |vm: &str| {
+        entries
+            .get(vm)
+            .and_then(|entry| entry.record.as_ref())
+            .map(|record| record.value.spec.memory)
+            .unwrap_or_default()
+    };
+    for (name, entry) in entries {
+        if let Some(placement) = &entry.placement {
+            used.entry(placement.value.host.clone()).or_default().0 += memory_of(name).0;
+        }
+    }
+    for op in ops.into_iter().filter(|op| !op.state.is_final()) {
+        if let ferry_model::ops::OpKind::Migrate(migrate) = &op.kind {
+            used.entry(migrate.to.clone()).or_default().0 += memory_of(migrate.vm.as_str()).0;
+        }
+    }
+    used
+}
+
 /// A migration as the admission rule sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Slotted {

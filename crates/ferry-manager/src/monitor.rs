@@ -11,7 +11,7 @@
 //!   ladder starts from its first rung at the next fault;
 //! - past the last rung, the monitor says so once and then only watches.
 
-use ferry_model::monitor::{Action, Monitor};
+use ferry_model::monitor::{Action, Monitor, MonitorState};
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Tracker {
@@ -100,13 +100,13 @@ impl Tracker {
     }
 
     /// The state shown in `vm show`.
-    pub fn state(&self) -> &'static str {
+    pub fn state(&self) -> MonitorState {
         if self.attempts > 0 || self.exhausted_reported {
-            "down"
+            MonitorState::Down
         } else if self.failures > 0 {
-            "failing"
+            MonitorState::Failing
         } else {
-            "ok"
+            MonitorState::Ok
         }
     }
 }

@@ -182,6 +182,9 @@ pub enum PlacementPhase {
 #[serde(rename_all = "lowercase")]
 pub enum VmState {
     Running,
+    /// QEMU runs with the guest's vCPUs stopped (a switch-over not finished, or
+    /// someone paused it through QMP).
+    Paused,
     Stopped,
     Starting,
     Stopping,
@@ -193,6 +196,7 @@ impl VmState {
     pub fn as_str(self) -> &'static str {
         match self {
             VmState::Running => "running",
+            VmState::Paused => "paused",
             VmState::Stopped => "stopped",
             VmState::Starting => "starting",
             VmState::Stopping => "stopping",
@@ -373,7 +377,18 @@ pub struct Event {
     pub message: String,
 }
 
-/// Milliseconds since the Unix epoch, for records.
+/// Milliseconds on this process's monotonic clock (from its first call): what every
+/// age and deadline is measured with, so a step of the wall clock changes none of them.
+pub fn monotonic_ms() -> u64 {
+    static ANCHOR: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    ANCHOR
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
+/// Milliseconds since the Unix epoch, for records people read and for restart windows;
+/// never for a safety deadline (see [`monotonic_ms`]).
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

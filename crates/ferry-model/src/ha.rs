@@ -67,29 +67,46 @@ impl std::str::FromStr for IsolationResponse {
     }
 }
 
-/// One host's slot on the shared pool, rewritten every heartbeat interval.
+/// One host's slot on the shared pool, rewritten every heartbeat interval. Nothing in
+/// it is a time another host could compare with its own clock: readers measure how
+/// long `sequence` stands still on their own monotonic clock.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StorageHeartbeat {
     pub version: u32,
     pub host: HostName,
-    /// Wall-clock time of this write.
+    /// Counts every write: a slot whose sequence stops moving belongs to a silent host.
+    #[serde(default)]
+    pub sequence: u64,
+    /// Wall-clock time of this write, for people reading the file; never for decisions.
     pub at_ms: u64,
-    /// Wall-clock time of the last lease renewal etcd acknowledged (0: never).
-    pub lease_renewed_ms: u64,
+    /// How old the host's last acknowledged lease renewal was when it wrote this, on
+    /// its own monotonic clock; `None` if it never had one.
+    #[serde(default)]
+    pub lease_age_ms: Option<u64>,
+    /// The host's watchdog reboots it this long after its agent stops feeding it.
+    #[serde(default)]
+    pub watchdog_ms: Option<u64>,
     /// The host killed its HA VMs because it lost its lease while its peers kept theirs.
     pub fenced: bool,
     /// The VMs whose QEMU runs on the host now.
     pub running: Vec<VmName>,
 }
 
-impl StorageHeartbeat {
-    /// How old the lease renewal this heartbeat reports is, seen at `now_ms`.
-    pub fn lease_age_ms(&self, now_ms: u64) -> u64 {
-        now_ms.saturating_sub(self.lease_renewed_ms)
-    }
+/// A peer's slot as one reader sees it: its contents, and how long the reader has seen
+/// its sequence stand still (on the reader's monotonic clock, from its first sight).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObservedBeat {
+    pub beat: StorageHeartbeat,
+    pub silent_ms: u64,
+}
 
-    pub fn age_ms(&self, now_ms: u64) -> u64 {
-        now_ms.saturating_sub(self.at_ms)
+impl ObservedBeat {
+    /// How old the peer's last lease renewal is now: its age when written plus the
+    /// silence since; unknown counts as very old.
+    pub fn lease_age_ms(&self) -> u64 {
+        self.beat
+            .lease_age_ms
+            .map_or(u64::MAX, |age| age.saturating_add(self.silent_ms))
     }
 }
 
@@ -263,4 +280,16 @@ pub struct FenceRequest {
     pub host: HostName,
     pub reason: String,
     pub at_ms: u64,
+}
+
+/// Where the leader's fencing of one host stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FenceProgress {
+    Running {
+        attempt: u32,
+        last_error: Option<String>,
+    },
+    ConfirmedOff {
+        after_ms: u64,
+    },
 }

@@ -4,6 +4,7 @@
 
 mod bytes;
 pub mod cluster;
+pub mod events;
 pub mod ha;
 pub mod monitor;
 mod names;

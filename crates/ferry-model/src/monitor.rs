@@ -570,14 +570,50 @@ pub fn default_host_monitors(
     monitors
 }
 
+/// Where a monitor stands. Written as the lowercase word; what an agent acts on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MonitorState {
+    /// Its last probe passed.
+    Ok,
+    /// Probes fail, but fewer than its failure count.
+    Failing,
+    /// Down: its ladder acts.
+    Down,
+    /// Waiting for the guest to come back after an action.
+    Waiting,
+    /// Not probed yet.
+    #[default]
+    Unknown,
+    /// Held off: what it probes cannot answer (a guest without a guest agent).
+    Off,
+}
+
+impl MonitorState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MonitorState::Ok => "ok",
+            MonitorState::Failing => "failing",
+            MonitorState::Down => "down",
+            MonitorState::Waiting => "waiting",
+            MonitorState::Unknown => "unknown",
+            MonitorState::Off => "off",
+        }
+    }
+}
+
+impl std::fmt::Display for MonitorState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The state of one monitor as its host last saw it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MonitorHealth {
     pub id: String,
     pub check: String,
-    /// `ok`, `failing` (below the failure count), `down`, `waiting` (for the guest to
-    /// come back after an action) or `unknown` (not probed yet).
-    pub state: String,
+    pub state: MonitorState,
     pub failures: u32,
     pub last_error: Option<String>,
     /// The last action taken for the current fault, if any.
@@ -591,7 +627,7 @@ impl MonitorHealth {
         MonitorHealth {
             id: monitor.id.clone(),
             check: monitor.check.to_string(),
-            state: "unknown".into(),
+            state: MonitorState::Unknown,
             since_ms: now_ms,
             ..MonitorHealth::default()
         }
@@ -601,7 +637,7 @@ impl MonitorHealth {
     /// always is).
     pub fn update(
         &mut self,
-        state: &str,
+        state: MonitorState,
         failures: u32,
         error: Option<String>,
         action: Option<Action>,
@@ -613,9 +649,9 @@ impl MonitorHealth {
         if self.state != state {
             self.since_ms = now_ms;
         }
-        self.state = state.into();
+        self.state = state;
         self.failures = failures;
-        if error.is_some() || state == "ok" {
+        if error.is_some() || state == MonitorState::Ok {
             self.last_error = error;
         }
         if let Some(action) = action {
@@ -629,7 +665,7 @@ impl MonitorHealth {
 pub fn update_health(
     monitors: &mut [MonitorHealth],
     id: &str,
-    state: &str,
+    state: MonitorState,
     failures: u32,
     error: Option<String>,
     action: Option<Action>,
@@ -822,14 +858,23 @@ mod tests {
     #[test]
     fn health_changes_only_when_the_state_the_count_or_an_action_does() {
         let mut health = MonitorHealth::unknown(&monitor("reset-vm"), 1);
-        assert_eq!((health.state.as_str(), health.since_ms), ("unknown", 1));
-        assert!(health.update("ok", 0, None, None, 2));
-        assert!(!health.update("ok", 0, None, None, 3), "nothing new");
-        assert!(health.update("failing", 1, Some("refused".into()), None, 4));
-        assert_eq!(health.since_ms, 4);
-        assert!(health.update("down", 0, Some("refused".into()), Some(Action::ResetVm), 5));
+        assert_eq!((health.state, health.since_ms), (MonitorState::Unknown, 1));
+        assert!(health.update(MonitorState::Ok, 0, None, None, 2));
         assert!(
-            health.update("down", 0, None, Some(Action::ResetVm), 6),
+            !health.update(MonitorState::Ok, 0, None, None, 3),
+            "nothing new"
+        );
+        assert!(health.update(MonitorState::Failing, 1, Some("refused".into()), None, 4));
+        assert_eq!(health.since_ms, 4);
+        assert!(health.update(
+            MonitorState::Down,
+            0,
+            Some("refused".into()),
+            Some(Action::ResetVm),
+            5
+        ));
+        assert!(
+            health.update(MonitorState::Down, 0, None, Some(Action::ResetVm), 6),
             "an action is news"
         );
         assert_eq!(
@@ -837,7 +882,7 @@ mod tests {
             Some("refused"),
             "kept until ok"
         );
-        assert!(health.update("ok", 0, None, None, 7));
+        assert!(health.update(MonitorState::Ok, 0, None, None, 7));
         assert_eq!(
             (health.last_error, health.last_action.as_deref()),
             (None, Some("reset-vm"))

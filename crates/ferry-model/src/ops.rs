@@ -18,6 +18,9 @@ pub struct OpRecord {
     pub state: OpState,
     /// What it is doing now, for people: `waiting for a slot on host2`, `copying memory`…
     pub phase: String,
+    /// Where it stands, for the agents: what a driver that restarts resumes from.
+    #[serde(default)]
+    pub step: OpStep,
     pub created_ms: u64,
     pub started_ms: Option<u64>,
     pub finished_ms: Option<u64>,
@@ -159,6 +162,31 @@ impl OpState {
     }
 }
 
+/// The steps of a migration, in order. Written with each step (the phase beside it is
+/// its wording for people); an agent that restarts resumes from the step, never from
+/// the words.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OpStep {
+    /// Queued, or admitted and not begun.
+    #[default]
+    Waiting,
+    /// The destination prepares its QEMU.
+    Preparing,
+    /// Local disks are mirrored to the destination.
+    CopyingDisks,
+    /// `migrate` was sent to the source QEMU (live).
+    CopyingMemory,
+    /// The guest is paused and its state is being written to the shared pool (quick).
+    SavingState,
+    /// The whole state is on the shared pool (quick): the source QEMU may go.
+    StateSaved,
+    /// The placement names the destination: only it may run the guest now.
+    Resuming,
+    /// The op is final.
+    Finished,
+}
+
 /// How far a copy has got (memory for migrations, blocks for disk moves).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Progress {
@@ -210,4 +238,13 @@ pub struct IncomingRecord {
     /// When the guest ran again on the destination (ms since the epoch).
     #[serde(default)]
     pub resumed_ms: Option<u64>,
+}
+
+/// `vms/{vm}/op`: the one op that holds the VM. Written in the transaction that creates
+/// the op (which fails if another op holds it) and removed when the op is cleaned up.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpLock {
+    #[serde(default = "record_version")]
+    pub version: u32,
+    pub op: String,
 }

@@ -220,7 +220,10 @@ pub async fn probe(qemu: &Path, image: &ProbeImage) -> Result<AccelReport, QemuE
             let mut stderr = String::new();
             if let Some(mut pipe) = child.stderr.take() {
                 use tokio::io::AsyncReadExt;
-                let _ = pipe.read_to_string(&mut stderr).await;
+                // Its words only explain the verdict; without them it stands.
+                if let Err(error) = pipe.read_to_string(&mut stderr).await {
+                    stderr = format!("(stderr unreadable: {error})");
+                }
             }
             break verdict(
                 Accel::Tcg,
@@ -235,8 +238,14 @@ pub async fn probe(qemu: &Path, image: &ProbeImage) -> Result<AccelReport, QemuE
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let _ = child.kill().await;
-    let _ = std::fs::remove_dir_all(&scratch);
+    // It may have exited already.
+    if let Err(error) = child.kill().await {
+        tracing::debug!("it may have exited already: {error}");
+    }
+    // A leftover is harmless: it is replaced or cleaned on the next run.
+    if let Err(error) = std::fs::remove_dir_all(&scratch) {
+        tracing::debug!("a leftover is harmless: {error}");
+    }
     Ok(outcome)
 }
 
@@ -381,7 +390,13 @@ pub async fn host_cpu(qemu: &Path, accel: Accel) -> Result<HostCpu, QemuError> {
         })
     }
     .await;
-    let _ = child.kill().await;
-    let _ = std::fs::remove_dir_all(&scratch);
+    // It may have exited already.
+    if let Err(error) = child.kill().await {
+        tracing::debug!("it may have exited already: {error}");
+    }
+    // A leftover is harmless: it is replaced or cleaned on the next run.
+    if let Err(error) = std::fs::remove_dir_all(&scratch) {
+        tracing::debug!("a leftover is harmless: {error}");
+    }
     result
 }

@@ -215,7 +215,10 @@ impl Machine {
             run.vnc_socket(),
             run.pidfile(),
         ] {
-            let _ = std::fs::remove_file(stale);
+            // A leftover is harmless: it is replaced or cleaned on the next run.
+            if let Err(error) = std::fs::remove_file(stale) {
+                tracing::debug!("a leftover is harmless: {error}");
+            }
         }
         let spec_json =
             serde_json::to_vec_pretty(spec).map_err(|error| QemuError::Other(error.to_string()))?;
@@ -240,7 +243,10 @@ impl Machine {
         let qmp = match connect_while_alive(&process, &run.qmp_socket()).await {
             Ok(qmp) => qmp,
             Err(reason) => {
-                let _ = process.kill().await;
+                // It may have exited already.
+                if let Err(error) = process.kill().await {
+                    tracing::debug!("it may have exited already: {error}");
+                }
                 let stderr = read_log_tail(&run.qemu_log());
                 let stderr = if stderr.is_empty() { reason } else { stderr };
                 return Err(QemuError::StartFailed { vm, stderr });
@@ -370,7 +376,10 @@ impl Machine {
         }
         // A paused guest cannot react to the power button.
         if matches!(self.status().await, Ok(RunState::Paused)) {
-            let _ = self.resume().await;
+            // If it stays paused, the grace period ends in SIGKILL below.
+            if let Err(error) = self.resume().await {
+                tracing::debug!("VM {}: cannot resume to stop it: {error}", self.spec.name);
+            }
         }
         match self.power_down().await {
             Ok(())
@@ -415,6 +424,24 @@ impl Machine {
     /// SIGKILL now, as a power cut would.
     pub async fn kill(&self) -> Result<(), QemuError> {
         self.process.kill().await
+    }
+
+    /// Lets a migration that stopped at `pre-switchover` (capability
+    /// `pause-before-switchover`) go on to its switch-over.
+    pub async fn migrate_continue(&self) -> Result<(), QemuError> {
+        self.command("migrate-continue", Some(json!({"state": "pre-switchover"})))
+            .await
+            .map(drop)
+    }
+
+    /// Sends SIGKILL without waiting: to kill many at once, then wait for each.
+    pub fn sigkill(&self) -> Result<(), QemuError> {
+        self.process.signal(nix::sys::signal::Signal::SIGKILL)
+    }
+
+    /// Waits up to `timeout` for QEMU to be gone; true if it is.
+    pub async fn wait_exit_timeout(&self, timeout: std::time::Duration) -> bool {
+        self.process.wait_exit_timeout(timeout).await
     }
 
     /// Sets migration capabilities, e.g. `[("auto-converge", true)]`.

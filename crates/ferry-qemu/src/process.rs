@@ -77,7 +77,9 @@ impl QemuProcess {
                 Ok(status) => tracing::info!("QEMU pid {pid} ended: {status}"),
                 Err(error) => tracing::warn!("QEMU pid {pid}: cannot wait for it: {error}"),
             }
-            let _ = exited_tx.send(true);
+            if exited_tx.send(true).is_err() {
+                tracing::trace!("nobody listens any more");
+            }
         });
         Ok(QemuProcess { pid, exited })
     }
@@ -105,7 +107,9 @@ impl QemuProcess {
             while is_our_qemu(pid, &qmp_socket) {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            let _ = exited_tx.send(true);
+            if exited_tx.send(true).is_err() {
+                tracing::trace!("nobody listens any more");
+            }
         });
         Ok(QemuProcess { pid, exited })
     }
@@ -117,7 +121,9 @@ impl QemuProcess {
     /// Resolves when the process is gone.
     pub async fn wait_exit(&self) {
         let mut exited = self.exited.clone();
-        let _ = exited.wait_for(|gone| *gone).await;
+        if exited.wait_for(|gone| *gone).await.is_err() {
+            tracing::trace!("the sender is gone: nothing more will change");
+        }
     }
 
     /// Waits up to `timeout`; true if it exited.

@@ -139,7 +139,9 @@ impl Qmp {
     /// Resolves when the connection is gone.
     pub async fn closed(&self) {
         let mut closed = self.closed.clone();
-        let _ = closed.wait_for(|is_closed| *is_closed).await;
+        if closed.wait_for(|is_closed| *is_closed).await.is_err() {
+            tracing::trace!("the sender is gone: nothing more will change");
+        }
     }
 
     pub async fn execute(
@@ -276,7 +278,9 @@ async fn read_loop<R: AsyncBufReadExt + Unpin>(
         if message.get("event").is_some() {
             match serde_json::from_value::<QmpEvent>(message) {
                 Ok(event) => {
-                    let _ = events.send(event);
+                    if events.send(event).is_err() {
+                        tracing::trace!("nobody listens any more");
+                    }
                 }
                 Err(error) => tracing::warn!("skipping malformed QMP event: {error}"),
             }
@@ -309,9 +313,13 @@ async fn read_loop<R: AsyncBufReadExt + Unpin>(
                 "reply has neither return nor error: {message}"
             )))
         };
-        let _ = waiter.send(reply);
+        if waiter.send(reply).is_err() {
+            tracing::trace!("nobody listens any more");
+        }
     }
-    let _ = closed.send(true);
+    if closed.send(true).is_err() {
+        tracing::trace!("nobody listens any more");
+    }
     // Dropping the senders wakes every waiter with `Closed`.
     lock(&pending).clear();
 }

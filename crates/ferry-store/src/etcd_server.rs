@@ -122,8 +122,13 @@ impl EtcdServer {
     /// Stops etcd now (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            // An etcd that already exited cannot be killed; reaping it is what matters.
+            if let Err(error) = child.kill() {
+                tracing::debug!("etcd (pid {}) was not killed: {error}", child.id());
+            }
+            if let Err(error) = child.wait() {
+                tracing::warn!("etcd (pid {}) could not be reaped: {error}", child.id());
+            }
         }
     }
 

@@ -50,6 +50,11 @@ impl Keys {
         format!("{}vms/{vm}/restarts", self.prefix)
     }
 
+    /// The op that holds the VM (`ferry_model::ops::OpLock`).
+    pub fn vm_op(&self, vm: &VmName) -> String {
+        format!("{}vms/{vm}/op", self.prefix)
+    }
+
     /// The monitors the user added to the VM (`ferry_model::monitor::MonitorSet`).
     pub fn vm_monitors(&self, vm: &VmName) -> String {
         format!("{}vms/{vm}/monitors", self.prefix)
@@ -81,6 +86,10 @@ impl Keys {
     /// How to power a host off from elsewhere (`ferry_model::ha::FenceDevice`).
     pub fn fence_device(&self, host: &HostName) -> String {
         format!("{}fence/{host}", self.prefix)
+    }
+
+    pub fn fence_device_prefix(&self) -> String {
+        format!("{}fence/", self.prefix)
     }
 
     pub fn images(&self) -> String {
@@ -119,6 +128,10 @@ impl Keys {
 
     pub fn op(&self, id: &str) -> String {
         format!("{}ops/{id}", self.prefix)
+    }
+
+    pub fn incomings(&self) -> String {
+        format!("{}incoming/", self.prefix)
     }
 
     /// The destination's answer to a migration being prepared.

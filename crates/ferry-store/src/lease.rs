@@ -7,7 +7,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+
+use ferry_model::cluster::monotonic_ms;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -28,23 +30,29 @@ pub struct Lease {
     store: Store,
 }
 
-/// When etcd last acknowledged a renewal of this host's lease (wall-clock ms), shared
-/// across the leases a host takes one after another: self-fencing reads it.
+/// When the last renewal that etcd acknowledged was *sent* (monotonic ms, see
+/// `ferry_model::cluster::monotonic_ms`), shared across the leases a host takes one
+/// after another: self-fencing reads it. The send time, not the answer's arrival, is
+/// what etcd's expiry counts from at the latest, so a slow answer never makes the
+/// lease look younger than etcd thinks it is; and a monotonic clock, so a step of the
+/// wall clock can neither switch fencing off nor fence a healthy host.
 #[derive(Clone, Debug, Default)]
 pub struct RenewalClock(Arc<AtomicU64>);
 
 impl RenewalClock {
-    pub fn mark(&self) {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|since| since.as_millis() as u64)
-            .unwrap_or(0);
-        self.0.store(now, Ordering::Release);
+    /// A renewal sent at `sent_ms` (monotonic) was acknowledged.
+    pub fn mark(&self, sent_ms: u64) {
+        self.0.fetch_max(sent_ms.max(1), Ordering::AcqRel);
     }
 
-    /// Wall-clock ms of the last acknowledged renewal; 0 if none yet.
-    pub fn last_ms(&self) -> u64 {
-        self.0.load(Ordering::Acquire)
+    /// Monotonic ms of the last acknowledged renewal's send; `None` if none yet.
+    pub fn last_ms(&self) -> Option<u64> {
+        Some(self.0.load(Ordering::Acquire)).filter(|ms| *ms > 0)
+    }
+
+    /// How old the last acknowledged renewal is now; `None` if there was none.
+    pub fn age_ms(&self) -> Option<u64> {
+        Some(monotonic_ms().saturating_sub(self.last_ms()?))
     }
 }
 
@@ -62,13 +70,14 @@ impl Lease {
         clock: RenewalClock,
     ) -> Result<Lease, StoreError> {
         let seconds = ttl.as_secs().max(2) as i64;
+        let sent = monotonic_ms();
         let response = store
             .client()
             .lease_grant(seconds, None)
             .await
             .map_err(|error| store.etcd_error(error))?;
         let id = response.id();
-        clock.mark();
+        clock.mark(sent);
         let (state_tx, state) = watch::channel(LeaseState::Held { id });
         let ttl = Duration::from_secs(seconds as u64);
         let keeper = tokio::spawn(keep_alive(
@@ -108,9 +117,14 @@ impl Lease {
     /// Resolves when the lease is lost.
     pub async fn lost(&self) {
         let mut state = self.state.clone();
-        let _ = state
+        // The keeper ending without a word (aborted) also means nobody renews it any more.
+        if state
             .wait_for(|state| matches!(state, LeaseState::Lost { .. }))
-            .await;
+            .await
+            .is_err()
+        {
+            tracing::debug!("lease {}: its keeper ended", self.id);
+        }
     }
 
     /// Ends the lease now: every key bound to it is deleted.
@@ -140,9 +154,15 @@ async fn keep_alive(
     state: watch::Sender<LeaseState>,
 ) {
     let mut last_renewed = Instant::now();
+    // Nobody listening any more only means nobody needs to hear of the loss.
+    let report_lost = |state: &watch::Sender<LeaseState>| {
+        if state.send(LeaseState::Lost { id }).is_err() {
+            tracing::debug!("lease {id} lost with nobody watching it");
+        }
+    };
     'reconnect: loop {
         if last_renewed.elapsed() >= ttl {
-            let _ = state.send(LeaseState::Lost { id });
+            report_lost(&state);
             return;
         }
         // A cut network can leave the stream's setup hanging: bound it like a renewal.
@@ -153,6 +173,8 @@ async fn keep_alive(
             continue;
         };
         loop {
+            let sent = monotonic_ms();
+            let sent_at = Instant::now();
             if keeper.keep_alive().await.is_err() {
                 continue 'reconnect;
             }
@@ -161,12 +183,12 @@ async fn keep_alive(
                 .await
             {
                 Ok(Ok(Some(response))) if response.ttl() > 0 => {
-                    last_renewed = Instant::now();
-                    clock.mark();
+                    last_renewed = sent_at;
+                    clock.mark(sent);
                 }
                 Ok(Ok(Some(_))) => {
                     // etcd says the lease is gone (expired or revoked).
-                    let _ = state.send(LeaseState::Lost { id });
+                    report_lost(&state);
                     return;
                 }
                 Ok(Ok(None)) | Ok(Err(_)) | Err(_) => continue 'reconnect,

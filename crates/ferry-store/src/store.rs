@@ -81,63 +81,51 @@ impl Store {
         }
     }
 
-    /// Every record under `prefix`, with its key, and the store revision of the read.
-    pub async fn list<T: DeserializeOwned>(
-        &self,
-        prefix: &str,
-    ) -> Result<(Vec<(String, Versioned<T>)>, i64), StoreError> {
-        let response = self
-            .client
-            .clone()
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(|error| self.etcd_error(error))?;
-        let revision = response
-            .header()
-            .map(|header| header.revision())
-            .unwrap_or(0);
-        let mut records = Vec::new();
-        for kv in response.kvs() {
-            let key = String::from_utf8_lossy(kv.key()).into_owned();
-            let value = decode(&key, kv.value())?;
-            records.push((
-                key,
-                Versioned {
-                    value,
-                    mod_revision: kv.mod_revision(),
-                },
-            ));
-        }
-        Ok((records, revision))
-    }
-
-    /// Raw keys and values under a prefix (for records of several types).
+    /// Raw keys, values and revisions under a prefix, read page by page at one
+    /// revision (so a large prefix never hits the client's reply size limit), and that
+    /// revision.
     pub async fn list_raw(
         &self,
         prefix: &str,
     ) -> Result<(Vec<(String, Vec<u8>, i64)>, i64), StoreError> {
-        let response = self
-            .client
-            .clone()
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(|error| self.etcd_error(error))?;
-        let revision = response
-            .header()
-            .map(|header| header.revision())
-            .unwrap_or(0);
-        let records = response
-            .kvs()
-            .iter()
-            .map(|kv| {
-                (
+        let end = prefix_end(prefix.as_bytes());
+        let mut from = prefix.as_bytes().to_vec();
+        let mut revision = 0;
+        let mut records = Vec::new();
+        loop {
+            let mut options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(LIST_PAGE);
+            if revision > 0 {
+                options = options.with_revision(revision);
+            }
+            let response = self
+                .client
+                .clone()
+                .get(from.clone(), Some(options))
+                .await
+                .map_err(|error| self.etcd_error(error))?;
+            if revision == 0 {
+                revision = response
+                    .header()
+                    .map(|header| header.revision())
+                    .unwrap_or(0);
+            }
+            for kv in response.kvs() {
+                records.push((
                     String::from_utf8_lossy(kv.key()).into_owned(),
                     kv.value().to_vec(),
                     kv.mod_revision(),
-                )
-            })
-            .collect();
-        Ok((records, revision))
+                ));
+            }
+            match response.kvs().last() {
+                Some(last) if response.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok((records, revision)),
+            }
+        }
     }
 
     pub async fn put<T: Serialize>(
@@ -359,12 +347,27 @@ pub struct Election {
     pub lease: i64,
 }
 
+/// Keys read per request in a listing.
+const LIST_PAGE: i64 = 256;
+
+/// The first key after every key that starts with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // Serializing our own record types cannot fail (no maps with non-string keys).
     serde_json::to_vec(value).unwrap_or_default()
 }
 
-fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+pub(crate) fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
     let raw: serde_json::Value =
         serde_json::from_slice(bytes).map_err(|error| StoreError::Corrupt {
             key: key.to_string(),

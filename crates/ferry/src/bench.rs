@@ -196,7 +196,10 @@ async fn boot(runs: u32, memory: Bytes, json: bool) -> anyhow::Result<()> {
     let appliance = Appliance::load(&defaults::appliance_dir())?;
     let accel = defaults::detect_accel(&appliance).await?;
     let dir = defaults::run_dir().join("bench-boot");
-    let _ = std::fs::remove_dir_all(&dir);
+    // A leftover is harmless: it is replaced or cleaned on the next run.
+    if let Err(error) = std::fs::remove_dir_all(&dir) {
+        tracing::debug!("a leftover is harmless: {error}");
+    }
     let options = SandboxOptions {
         qemu: defaults::qemu_binary(),
         accel: accel.accel,

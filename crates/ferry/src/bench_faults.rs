@@ -310,7 +310,9 @@ async fn guest(client: &ApiClient, script: &str) {
         timeout_seconds: Some(5),
     };
     // A panic or a stall can cut the guest agent's answer short; the fault happened.
-    let _ = client.exec_vm(VM, &request).await;
+    if let Err(error) = client.exec_vm(VM, &request).await {
+        tracing::debug!("the fault's command got no answer: {error}");
+    }
 }
 
 async fn wait_new_boot(ip: &str, boot: &str, timeout: Duration) {

@@ -201,8 +201,14 @@ impl Agent {
     /// SIGKILL, as a crash would.
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            // It may have exited already.
+            if let Err(error) = child.kill() {
+                eprintln!("it may have exited already: {error}");
+            }
+            // Not our child or already reaped.
+            if let Err(error) = child.wait() {
+                eprintln!("not our child or already reaped: {error}");
+            }
         }
     }
 }
@@ -216,10 +222,13 @@ impl Drop for Cluster {
             for entry in std::fs::read_dir(vms).into_iter().flatten().flatten() {
                 let run = ferry_qemu::RunDir::new(entry.path());
                 if let Ok(process) = ferry_qemu::process::QemuProcess::find(&run) {
-                    let _ = nix::sys::signal::kill(
+                    // It may have exited already.
+                    if let Err(error) = nix::sys::signal::kill(
                         nix::unistd::Pid::from_raw(process.pid()),
                         nix::sys::signal::Signal::SIGKILL,
-                    );
+                    ) {
+                        eprintln!("it may have exited already: {error}");
+                    }
                 }
             }
         }

@@ -451,7 +451,10 @@ async fn a_vm_that_keeps_failing_is_restarted_in_place_then_on_another_host() {
         ],
         timeout_seconds: Some(3),
     };
-    let _ = client.exec_vm("flaky", &crash).await;
+    // The crash cuts the guest agent's answer short; the crash is what counts.
+    if let Err(error) = client.exec_vm("flaky", &crash).await {
+        eprintln!("the crash got no answer (expected): {error}");
+    }
     let second = restarted(&client, "flaky", first.pid).await;
     assert_eq!(second.host.as_deref(), Some("host1"), "restarted in place");
 

@@ -137,7 +137,10 @@ impl BareVm {
         match outcome {
             Ok(info) => {
                 if let Some(source) = self.machine.take() {
-                    let _ = source.kill().await;
+                    // It may have exited already.
+                    if let Err(error) = source.kill().await {
+                        tracing::debug!("it may have exited already: {error}");
+                    }
                 }
                 self.machine = Some(destination);
                 self.host = host;
@@ -145,7 +148,10 @@ impl BareVm {
                 Ok(info)
             }
             Err(error) => {
-                let _ = destination.kill().await;
+                // It may have exited already.
+                if let Err(error) = destination.kill().await {
+                    tracing::debug!("it may have exited already: {error}");
+                }
                 Err(error)
             }
         }
@@ -154,7 +160,10 @@ impl BareVm {
     /// Kills the QEMU and removes its disk and run directories.
     pub async fn destroy(mut self) {
         if let Some(machine) = self.machine.take() {
-            let _ = machine.kill().await;
+            // It may have exited already.
+            if let Err(error) = machine.kill().await {
+                tracing::debug!("it may have exited already: {error}");
+            }
         }
         self.remove_files();
     }
@@ -168,16 +177,25 @@ impl BareVm {
 
     fn remove_files(&self) {
         for host in self.lab.host_numbers() {
-            let _ = std::fs::remove_dir_all(self.lab.host_run_dir(host).join("bare"));
+            // A leftover is harmless: it is replaced or cleaned on the next run.
+            if let Err(error) = std::fs::remove_dir_all(self.lab.host_run_dir(host).join("bare")) {
+                tracing::debug!("a leftover is harmless: {error}");
+            }
         }
-        let _ = std::fs::remove_dir_all(&self.disk_dir);
+        // A leftover is harmless: it is replaced or cleaned on the next run.
+        if let Err(error) = std::fs::remove_dir_all(&self.disk_dir) {
+            tracing::debug!("a leftover is harmless: {error}");
+        }
     }
 
     /// Starts QEMU for this guest in `host`'s namespace and joins its tap to the host's
     /// business bridge, as an agent would.
     async fn launch(&self, host: u32, slot: &str, incoming: bool) -> Result<Machine, LabError> {
         let run_dir = RunDir::new(bare_run_dir(&self.lab, host, slot));
-        let _ = std::fs::remove_file(run_dir.console_log());
+        // A leftover is harmless: it is replaced or cleaned on the next run.
+        if let Err(error) = std::fs::remove_file(run_dir.console_log()) {
+            tracing::debug!("a leftover is harmless: {error}");
+        }
         let namespace = self.lab.namespace(host);
         let options = LaunchOptions {
             qemu: crate::defaults::qemu_binary(),
@@ -210,7 +228,10 @@ impl BareVm {
                 HOST_BUSINESS_BRIDGE,
                 "up",
             ]) {
-                let _ = machine.kill().await;
+                // It may have exited already.
+                if let Err(error) = machine.kill().await {
+                    tracing::debug!("it may have exited already: {error}");
+                }
                 return Err(fail(format!("cannot attach tap {}: {error}", nic.tap)));
             }
         }
@@ -247,10 +268,13 @@ impl Drop for BareVm {
         // A benchmark that failed before `destroy`: the pid is this QEMU's own.
         if let Some(machine) = self.machine.take() {
             let pid = machine.pid();
-            let _ = nix::sys::signal::kill(
+            // It may have exited already.
+            if let Err(error) = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
-            );
+            ) {
+                tracing::debug!("it may have exited already: {error}");
+            }
             for _ in 0..100 {
                 if !ferry_qemu::process::is_our_qemu(pid, &machine.run_dir().qmp_socket()) {
                     break;

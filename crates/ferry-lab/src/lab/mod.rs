@@ -369,7 +369,10 @@ impl Lab {
         let link = self.state.spec.state_dir.join(fence::FENCE_AGENT_NAME);
         let object = format!("fence agent {}", link.display());
         let binary = self.ferry_binary(&object)?;
-        let _ = std::fs::remove_file(&link);
+        // A leftover is harmless: it is replaced or cleaned on the next run.
+        if let Err(error) = std::fs::remove_file(&link) {
+            tracing::debug!("a leftover is harmless: {error}");
+        }
         std::os::unix::fs::symlink(&binary, &link).map_err(|error| self.fail(&object, error))?;
         Ok(link)
     }

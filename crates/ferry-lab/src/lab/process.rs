@@ -51,7 +51,10 @@ pub(crate) fn is_alive(pid: i32) -> bool {
 /// gone, reaping those that are our children. Returns the pids still there.
 pub fn kill_all(pids: &[i32]) -> Vec<i32> {
     for &pid in pids {
-        let _ = signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        // It may have exited already.
+        if let Err(error) = signal::kill(Pid::from_raw(pid), Signal::SIGKILL) {
+            tracing::debug!("it may have exited already: {error}");
+        }
     }
     let started = Instant::now();
     loop {
@@ -66,7 +69,10 @@ pub fn kill_all(pids: &[i32]) -> Vec<i32> {
 /// Collects the exit status if `pid` is our exited child (a test process, or `up`
 /// failing), so it does not linger as a zombie. For anyone else's pid this does nothing.
 pub fn reap(pid: i32) {
-    let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
+    // Not our child or already reaped.
+    if let Err(error) = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+        tracing::debug!("not our child or already reaped: {error}");
+    }
 }
 
 /// Whether a killed process is gone. Our own child is gone once reaped (a killed
@@ -191,7 +197,10 @@ mod tests {
         assert!(!is_running(&other));
         assert!(kill_all(&[pid]).is_empty());
         assert!(!is_running(&ours));
-        let _ = child.wait();
+        // Not our child or already reaped.
+        if let Err(error) = child.wait() {
+            tracing::debug!("not our child or already reaped: {error}");
+        }
     }
 
     #[test]

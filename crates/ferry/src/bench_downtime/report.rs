@@ -2,8 +2,6 @@
 //! scale, so 0.1 s and 60 s both read) of Ferry's median downtime per workload next to
 //! the reference's, then the runs as a table. One self-contained file, no scripts.
 
-use std::fmt::Write;
-
 use ferry_lab::flows::SCENARIOS;
 use ferry_lab::harness::downtime::{mode_title, subject, DowntimeRun};
 use ferry_lab::harness::reference::downtime_reference;
@@ -57,40 +55,33 @@ fn chart(mode: &str, runs: &[DowntimeRun]) -> String {
     );
     for decade in DECADES {
         let x = x_of(decade);
-        let _ = write!(
-            svg,
+        svg.push_str(&format!(
             r##"<line x1="{x:.1}" y1="20" x2="{x:.1}" y2="{:.1}" stroke="#ddd"/><text x="{x:.1}" y="{:.1}" text-anchor="middle" fill="#555">{decade} s</text>"##,
             height - 25.0,
-            height - 10.0
-        );
+            height - 10.0));
     }
     for (index, (name, ours, theirs, failed)) in rows.iter().enumerate() {
         let y = 30.0 + ROW * index as f64;
-        let _ = write!(
-            svg,
+        svg.push_str(&format!(
             r##"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
             LABEL - 8.0,
             y + BAR + 2.0,
             escape(name)
-        );
-        let _ = write!(
-            svg,
+        ));
+        svg.push_str(&format!(
             r##"<rect x="{LABEL}" y="{y:.1}" width="{:.1}" height="{BAR}" fill="{}"><title>{} median {ours:.2} s</title></rect><text x="{:.1}" y="{:.1}" fill="#222">{ours:.2} s{}</text>"##,
             x_of(*ours) - LABEL,
             if *failed { "#d98c1f" } else { "#2a9d5c" },
             subject(mode),
             x_of(*ours) + 4.0,
             y + BAR - 2.0,
-            if *failed { " (failed ops)" } else { "" }
-        );
-        let _ = write!(
-            svg,
+            if *failed { " (failed ops)" } else { "" }));
+        svg.push_str(&format!(
             r##"<rect x="{LABEL}" y="{:.1}" width="{:.1}" height="{BAR}" fill="#9aa3ad"><title>reference median {theirs:.2} s</title></rect><text x="{:.1}" y="{:.1}" fill="#555">{theirs:.2} s</text>"##,
             y + BAR + 2.0,
             x_of(*theirs) - LABEL,
             x_of(*theirs) + 4.0,
-            y + 2.0 * BAR
-        );
+            y + 2.0 * BAR));
     }
     svg.push_str("</svg>");
     svg
@@ -102,8 +93,7 @@ fn runs_table(mode: &str, runs: &[DowntimeRun]) -> String {
     );
     for run in runs.iter().filter(|run| run.mode == mode) {
         let shown = |value: Option<u64>| value.map_or("–".to_string(), |value| value.to_string());
-        let _ = write!(
-            html,
+        html.push_str(&format!(
             "<tr><td>{}</td><td>{}</td><td>{} → {}</td><td>{:.2}</td><td>{} of {}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             escape(&run.scenario),
             run.run,
@@ -115,8 +105,7 @@ fn runs_table(mode: &str, runs: &[DowntimeRun]) -> String {
             run.lost_writes,
             if run.rebooted { "yes" } else { "no" },
             shown(run.qemu_downtime_ms),
-            shown(run.ferry_overhead_ms)
-        );
+            shown(run.ferry_overhead_ms)));
     }
     html.push_str("</table>");
     html
@@ -145,12 +134,11 @@ Ferry against the reference (Hyper-V 2.0, 3 runs). Machine: {}; accelerator {}; 
     );
     for mode in modes {
         let title = mode_title(mode);
-        let _ = write!(
-            html,
+        html.push_str(&format!(
             "<h2>{title}</h2>{}{}",
             chart(mode, runs),
             runs_table(mode, runs)
-        );
+        ));
     }
     html.push_str("</body></html>\n");
     html

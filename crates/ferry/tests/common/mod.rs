@@ -17,7 +17,9 @@ pub struct LabGuard(pub PathBuf);
 impl Drop for LabGuard {
     fn drop(&mut self) {
         if let Ok(lab) = Lab::load(&self.0) {
-            let _ = lab.down();
+            if let Err(error) = lab.down() {
+                eprintln!("lab teardown: {error}");
+            }
         }
     }
 }

@@ -181,8 +181,13 @@ impl Watchdog {
     /// Opens the device and, for a real one (a character device), sets its timeout; a
     /// FIFO (the lab's watchdog) has its timeout from whoever reads it.
     pub fn open(path: &Path, timeout_ms: u64) -> std::io::Result<Watchdog> {
-        use std::os::unix::fs::FileTypeExt;
-        let device = std::fs::OpenOptions::new().write(true).open(path)?;
+        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+        // Non-blocking: a FIFO nobody reads fails to open (ENXIO) instead of hanging
+        // the start-up, and a feed never waits.
+        let device = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)?;
         if device.metadata()?.file_type().is_char_device() {
             use std::os::fd::AsRawFd;
             let mut seconds = timeout_ms.div_ceil(1000) as libc::c_int;

@@ -204,17 +204,15 @@ pub enum HostFate {
 /// How long a host's heartbeat must be silent before its VMs are certainly gone: its
 /// agent fences itself by `fence_after`, and its watchdog (the proof when the agent
 /// hangs) reboots it `watchdog_ms` after the last feed, which came with the last write.
-pub fn dead_after_ms(beat: &StorageHeartbeat, timing: &HaTiming) -> u64 {
-    match beat.watchdog_ms {
-        Some(watchdog) => timing
+/// `None`: the host has no watchdog, and silence proves nothing (a hung agent leaves
+/// its VMs running); only a fence device's confirmation does.
+pub fn dead_after_ms(beat: &StorageHeartbeat, timing: &HaTiming) -> Option<u64> {
+    let watchdog = beat.watchdog_ms?;
+    Some(
+        timing
             .silent_after_ms()
             .max(watchdog + 2 * timing.heartbeat_ms),
-        // Without a watchdog only the agent's own fencing stops its VMs: an agent that
-        // hangs (rather than dies) leaves them running. Such a host should have a
-        // fence device; hosts without either are a gap the lab closes with its
-        // watchdog.
-        None => timing.silent_after_ms(),
-    }
+    )
 }
 
 pub fn judge_host(
@@ -261,16 +259,21 @@ pub fn judge_host(
         "its lease expired and its storage heartbeat has been silent for {:.1} s",
         seen.silent_ms as f64 / 1000.0
     );
-    let deadline = dead_after_ms(&seen.beat, timing);
-    match fence {
-        FenceEvidence::Pending => HostFate::AwaitingFence { reason: silent },
-        _ if seen.silent_ms < deadline => HostFate::AwaitingFence {
+    match (fence, dead_after_ms(&seen.beat, timing)) {
+        (FenceEvidence::Pending, _) => HostFate::AwaitingFence { reason: silent },
+        (_, None) => HostFate::AwaitingFence {
+            reason: format!(
+                "{silent}, and without a watchdog a hung agent leaves its VMs running; give \
+                 the host a fence device or a watchdog"
+            ),
+        },
+        (_, Some(deadline)) if seen.silent_ms < deadline => HostFate::AwaitingFence {
             reason: format!(
                 "{silent}; its watchdog stops it by {:.1} s",
                 deadline as f64 / 1000.0
             ),
         },
-        _ => HostFate::Dead { reason: silent },
+        (_, Some(_)) => HostFate::Dead { reason: silent },
     }
 }
 
@@ -646,9 +649,16 @@ mod tests {
     }
 
     #[test]
-    fn a_silent_host_with_a_watchdog_is_dead_only_once_its_watchdog_has_fired() {
+    fn a_silent_host_without_a_watchdog_or_a_fence_device_keeps_its_vms() {
+        // Its agent may be hung (SIGSTOP) with its QEMUs running: silence proves nothing.
         let timing = HaTiming::default();
         let mut silent = beat("host2", 60_000, 60_000);
+        silent.beat.watchdog_ms = None;
+        let fate = judge_host(false, FenceEvidence::NoDevice, seen(&silent), &timing);
+        assert!(
+            matches!(&fate, HostFate::AwaitingFence { reason } if reason.contains("watchdog")),
+            "{fate:?}"
+        );
         // With a watchdog, the deadline counts its timeout.
         silent.beat.watchdog_ms = Some(10_000);
         silent.silent_ms = 11_000;

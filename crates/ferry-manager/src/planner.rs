@@ -1009,7 +1009,7 @@ mod tests {
                 sequence: 1,
                 at_ms: 0,
                 lease_age_ms: Some(0),
-                watchdog_ms: None,
+                watchdog_ms: Some(4000),
                 fenced: false,
                 running: Vec::new(),
             },

@@ -16,6 +16,21 @@ use crate::output::print_json;
 
 #[derive(Subcommand)]
 pub enum BenchVerb {
+    /// Random faults (power-offs, cut links, killed or hung agents, an etcd restart,
+    /// interrupted migrations) against HA VMs with writers: double runs, lost writes,
+    /// VMs left down, and the time to recover (p50/p95/max). Needs a lab of 3 hosts.
+    Chaos {
+        #[arg(long, default_value_t = 20)]
+        trials: u32,
+        /// Repeat an earlier run's faults.
+        #[arg(long)]
+        seed: Option<u64>,
+        #[arg(long, default_value = ferry_lab::lab::DEFAULT_NAME)]
+        lab: String,
+        /// Write every trial to this file as JSON.
+        #[arg(long = "json", value_name = "FILE")]
+        json_file: Option<std::path::PathBuf>,
+    },
     /// Latency of `GET /api/v1/vms` with N VMs registered (stopped, so nothing boots), in the lab.
     Api {
         #[arg(long, default_value_t = 50)]
@@ -178,6 +193,12 @@ pub async fn run(verb: BenchVerb) -> anyhow::Result<()> {
             .await
         }
         BenchVerb::Faults { lab, json_file } => crate::bench_faults::run(&lab, json_file).await,
+        BenchVerb::Chaos {
+            trials,
+            seed,
+            lab,
+            json_file,
+        } => crate::bench_chaos::run(trials, seed, &lab, json_file).await,
         BenchVerb::Report {
             json_file,
             html_file,

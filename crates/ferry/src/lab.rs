@@ -79,6 +79,14 @@ pub enum LabVerb {
         #[command(flatten)]
         lab: LabName,
     },
+    /// The lab's watchdog of one host (started by the lab; not for people).
+    #[command(hide = true)]
+    Watchdog {
+        #[arg(long)]
+        state_dir: std::path::PathBuf,
+        #[arg(long)]
+        host: u32,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -87,6 +95,8 @@ pub enum FaultKind {
     PowerOff,
     /// Kill only the agent; its VMs keep running.
     AgentKill,
+    /// Stop the agent (SIGSTOP): it hangs with its VMs running until its watchdog fires.
+    AgentHang,
     /// Take a link down (see --net).
     LinkDown,
     /// Bring a link back up (see --net).
@@ -147,6 +157,7 @@ pub async fn run(verb: LabVerb) -> anyhow::Result<()> {
             let fault = match fault {
                 FaultKind::PowerOff => Fault::PowerOff,
                 FaultKind::AgentKill => Fault::AgentKill,
+                FaultKind::AgentHang => Fault::AgentHang,
                 FaultKind::LinkDown => Fault::LinkDown(net.into()),
                 FaultKind::LinkUp => Fault::LinkUp(net.into()),
             };
@@ -158,6 +169,9 @@ pub async fn run(verb: LabVerb) -> anyhow::Result<()> {
             let number = lab.spec().parse_host(&host).map_err(anyhow::Error::msg)?;
             println!("{}", lab.heal(number)?);
             Ok(())
+        }
+        LabVerb::Watchdog { state_dir, host } => {
+            ferry_lab::lab::watchdog::run(&state_dir, host).map_err(anyhow::Error::msg)
         }
     }
 }

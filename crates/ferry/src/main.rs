@@ -4,6 +4,7 @@
 
 mod agent;
 mod bench;
+mod bench_chaos;
 mod bench_downtime;
 mod bench_faults;
 mod bench_ha;

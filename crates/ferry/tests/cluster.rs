@@ -93,7 +93,7 @@ impl Cluster {
             config.lease.ttl_seconds = 3;
             // Fence before the short lease expires: a quick failover for these tests.
             config.ha.heartbeat_ms = 500;
-            config.ha.fence_after_ms = 2000;
+            config.ha.fence_after_ms = 1800;
             config.capacity.cpus = Some(2);
             config.capacity.memory = Some(Bytes(Bytes::GIB));
             config.paths.run_dir = dir.path().join(format!("host{index}"));

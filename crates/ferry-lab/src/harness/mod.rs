@@ -3,6 +3,8 @@
 //! clients that drive the guest meanwhile are [`crate::workload::Writer`] (writes and
 //! probes) and [`crate::flows::Flow`] (REFERENCE §1's workloads).
 
+pub mod chaos;
+pub mod double_run;
 pub mod downtime;
 pub mod faults;
 pub mod lab;

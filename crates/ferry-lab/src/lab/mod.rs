@@ -17,6 +17,7 @@ mod network;
 mod process;
 mod spec;
 mod state;
+pub mod watchdog;
 
 use std::collections::BTreeSet;
 use std::fmt::Display;
@@ -94,6 +95,9 @@ pub enum Fault {
     PowerOff,
     /// SIGKILL only the agent; its VMs keep running.
     AgentKill,
+    /// SIGSTOP the agent: it hangs with its VMs running, until its watchdog (or a
+    /// fence) powers the host off, or `heal` lets it go on.
+    AgentHang,
     /// Take one of the host's links down (a pulled cable).
     LinkDown(LabNet),
     LinkUp(LabNet),
@@ -268,6 +272,20 @@ impl Lab {
         self.save()
     }
 
+    /// Kills the lab's etcd (SIGKILL, as a crash would); `start_etcd` starts it again
+    /// on the same data.
+    pub fn kill_etcd(&mut self) -> Result<(), LabError> {
+        if let Some(etcd) = self.state.etcd.clone().filter(process::is_running) {
+            let survivors = process::kill_all(&[etcd.pid]);
+            if !survivors.is_empty() {
+                return Err(self.fail("etcd", format!("pid {} survived SIGKILL", etcd.pid)));
+            }
+            process::reap(etcd.pid);
+        }
+        self.state.etcd = None;
+        self.save()
+    }
+
     /// A client of the lab's etcd, from the root namespace.
     pub async fn store(&self) -> Result<Store, LabError> {
         Store::connect(&[self.state.spec.etcd_url()], CLUSTER_PREFIX)
@@ -329,7 +347,11 @@ impl Lab {
             let object = format!("agent config {}", path.display());
             let mut config = agent_config(&spec, host, &token, accel, &defaults::qemu_binary())
                 .map_err(|error| self.fail(&object, error))?;
-            config.fence = Some(config::fence_config(&spec, host, &fence_agent));
+            if spec.fence_devices {
+                config.fence = Some(config::fence_config(&spec, host, &fence_agent));
+            }
+            config.ha.watchdog = Some(watchdog::fifo_path(&spec, host));
+            config.ha.watchdog_timeout_ms = watchdog::TIMEOUT_MS;
             let text = toml::to_string(&config).map_err(|error| self.fail(&object, error))?;
             state::write_private(&path, text.as_bytes())
                 .map_err(|error| self.fail(&object, error))?;
@@ -377,7 +399,45 @@ impl Lab {
         Ok(link)
     }
 
+    /// The host's watchdog, started if it is not running, and its FIFO there: an agent
+    /// whose configured watchdog cannot be opened refuses to start.
+    fn start_watchdog(&mut self, host: u32) -> Result<(), LabError> {
+        let spec = self.state.spec.clone();
+        let object = format!("watchdog of {}", spec.host_name(host));
+        let running = self
+            .state
+            .watchdogs
+            .get(&host)
+            .is_some_and(process::is_running);
+        if !running {
+            let binary = self.ferry_binary(&object)?;
+            let spawned = process::spawn_watchdog(&spec, host, &binary)
+                .map_err(|error| self.fail(&object, error))?;
+            self.state.watchdogs.insert(host, spawned);
+            self.save()?;
+        }
+        let fifo = watchdog::fifo_path(&spec, host);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !fifo.exists() {
+            let alive = self
+                .state
+                .watchdogs
+                .get(&host)
+                .is_some_and(process::is_running);
+            if !alive || Instant::now() > deadline {
+                let log = spec.host_run_dir(host).join("watchdog.log");
+                return Err(self.fail(
+                    &object,
+                    format!("no FIFO: {}", process::log_tail(&log, LOG_LINES)),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
     fn start_agent(&mut self, host: u32) -> Result<bool, LabError> {
+        self.start_watchdog(host)?;
         if let Some(agent) = self.state.agents.get(&host) {
             if process::is_running(agent) {
                 return Ok(false);
@@ -461,7 +521,17 @@ impl Lab {
         let spec = &state.spec;
         let mut problems = Vec::new();
 
-        // Agents first and alone, so that none is still starting a QEMU when the run
+        // Watchdogs before the agents they watch: none may power a host off midway.
+        let watchdogs: Vec<i32> = state
+            .watchdogs
+            .values()
+            .filter(|watchdog| process::is_running(watchdog))
+            .map(|watchdog| watchdog.pid)
+            .collect();
+        for pid in process::kill_all(&watchdogs) {
+            problems.push(format!("watchdog {pid} survived SIGKILL"));
+        }
+        // Agents next and alone, so that none is still starting a QEMU when the run
         // directories are read for the QEMUs to kill.
         let agents: Vec<i32> = state
             .agents
@@ -485,7 +555,12 @@ impl Lab {
             problems.push(format!("process {pid} survived SIGKILL"));
         }
         // One that died by itself may be our unreaped child (a test's etcd).
-        for spawned in state.agents.values().chain(&state.etcd) {
+        for spawned in state
+            .agents
+            .values()
+            .chain(state.watchdogs.values())
+            .chain(&state.etcd)
+        {
             process::reap(spawned.pid);
         }
 
@@ -680,6 +755,23 @@ impl Lab {
                     _ => format!("{name}: {agent_words}; its VMs keep running"),
                 })
             }
+            Fault::AgentHang => {
+                let agent = self
+                    .state
+                    .agents
+                    .get(&host)
+                    .filter(|agent| process::is_running(agent))
+                    .map(|agent| agent.pid)
+                    .ok_or_else(|| self.fail(&name, "its agent is not running"))?;
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(agent),
+                    nix::sys::signal::Signal::SIGSTOP,
+                )
+                .map_err(|error| self.fail(&name, format!("SIGSTOP to agent {agent}: {error}")))?;
+                Ok(format!(
+                    "{name}: agent {agent} hung (SIGSTOP); its VMs keep running"
+                ))
+            }
             Fault::LinkDown(net) | Fault::LinkUp(net) => {
                 let up = matches!(fault, Fault::LinkUp(_));
                 self.set_link(host, net, up)?;
@@ -704,6 +796,20 @@ impl Lab {
             })?;
         for net in LabNet::ALL {
             self.set_link(host, net, true)?;
+        }
+        // A hung agent goes on where it stopped (a stopped process gets SIGCONT).
+        if let Some(agent) = self
+            .state
+            .agents
+            .get(&host)
+            .filter(|a| process::is_running(a))
+        {
+            if let Err(error) = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(agent.pid),
+                nix::sys::signal::Signal::SIGCONT,
+            ) {
+                tracing::debug!("SIGCONT to agent {}: {error}", agent.pid);
+            }
         }
         let restarted = self.start_agent(host)?;
         let pid = self.state.agents.get(&host).map(|agent| agent.pid);

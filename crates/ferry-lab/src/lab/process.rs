@@ -135,6 +135,36 @@ pub fn spawn_agent(spec: &LabSpec, host: u32, binary: &Path) -> Result<Spawned, 
     Ok(spawned)
 }
 
+/// Starts the watchdog of `host` (`ferry lab watchdog`) in the root namespace, in a
+/// process group of its own, its output appended to `{host run dir}/watchdog.log`.
+pub fn spawn_watchdog(spec: &LabSpec, host: u32, binary: &Path) -> Result<Spawned, String> {
+    let log_path = spec.host_run_dir(host).join("watchdog.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|error| format!("{}: {error}", log_path.display()))?;
+    let log_err = log.try_clone().map_err(|error| error.to_string())?;
+    let arguments = super::watchdog::arguments(&spec.state_dir, host);
+    let child = Command::new(binary)
+        .args(&arguments)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        .process_group(0)
+        .spawn()
+        .map_err(|error| format!("cannot run {}: {error}", binary.display()))?;
+    let pid = i32::try_from(child.id()).map_err(|error| error.to_string())?;
+    // Dropping the handle leaves it running; `down` finds it by pid.
+    drop(child);
+    let spawned = Spawned {
+        pid,
+        marker: arguments,
+    };
+    wait_recognisable(&spawned);
+    Ok(spawned)
+}
+
 /// Waits (briefly) until a just-spawned process shows its arguments: right after
 /// `spawn` returns, the kernel may still be loading the program, and `/proc/PID/cmdline`
 /// reads empty, which would make the process look like someone else's.

@@ -118,6 +118,14 @@ pub struct LabSpec {
     pub client_config: PathBuf,
     /// The `ferry` binary agents run (default: the running executable).
     pub ferry_binary: Option<PathBuf>,
+    /// Every host gets the lab's fence device (`fence_ferry_lab`); without, a host's
+    /// watchdog is what stops it when its agent hangs.
+    #[serde(default = "yes")]
+    pub fence_devices: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for LabSpec {
@@ -139,6 +147,7 @@ impl LabSpec {
             etcd_peer_port: 0,
             client_config: ferry_api::client_config::default_path(),
             ferry_binary: None,
+            fence_devices: true,
         }
     }
 

@@ -37,6 +37,9 @@ pub struct LabState {
     pub etcd: Option<Spawned>,
     /// Running agents by host number.
     pub agents: BTreeMap<u32, Spawned>,
+    /// The hosts' watchdogs, by host number.
+    #[serde(default)]
+    pub watchdogs: BTreeMap<u32, Spawned>,
     pub accel: Option<Accel>,
     pub token: Option<String>,
     /// The client config the lab wrote (removed by `down` if it still holds our token).
@@ -55,6 +58,7 @@ impl LabState {
             directories: Vec::new(),
             etcd: None,
             agents: BTreeMap::new(),
+            watchdogs: BTreeMap::new(),
             accel: None,
             token: None,
             client_config: None,

@@ -95,82 +95,27 @@ async fn create_on(client: &ApiClient, name: &str, host: &str, extra: CreateVmRe
 
 /// Alive and not a zombie (a killed QEMU whose first agent died is reaped by init, later).
 pub fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z')
-    })
+    ferry_lab::harness::double_run::alive(pid)
 }
 
 /// Live QEMUs of this lab by VM name, from the process list.
 pub fn lab_qemus(run_root: &std::path::Path) -> std::collections::BTreeMap<String, Vec<i32>> {
-    let root = run_root.to_string_lossy().to_string();
-    let mut found: std::collections::BTreeMap<String, Vec<i32>> = Default::default();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmdline
-            .split(|byte| *byte == 0)
-            .map(|arg| String::from_utf8_lossy(arg).into_owned())
-            .collect();
-        let ours = args.first().is_some_and(|bin| bin.contains("qemu-system"))
-            && args.iter().any(|arg| arg.contains(&root));
-        let name = args
-            .iter()
-            .find_map(|arg| arg.strip_prefix("guest="))
-            .and_then(|rest| rest.split(',').next());
-        if let (true, Some(name)) = (ours, name) {
-            if alive(pid) {
-                found.entry(name.to_string()).or_default().push(pid);
-            }
-        }
-    }
-    found
+    ferry_lab::harness::double_run::qemus_by_vm(run_root)
 }
 
 /// Watches, every 50 ms, that no VM of the lab ever has two live QEMUs at once.
-pub struct DoubleRunWatch {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    task: tokio::task::JoinHandle<Vec<String>>,
-}
+pub struct DoubleRunWatch(ferry_lab::harness::double_run::DoubleRunWatch);
 
 impl DoubleRunWatch {
     pub fn start(run_root: PathBuf) -> DoubleRunWatch {
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stop.clone();
-        let task = tokio::spawn(async move {
-            let mut seen = Vec::new();
-            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                for (vm, pids) in lab_qemus(&run_root) {
-                    if pids.len() > 1 {
-                        seen.push(format!("VM {vm} ran in QEMUs {pids:?} at once"));
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            seen
-        });
-        DoubleRunWatch { stop, task }
+        DoubleRunWatch(ferry_lab::harness::double_run::DoubleRunWatch::start(
+            run_root,
+        ))
     }
 
     /// Stops watching and fails the test if a VM ever ran twice.
     pub async fn assert_never_twice(self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let seen = self.task.await.unwrap();
+        let seen = self.0.stop().await;
         assert!(seen.is_empty(), "{}", seen.join("\n"));
     }
 }

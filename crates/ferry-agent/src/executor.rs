@@ -54,6 +54,16 @@ impl Executor<'_> {
         Ok(())
     }
 
+    /// Rewrites one record, only if it is unchanged since `revision`.
+    fn rewrite(key: String, revision: i64, value: Vec<u8>) -> Change {
+        Change::default()
+            .guard(Guard::Unchanged {
+                key: key.clone(),
+                revision,
+            })
+            .put(key, value)
+    }
+
     fn leading(&self) -> Guard {
         Guard::Exists {
             key: self.leader_key.clone(),
@@ -160,12 +170,7 @@ impl Executor<'_> {
                 message,
             } => {
                 let key = keys.vm_restarts(&vm);
-                let change = Change::default()
-                    .guard(Guard::Unchanged {
-                        key: key.clone(),
-                        revision: log_revision,
-                    })
-                    .put(key, encode(&log));
+                let change = Self::rewrite(key, log_revision, encode(&log));
                 if self.commit(&format!("keeping VM {vm}"), change).await {
                     self.events
                         .record(&vm.subject(), EventKind::VmFailed, &message)
@@ -179,12 +184,7 @@ impl Executor<'_> {
                 reason,
             } => {
                 let key = keys.vm_spec(&vm);
-                let change = Change::default()
-                    .guard(Guard::Unchanged {
-                        key: key.clone(),
-                        revision: spec_revision,
-                    })
-                    .put(key, encode(&record));
+                let change = Self::rewrite(key, spec_revision, encode(&record));
                 if self.commit(&format!("stopping VM {vm}"), change).await {
                     self.events
                         .record(&vm.subject(), EventKind::RestartLimit, &reason)
@@ -225,12 +225,7 @@ impl Executor<'_> {
             }
             Action::QueueOp { op, op_revision } => {
                 let key = keys.op(&op.id);
-                let change = Change::default()
-                    .guard(Guard::Unchanged {
-                        key: key.clone(),
-                        revision: op_revision,
-                    })
-                    .put(key, encode(&*op));
+                let change = Self::rewrite(key, op_revision, encode(&*op));
                 self.commit(&format!("queueing op {}", op.id), change).await;
             }
             Action::RefuseOp {
@@ -239,12 +234,7 @@ impl Executor<'_> {
                 reason,
             } => {
                 let key = keys.op(&op.id);
-                let change = Change::default()
-                    .guard(Guard::Unchanged {
-                        key: key.clone(),
-                        revision: op_revision,
-                    })
-                    .put(key, encode(&*op));
+                let change = Self::rewrite(key, op_revision, encode(&*op));
                 if self.commit(&format!("refusing op {}", op.id), change).await {
                     self.events
                         .record(
@@ -257,12 +247,7 @@ impl Executor<'_> {
             }
             Action::CompleteOp { op, op_revision } => {
                 let key = keys.op(&op.id);
-                let change = Change::default()
-                    .guard(Guard::Unchanged {
-                        key: key.clone(),
-                        revision: op_revision,
-                    })
-                    .put(key, encode(&*op));
+                let change = Self::rewrite(key, op_revision, encode(&*op));
                 self.commit(&format!("completing op {}", op.id), change)
                     .await;
             }
@@ -273,12 +258,7 @@ impl Executor<'_> {
                 restored,
             } => {
                 let key = keys.vm_placement(&vm);
-                let change = Change::default()
-                    .guard(Guard::Unchanged {
-                        key: key.clone(),
-                        revision: placement_revision,
-                    })
-                    .put(key, encode(&restored));
+                let change = Self::rewrite(key, placement_revision, encode(&restored));
                 self.commit(&format!("restoring VM {vm} after op {op_id}"), change)
                     .await;
             }

@@ -630,7 +630,7 @@ async fn await_resume(
     migrate: &MigrateOp,
     completed_ms: u64,
 ) -> Switched {
-    let resumed = wait_resumed(context.store, handle, RESUME_TIMEOUT).await;
+    let resumed = wait_resumed(context.store, handle, RESUME_TIMEOUT, migrate).await;
     if resumed.is_none() {
         tracing::warn!(
             "VM {}: {} did not confirm the resume within {RESUME_TIMEOUT:?}",
@@ -979,13 +979,26 @@ async fn wait_resumed(
     store: &Store,
     handle: &OpHandle<'_>,
     timeout: Duration,
+    migrate: &MigrateOp,
 ) -> Option<IncomingRecord> {
     let key = store.keys().incoming(handle.id());
+    let placement_key = store.keys().vm_placement(&migrate.vm);
     let deadline = Instant::now() + timeout;
+    let mut placement_checked = Instant::now();
     while Instant::now() < deadline {
         if let Ok(Some(incoming)) = store.get::<IncomingRecord>(&key).await {
             if incoming.value.resumed_ms.is_some() {
                 return Some(incoming.value);
+            }
+        }
+        // The destination died after the switch-over and HA placed the VM elsewhere:
+        // nobody will confirm this resume.
+        if placement_checked.elapsed() > Duration::from_millis(500) {
+            placement_checked = Instant::now();
+            if let Ok(Some(placement)) = store.get::<Placement>(&placement_key).await {
+                if placement.value.host != migrate.to {
+                    return None;
+                }
             }
         }
         tokio::time::sleep(Duration::from_millis(10)).await;

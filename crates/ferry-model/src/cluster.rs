@@ -388,12 +388,38 @@ pub fn monotonic_ms() -> u64 {
 }
 
 /// Milliseconds since the Unix epoch, for records people read and for restart windows;
-/// never for a safety deadline (see [`monotonic_ms`]).
+/// never for a safety deadline (see [`monotonic_ms`]). The wall clock can be stepped
+/// for a test: with `FERRY_CLOCK_STEP_FILE` set, the signed milliseconds in that file
+/// are added (the lab's clock-step fault), to show that no decision hangs on it.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
+    let real = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as u64)
-        .unwrap_or(0)
+        .map(|elapsed| elapsed.as_millis() as i64)
+        .unwrap_or(0);
+    real.saturating_add(clock_step_ms()).max(0) as u64
+}
+
+/// The test clock step, re-read at most every 200 ms; 0 without the variable or file.
+fn clock_step_ms() -> i64 {
+    use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+    static FILE: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    static STEP: AtomicI64 = AtomicI64::new(0);
+    static READ_AT: AtomicU64 = AtomicU64::new(0);
+    let Some(file) = FILE.get_or_init(|| std::env::var_os("FERRY_CLOCK_STEP_FILE").map(Into::into))
+    else {
+        return 0;
+    };
+    let now = monotonic_ms() + 1;
+    let read_at = READ_AT.load(Ordering::Acquire);
+    if read_at == 0 || now.saturating_sub(read_at) >= 200 {
+        let step = std::fs::read_to_string(file)
+            .ok()
+            .and_then(|text| text.trim().parse::<i64>().ok())
+            .unwrap_or(0);
+        STEP.store(step, Ordering::Release);
+        READ_AT.store(now, Ordering::Release);
+    }
+    STEP.load(Ordering::Acquire)
 }
 
 impl VmName {

@@ -288,3 +288,113 @@ async fn only_one_candidate_leads_and_the_next_takes_over_when_its_lease_ends() 
         .unwrap();
     assert_eq!(store.leader().await.unwrap().as_deref(), Some("host2"));
 }
+
+#[tokio::test]
+async fn one_bad_value_hides_nothing_else_and_large_prefixes_are_read_in_pages() {
+    let fixture = etcd().await;
+    let store = &fixture.store;
+    let mut client = store.client();
+    for index in 0..600 {
+        store
+            .put(&format!("/ferry-test/many/{index:04}"), &record("x"), None)
+            .await
+            .unwrap();
+    }
+    client
+        .put("/ferry-test/many/0300", "{damaged", None)
+        .await
+        .unwrap();
+    client
+        .put(
+            "/ferry-test/many/0301",
+            r#"{"version":99,"name":"future"}"#,
+            None,
+        )
+        .await
+        .unwrap();
+    let listing = store
+        .list_each::<Record>("/ferry-test/many/")
+        .await
+        .unwrap();
+    assert_eq!(listing.entries.len(), 600, "every key, across pages of 256");
+    assert_eq!(listing.present().count(), 598);
+    let unreadable: Vec<&str> = listing.unreadable().map(|bad| bad.key.as_str()).collect();
+    assert_eq!(
+        unreadable,
+        ["/ferry-test/many/0300", "/ferry-test/many/0301"]
+    );
+    assert!(matches!(
+        store.read::<Record>("/ferry-test/many/0301").await.unwrap(),
+        ferry_store::Read::Unreadable(bad) if bad.reason.contains("newer")
+    ));
+    assert!(matches!(
+        store.read::<Record>("/ferry-test/many/none").await.unwrap(),
+        ferry_store::Read::Absent
+    ));
+}
+
+#[tokio::test]
+async fn a_guarded_change_applies_whole_or_not_at_all() {
+    use ferry_store::{Change, Guard};
+    let fixture = etcd().await;
+    let store = &fixture.store;
+    let lock = "/ferry-test/vms/web/op".to_string();
+    // Two ops of one VM, each creating its record and taking the VM's lock: one wins.
+    let take = |op: &str| {
+        Change::default()
+            .guard(Guard::Absent { key: lock.clone() })
+            .put(
+                format!("/ferry-test/ops/{op}"),
+                ferry_store::encode(&record(op)),
+            )
+            .put(lock.clone(), ferry_store::encode(&record(op)))
+    };
+    let (take_a, take_b) = (take("a"), take("b"));
+    let (first, second) = tokio::join!(store.apply(&take_a), store.apply(&take_b));
+    assert!(first.is_ok() != second.is_ok(), "{first:?} {second:?}");
+    let ops = store.list_each::<Record>("/ferry-test/ops/").await.unwrap();
+    assert_eq!(ops.entries.len(), 1, "the loser wrote nothing");
+    // A restart that needs the failed host absent and the leader present.
+    let host = "/ferry-test/hosts/host2".to_string();
+    let leader = "/ferry-test/leader/7".to_string();
+    let restart = Change::default()
+        .guard(Guard::Absent { key: host.clone() })
+        .guard(Guard::Exists {
+            key: leader.clone(),
+        })
+        .put("/ferry-test/vms/web/placement", b"{}".to_vec());
+    assert!(
+        matches!(
+            store.apply(&restart).await,
+            Err(StoreError::Conflict { .. })
+        ),
+        "no leader key: not applied"
+    );
+    store.put(&leader, &record("leader"), None).await.unwrap();
+    store.put(&host, &record("back"), None).await.unwrap();
+    assert!(
+        matches!(
+            store.apply(&restart).await,
+            Err(StoreError::Conflict { .. })
+        ),
+        "the failed host came back: not applied"
+    );
+    store.delete(&host).await.unwrap();
+    store.apply(&restart).await.unwrap();
+    // Unchanged: a stale revision loses.
+    let written = store
+        .put("/ferry-test/x", &record("1"), None)
+        .await
+        .unwrap();
+    store
+        .put("/ferry-test/x", &record("2"), None)
+        .await
+        .unwrap();
+    let stale = Change::default()
+        .guard(Guard::Unchanged {
+            key: "/ferry-test/x".into(),
+            revision: written,
+        })
+        .delete("/ferry-test/x");
+    assert!(store.apply(&stale).await.is_err());
+}

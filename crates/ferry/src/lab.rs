@@ -69,6 +69,9 @@ pub enum LabVerb {
         /// The link that link-down and link-up act on.
         #[arg(long, value_enum, default_value_t = NetArg::Management)]
         net: NetArg,
+        /// How far clock-step moves the host's wall clock, in milliseconds (signed).
+        #[arg(long, allow_hyphen_values = true, default_value_t = 60_000)]
+        step_ms: i64,
         #[command(flatten)]
         lab: LabName,
     },
@@ -97,6 +100,8 @@ pub enum FaultKind {
     AgentKill,
     /// Stop the agent (SIGSTOP): it hangs with its VMs running until its watchdog fires.
     AgentHang,
+    /// Step the host's wall clock (see --step-ms); heal sets it right.
+    ClockStep,
     /// Take a link down (see --net).
     LinkDown,
     /// Bring a link back up (see --net).
@@ -150,6 +155,7 @@ pub async fn run(verb: LabVerb) -> anyhow::Result<()> {
             host,
             fault,
             net,
+            step_ms,
             lab,
         } => {
             let mut lab = lab.load()?;
@@ -158,6 +164,7 @@ pub async fn run(verb: LabVerb) -> anyhow::Result<()> {
                 FaultKind::PowerOff => Fault::PowerOff,
                 FaultKind::AgentKill => Fault::AgentKill,
                 FaultKind::AgentHang => Fault::AgentHang,
+                FaultKind::ClockStep => Fault::ClockStep(step_ms),
                 FaultKind::LinkDown => Fault::LinkDown(net.into()),
                 FaultKind::LinkUp => Fault::LinkUp(net.into()),
             };

@@ -3,7 +3,8 @@
 //! quick migration lose no acknowledged write and fail no request; refusals move
 //! nothing; a cancel or a destination that dies leaves the guest running where it was;
 //! a disk moves between pools under writes, and a VM with a host-local disk migrates
-//! live (its disk copied over NBD first).
+//! live (its disk copied over NBD first) while its guest fsyncs as fast as it can, with
+//! every acknowledged write on the destination.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly by design
 
@@ -345,14 +346,17 @@ async fn a_disk_moves_under_writes_and_a_local_disk_migrates_live() {
         "{bad_pool}"
     );
 
-    let (migrated, log) = under_writes(&ip, "nbd-", async {
-        let op = client
-            .migrate_vm("web", &request("host2", "live"))
-            .await
-            .unwrap();
-        wait(&client, &op).await
-    })
-    .await;
+    // The guest writes (SQLite, synchronous=FULL: an fsync per write) to the local disk
+    // as fast as it can while it moves: the last writes before the switch-over must
+    // reach the destination's copy, which the mirror ends in sync at pre-switchover.
+    let writer = Writer::start(&ip, "nbd-", Duration::from_millis(1), CLIENT_TIMEOUT);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let op = client
+        .migrate_vm("web", &request("host2", "live"))
+        .await
+        .unwrap();
+    let migrated = wait(&client, &op).await;
+    let log = writer.stop().await;
     assert_clean(&migrated, &log);
     assert_eq!(
         client.get_vm("web").await.unwrap().host.as_deref(),

@@ -6,7 +6,7 @@
 //! - no acknowledged write lost (every key the guest acknowledged is there after).
 //!
 //! A trial: every VM answers, the writers start, one fault is chosen at random (seeded,
-//! so a run can be repeated) and injected on a random host — a power-off; a cut
+//! so a run can be repeated) and injected on the host of a random VM — a power-off; a cut
 //! management, migration or business link; the agent killed or hung; etcd killed and
 //! restarted; or a live migration interrupted by a power-off or an agent kill of its
 //! source or its destination — held for a while, then every host is healed, and the
@@ -292,7 +292,15 @@ async fn run_trial(
         .collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let mut host = 1 + rng.u32(..hosts);
+    // Host faults hit the host of one of the VMs: a fault nobody runs on proves little.
+    let target = client
+        .get_vm(CHAOS_VMS[rng.usize(..CHAOS_VMS.len())])
+        .await?;
+    let mut host = target
+        .host
+        .as_deref()
+        .and_then(|host| host.strip_prefix("host")?.parse().ok())
+        .unwrap_or_else(|| 1 + rng.u32(..hosts));
     let mut etcd_killed = false;
     let faulted = Instant::now();
     match fault {

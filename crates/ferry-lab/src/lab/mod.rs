@@ -98,6 +98,9 @@ pub enum Fault {
     /// SIGSTOP the agent: it hangs with its VMs running, until its watchdog (or a
     /// fence) powers the host off, or `heal` lets it go on.
     AgentHang,
+    /// Steps the host's wall clock by this many milliseconds (its agent's `now_ms`);
+    /// `heal` sets it right.
+    ClockStep(i64),
     /// Take one of the host's links down (a pulled cable).
     LinkDown(LabNet),
     LinkUp(LabNet),
@@ -772,6 +775,12 @@ impl Lab {
                     "{name}: agent {agent} hung (SIGSTOP); its VMs keep running"
                 ))
             }
+            Fault::ClockStep(step_ms) => {
+                let file = process::clock_step_file(&spec, host);
+                std::fs::write(&file, step_ms.to_string())
+                    .map_err(|error| self.fail(file.display(), error))?;
+                Ok(format!("{name}: wall clock stepped by {step_ms} ms"))
+            }
             Fault::LinkDown(net) | Fault::LinkUp(net) => {
                 let up = matches!(fault, Fault::LinkUp(_));
                 self.set_link(host, net, up)?;
@@ -796,6 +805,12 @@ impl Lab {
             })?;
         for net in LabNet::ALL {
             self.set_link(host, net, true)?;
+        }
+        let clock = process::clock_step_file(&self.state.spec, host);
+        match std::fs::remove_file(&clock) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(self.fail(clock.display(), error)),
         }
         // A hung agent goes on where it stopped (a stopped process gets SIGCONT).
         if let Some(agent) = self

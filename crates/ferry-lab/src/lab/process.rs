@@ -105,12 +105,7 @@ pub fn etcd_marker(etcd_dir: &Path) -> Vec<String> {
 pub fn spawn_agent(spec: &LabSpec, host: u32, binary: &Path) -> Result<Spawned, String> {
     let config = spec.agent_config_path(host);
     let log_path = spec.agent_log(host);
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(|error| format!("{}: {error}", log_path.display()))?;
-    let log_err = log.try_clone().map_err(|error| error.to_string())?;
+    let (log, log_err) = append_log(&log_path)?;
     let level = std::env::var("FERRY_LOG").unwrap_or_else(|_| "info".into());
     let child = Command::new("ip")
         .args(["netns", "exec", &spec.namespace(host)])
@@ -118,6 +113,8 @@ pub fn spawn_agent(spec: &LabSpec, host: u32, binary: &Path) -> Result<Spawned, 
         .args(["agent", "run", "--config"])
         .arg(&config)
         .env("FERRY_LOG", level)
+        // The lab's clock-step fault writes here; absent, the host's clock is true.
+        .env("FERRY_CLOCK_STEP_FILE", clock_step_file(spec, host))
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err)
@@ -135,16 +132,28 @@ pub fn spawn_agent(spec: &LabSpec, host: u32, binary: &Path) -> Result<Spawned, 
     Ok(spawned)
 }
 
+/// A log opened for appending, twice: for stdout and for stderr.
+fn append_log(path: &Path) -> Result<(std::fs::File, std::fs::File), String> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|error| format!("{}: {error}", path.display()))?;
+    let log_err = log.try_clone().map_err(|error| error.to_string())?;
+    Ok((log, log_err))
+}
+
+/// The file whose signed milliseconds step a host's wall clock (see
+/// `ferry_model::cluster::now_ms`).
+pub fn clock_step_file(spec: &LabSpec, host: u32) -> PathBuf {
+    spec.host_run_dir(host).join("clock-step")
+}
+
 /// Starts the watchdog of `host` (`ferry lab watchdog`) in the root namespace, in a
 /// process group of its own, its output appended to `{host run dir}/watchdog.log`.
 pub fn spawn_watchdog(spec: &LabSpec, host: u32, binary: &Path) -> Result<Spawned, String> {
     let log_path = spec.host_run_dir(host).join("watchdog.log");
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .map_err(|error| format!("{}: {error}", log_path.display()))?;
-    let log_err = log.try_clone().map_err(|error| error.to_string())?;
+    let (log, log_err) = append_log(&log_path)?;
     let arguments = super::watchdog::arguments(&spec.state_dir, host);
     let child = Command::new(binary)
         .args(&arguments)

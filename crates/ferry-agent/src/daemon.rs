@@ -331,11 +331,13 @@ async fn hold_lease(
                 &format!("host {} joined the cluster", record.name),
             )
             .await;
+        runtime.ha.set_registered(true);
         // The receiver lives as long as the agent; a send fails only on its way out.
         if current.send(Some(lease.id())).is_err() {
             return;
         }
         lease.lost().await;
+        runtime.ha.set_registered(false);
         if current.send(None).is_err() {
             return;
         }
@@ -615,6 +617,20 @@ async fn reconcile_all(
         );
         let versioned_placement = entry.placement.clone();
         let disk_move = disk_move.cloned();
+        // The source of a migration whose agent restarted after the switch-over: its
+        // copy is a stray now, and nobody else records the op's end.
+        let switched_away = (step == Step::KillStray)
+            .then(|| {
+                ops.values().find(|op| {
+                    op.state == OpState::Running
+                        && matches!(&op.kind, OpKind::Migrate(migrate)
+                            if migrate.vm == vm
+                                && migrate.from == me
+                                && placement.as_ref().is_some_and(|p| p.host == migrate.to))
+                })
+            })
+            .flatten()
+            .cloned();
         tokio::spawn(async move {
             let _claim = claim;
             let context = Context {
@@ -636,7 +652,12 @@ async fn reconcile_all(
                     carry_out(
                         step, &vm, record, generation, &store, &runtime, &api, &failures,
                     )
-                    .await
+                    .await;
+                    if let Some(op) = switched_away {
+                        if runtime.machine(&vm).await.is_none() {
+                            migration::complete_after_restart(&context, &op).await;
+                        }
+                    }
                 }
             }
         });
@@ -667,6 +688,10 @@ async fn finish_switch_over(
         Err(_) => return,
     };
     let me = &runtime.config.host;
+    if !paused {
+        runtime.mark_resumed(vm).await;
+        return;
+    }
     let op = ops
         .values()
         .filter(|op| {
@@ -675,11 +700,19 @@ async fn finish_switch_over(
         })
         .max_by_key(|op| op.created_ms)
         .cloned();
-    let Some(op) = op.filter(|_| paused) else {
-        // Paused without a migration of ours to finish: not ours to resume.
-        runtime.mark_resumed(vm).await;
+    // The last migration here, if any: asked again next round when there is none.
+    let Some(op) = op else {
         return;
     };
+    if op.state.is_final() && op.state != OpState::Completed {
+        // It ended without a switch-over (its source died) and HA placed the VM here:
+        // this waiting QEMU never got the guest. Without it, the VM starts afresh.
+        match runtime.kill(vm).await {
+            Ok(()) => tracing::warn!("VM {vm}: removed the waiting QEMU of failed op {}", op.id),
+            Err(error) => tracing::warn!("VM {vm}: the waiting QEMU survives: {error}"),
+        }
+        return;
+    }
     let Some(claim) = runtime.claim(vm) else {
         return;
     };
@@ -729,26 +762,6 @@ async fn carry_out(
             write_status(VmState::Starting, None, None).await;
             let started = Instant::now();
             match runtime.start(&record).await {
-                Ok(machine) if !runtime.ha.may_start() => {
-                    // The lease was lost (or the host fenced) while QEMU launched: another
-                    // host may start the VM now, so this copy must not run.
-                    let outcome = match runtime.kill(vm).await {
-                        Ok(()) => "killed".to_string(),
-                        Err(error) => format!("and killing it failed: {error}"),
-                    };
-                    write_status(VmState::Failed, None, Some("lease lost while starting".into()))
-                        .await;
-                    events
-                        .record(
-                            &subject,
-                            EventKind::StartFailed,
-                            &format!(
-                                "VM {vm} (QEMU pid {}) started on {me} as its lease was lost; {outcome}",
-                                machine.pid()
-                            ),
-                        )
-                        .await;
-                }
                 Ok(machine) => {
                     write_status(VmState::Running, Some(machine.pid()), None).await;
                     events

@@ -245,6 +245,22 @@ impl Executor<'_> {
                         .await;
                 }
             }
+            Action::FailOp {
+                op,
+                op_revision,
+                reason,
+            } => {
+                let change = Self::rewrite(keys.op(&op.id), op_revision, encode(&*op));
+                if self.commit(&format!("ending op {}", op.id), change).await {
+                    self.events
+                        .record(
+                            &op.kind.vm().subject(),
+                            EventKind::OpFailed,
+                            &format!("op {} ({}) failed: {reason}", op.id, op.kind.name()),
+                        )
+                        .await;
+                }
+            }
             Action::CompleteOp { op, op_revision } => {
                 let key = keys.op(&op.id);
                 let change = Self::rewrite(key, op_revision, encode(&*op));

@@ -51,6 +51,15 @@ pub struct HaGuard {
     fence_list: std::sync::Mutex<BTreeSet<VmName>>,
     /// When the reconciler last went round (monotonic ms): the watchdog's sign of sanity.
     progress_ms: AtomicU64,
+    /// Counts lease losses: a start that began under one lease never runs under another.
+    epoch: AtomicU64,
+    /// The host record is written under the current lease (the leader's restart guard
+    /// is that record's absence, so nothing starts before it is there).
+    registered: AtomicBool,
+    /// A fence victim survived SIGKILL: the watchdog must reset the host.
+    fence_failed: AtomicBool,
+    /// When this host's storage heartbeat was last written (monotonic ms).
+    beat_written_ms: AtomicU64,
 }
 
 impl HaGuard {
@@ -64,7 +73,22 @@ impl HaGuard {
             stale_view: AtomicBool::new(false),
             fence_list: Default::default(),
             progress_ms: AtomicU64::new(monotonic_ms()),
+            epoch: AtomicU64::new(0),
+            registered: AtomicBool::new(false),
+            fence_failed: AtomicBool::new(false),
+            beat_written_ms: AtomicU64::new(monotonic_ms()),
         }
+    }
+
+    /// The lease epoch: it changes whenever the lease is lost.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// The host record was written under the current lease (`true`), or the lease that
+    /// held it was lost (`false`).
+    pub fn set_registered(&self, registered: bool) {
+        self.registered.store(registered, Ordering::Release);
     }
 
     pub fn mark_progress(&self) {
@@ -90,6 +114,7 @@ impl HaGuard {
     /// Starting a QEMU is allowed: lease fresh, not fenced, the view re-read since a loss.
     pub fn may_start(&self) -> bool {
         self.lease_fresh()
+            && self.registered.load(Ordering::Acquire)
             && !self.fenced.load(Ordering::Acquire)
             && !self.stale_view.load(Ordering::Acquire)
     }
@@ -100,7 +125,9 @@ impl HaGuard {
 
     /// True once after a lease loss, when the lease is back: re-read the cluster now.
     pub fn take_stale_view(&self) -> bool {
-        self.lease_fresh() && self.stale_view.swap(false, Ordering::AcqRel)
+        self.lease_fresh()
+            && self.registered.load(Ordering::Acquire)
+            && self.stale_view.swap(false, Ordering::AcqRel)
     }
 
     /// The re-read failed: try again before starting anything.
@@ -364,7 +391,9 @@ pub async fn write_heartbeat_forever(runtime: Arc<Runtime>, me: HostName, pool: 
             .run(interval, move || write_slot(&write_dir, &beat))
             .await
         {
-            Some(Ok(())) => {}
+            Some(Ok(())) => guard
+                .beat_written_ms
+                .store(monotonic_ms(), Ordering::Release),
             Some(Err(error)) => tracing::warn!(
                 "host {me}: cannot write the storage heartbeat in {}: {error}",
                 dir.display()
@@ -397,7 +426,13 @@ pub async fn guard_forever(
         tokio::time::sleep(tick).await;
         if let Some(watchdog) = &watchdog {
             let now = monotonic_ms();
-            if guard.sane() {
+            // Without its lease, a host whose fencing failed, or whose heartbeat no
+            // longer gets written (the leader's silence clock runs), must be reset by
+            // its watchdog before the leader's deadline: no more feeding.
+            let beat_stale = now.saturating_sub(guard.beat_written_ms.load(Ordering::Acquire))
+                > 2 * timing.heartbeat_ms;
+            let must_reset = lost && (guard.fence_failed.load(Ordering::Acquire) || beat_stale);
+            if guard.sane() && !must_reset {
                 if now.saturating_sub(last_feed) >= timing.heartbeat_ms {
                     if let Ok(mut watchdog) = watchdog.lock() {
                         watchdog.feed();
@@ -407,10 +442,16 @@ pub async fn guard_forever(
                 starving = false;
             } else if !starving {
                 starving = true;
-                tracing::error!(
-                    "host {me}: the reconciler has not run for {} s; no longer feeding the watchdog",
-                    SANE_WITHIN_MS / 1000
-                );
+                if must_reset {
+                    tracing::error!(
+                        "host {me}: lease lost and its fencing failed or its heartbeat stalled; no longer feeding the watchdog"
+                    );
+                } else {
+                    tracing::error!(
+                        "host {me}: the reconciler has not run for {} s; no longer feeding the watchdog",
+                        SANE_WITHIN_MS / 1000
+                    );
+                }
             }
         }
         if guard.lease_fresh() {
@@ -418,6 +459,7 @@ pub async fn guard_forever(
                 lost = false;
                 waiting = None;
                 guard.fenced.store(false, Ordering::Release);
+                guard.fence_failed.store(false, Ordering::Release);
                 tracing::warn!("host {me} holds a lease again; re-reading the cluster");
             }
             continue;
@@ -427,6 +469,7 @@ pub async fn guard_forever(
         }
         if !lost {
             lost = true;
+            guard.epoch.fetch_add(1, Ordering::AcqRel);
             guard.stale_view.store(true, Ordering::Release);
         }
         let beats = guard.observed_heartbeats();
@@ -471,6 +514,7 @@ async fn fence(runtime: &Runtime, me: &HostName, reason: &str) {
         if gone {
             killed.push(vm.to_string());
         } else {
+            runtime.ha.fence_failed.store(true, Ordering::Release);
             tracing::error!(
                 "host {me}: VM {vm} survived SIGKILL for {KILL_BUDGET_MS} ms (stuck in storage?)"
             );

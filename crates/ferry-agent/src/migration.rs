@@ -350,6 +350,7 @@ async fn follow_migration(
     let mut last_write = Instant::now() - PROGRESS_EVERY;
     let mut last_bytes = (Instant::now(), 0u64);
     let mut postcopy_started = false;
+    let mut continued = false;
     loop {
         let info = machine
             .query_migrate()
@@ -365,16 +366,21 @@ async fn follow_migration(
                 return Ok(info);
             }
             MigrationStatus::PostcopyActive => return Ok(info),
-            MigrationStatus::PreSwitchover => {
+            MigrationStatus::PreSwitchover if !continued => {
                 // vCPUs stopped and I/O drained: each mirror ends now, in sync (a cancel
                 // of a ready mirror copies what is left and keeps the source's disk), and
-                // only then does the memory's last pass go.
+                // only then does the memory's last pass go. A driver that restarted here
+                // finds some mirrors ended already.
+                let running = machine.block_jobs().await?;
                 for copy in &migrate.disk_copies {
                     let job = mirror_job(&copy.disk);
-                    machine.cancel_job(&job).await?;
-                    machine.wait_job_gone(&job, DISK_FINAL_SYNC).await?;
+                    if running.iter().any(|listed| listed.id == job) {
+                        machine.cancel_job(&job).await?;
+                        machine.wait_job_gone(&job, DISK_FINAL_SYNC).await?;
+                    }
                 }
                 machine.migrate_continue().await?;
+                continued = true;
             }
             MigrationStatus::Failed => {
                 return Err(Stopped::failed(format!(
@@ -826,13 +832,31 @@ async fn roll_back(
                 tracing::debug!("VM {vm}: NBD node of {}: {error}", copy.disk);
             }
         }
-        if matches!(
+        let paused = matches!(
             machine.status().await,
             Ok(RunState::Paused) | Ok(RunState::Postmigrate)
-        ) {
+        );
+        // Only while the placement still names this host may its copy run again.
+        let still_ours = match context
+            .store
+            .get::<Placement>(&context.store.keys().vm_placement(vm))
+            .await
+        {
+            Ok(Some(placement)) => placement.value.host == migrate.from,
+            Ok(None) => false,
+            Err(error) => {
+                problems.push(format!(
+                    "the placement cannot be read ({error}); not resumed"
+                ));
+                false
+            }
+        };
+        if paused && still_ours && context.runtime.ha.may_start() {
             if let Err(error) = machine.resume().await {
                 problems.push(format!("cannot resume the guest here: {error}"));
             }
+        } else if paused {
+            problems.push("the guest stays paused here: the placement or the lease says so".into());
         }
         pid = Some(machine.pid());
     }
@@ -1254,7 +1278,21 @@ async fn wait_for_switch(
             .map(|placement| placement.map(|placement| placement.value));
         match placement {
             Ok(Some(placement)) if &placement.host == me => {
-                resume_here(context, handle, migrate, machine).await;
+                // Named by the switch-over, or by an HA restart that ended the op (its
+                // source died): then this QEMU never got the guest, and the reconciler
+                // starts the VM afresh from its disks.
+                match handle.read().await {
+                    Ok(Some(op)) if op.state.is_final() && op.state != OpState::Completed => {
+                        abandon(context, migrate).await;
+                    }
+                    Ok(Some(_)) => resume_here(context, handle, migrate, machine).await,
+                    Ok(None) => abandon(context, migrate).await,
+                    Err(error) => {
+                        tracing::warn!("VM {vm}: cannot read op {}: {error}", handle.id());
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                }
                 return;
             }
             Ok(Some(placement)) if placement.migrating_to() == Some(me) => {}
@@ -1436,6 +1474,32 @@ async fn resume_here(
             &format!("VM {vm} runs on {me} after its migration"),
         )
         .await;
+}
+
+/// The source agent restarted after the switch-over (its copy just removed as a
+/// stray): the op is complete, without the measurements the lost driver held.
+pub async fn complete_after_restart(context: &Context<'_>, op: &OpRecord) {
+    let OpKind::Migrate(migrate) = &op.kind else {
+        return;
+    };
+    let handle = OpHandle::new(context.store, &op.id);
+    let phase = format!(
+        "running on {} (the source agent restarted after the switch-over)",
+        migrate.to
+    );
+    let ended = handle
+        .update(|record| {
+            if !record.state.is_final() {
+                record.state = OpState::Completed;
+                record.step = OpStep::Finished;
+                record.phase = phase.clone();
+                record.finished_ms = Some(now_ms());
+            }
+        })
+        .await;
+    if let Err(error) = ended {
+        tracing::warn!("op {}: cannot record its end: {error}", op.id);
+    }
 }
 
 /// A QEMU found paused (or still waiting for its state) under a placement that names

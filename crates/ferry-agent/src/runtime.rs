@@ -200,8 +200,38 @@ impl Runtime {
 
     /// Starts the VM. Its disks were made when it was created; a start never makes
     /// one (a disk that vanished must not come back blank), it fails and says so.
+    /// QEMU starts with its vCPUs stopped and runs the guest only if the lease this
+    /// start began under is still held (a launch that outlived a lease loss, even one
+    /// followed by a new lease, may be racing an HA restart elsewhere).
     pub async fn start(&self, record: &VmRecord) -> Result<Arc<Machine>, String> {
-        self.launch(&record.spec, record.reset_serial, false).await
+        let epoch = self.ha.epoch();
+        if !self.ha.may_start() {
+            return Err("this host has no fresh lease".into());
+        }
+        let machine = self
+            .launch(&record.spec, record.reset_serial, LaunchKind::Paused)
+            .await?;
+        let vm = &record.spec.name;
+        if !self.ha.may_start() || self.ha.epoch() != epoch {
+            return Err(match self.kill(vm).await {
+                Ok(()) => "the lease was lost while QEMU started; it was not run".into(),
+                Err(error) => {
+                    format!("the lease was lost while QEMU started, and killing it failed: {error}")
+                }
+            });
+        }
+        if let Err(error) = machine.resume().await {
+            let killed = self
+                .kill(vm)
+                .await
+                .err()
+                .map(|kill| format!(" (and killing it failed: {kill})"));
+            return Err(format!(
+                "QEMU started but the guest could not be run: {error}{}",
+                killed.unwrap_or_default()
+            ));
+        }
+        Ok(machine)
     }
 
     /// Starts a QEMU that waits for an incoming migration (`-incoming defer`) with its
@@ -211,15 +241,16 @@ impl Runtime {
         spec: &VmSpec,
         reset_serial: u64,
     ) -> Result<Arc<Machine>, String> {
-        self.launch(spec, reset_serial, true).await
+        self.launch(spec, reset_serial, LaunchKind::Incoming).await
     }
 
     async fn launch(
         &self,
         spec: &VmSpec,
         reset_serial: u64,
-        incoming: bool,
+        kind: LaunchKind,
     ) -> Result<Arc<Machine>, String> {
+        let incoming = kind == LaunchKind::Incoming;
         let options = LaunchOptions {
             qemu: self.config.qemu.binary.clone(),
             accel: self.accel,
@@ -227,7 +258,7 @@ impl Runtime {
             netns: None,
             host: self.limits,
             incoming: incoming.then_some(Incoming::Defer),
-            paused: incoming,
+            paused: true,
         };
         let machine = Machine::launch(spec, &options)
             .await
@@ -343,6 +374,15 @@ impl Runtime {
             )),
         }
     }
+}
+
+/// How a QEMU is launched; always with its vCPUs stopped (`-S`), the caller runs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LaunchKind {
+    /// To run the guest from its disks once the start is allowed.
+    Paused,
+    /// To receive a migration (`-incoming defer`).
+    Incoming,
 }
 
 /// What a stop did, for its event.

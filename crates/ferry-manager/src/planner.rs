@@ -142,6 +142,12 @@ pub enum Action {
         op_revision: i64,
         reason: String,
     },
+    /// A running op that can no longer finish (its host left); the op's error says why.
+    FailOp {
+        op: Box<OpRecord>,
+        op_revision: i64,
+        reason: String,
+    },
     /// The source died after the switch-over, before recording it.
     CompleteOp {
         op: Box<OpRecord>,
@@ -371,12 +377,20 @@ fn fencing(
             HostFate::Alive => String::new(),
         };
         if !verdict.is_empty() {
-            report(
-                actions,
-                format!("host/{host}"),
-                EventKind::HostFate,
-                verdict,
-            );
+            // One event per kind of fate: the reasons carry seconds that grow each pass.
+            let kind = match &fate {
+                HostFate::Dead { .. } => "dead",
+                HostFate::Fenced { .. } => "fenced",
+                HostFate::Isolated { .. } => "isolated",
+                HostFate::AwaitingFence { .. } => "awaiting a fence",
+                HostFate::Alive => "alive",
+            };
+            actions.push(Action::Report {
+                subject: format!("host/{host}"),
+                kind: EventKind::HostFate,
+                message: verdict,
+                dedupe: kind.into(),
+            });
         }
         fates.insert(host.clone(), fate);
     }
@@ -669,6 +683,41 @@ fn ops(snapshot: &ClusterSnapshot, now_ms: u64, actions: &mut Vec<Action>) {
                 op_revision: versioned.mod_revision,
             });
         }
+    }
+    // A disk move whose host left, or whose VM no longer runs there, has no driver.
+    for versioned in &records {
+        let op = &versioned.value;
+        let OpKind::MoveDisk(move_disk) = &op.kind else {
+            continue;
+        };
+        if op.state != OpState::Running {
+            continue;
+        }
+        let entry = snapshot.vms.get(move_disk.vm.as_str());
+        if entry.is_some_and(|entry| entry.unknown().is_some()) {
+            continue;
+        }
+        let placed_there = entry
+            .and_then(|entry| entry.placement.as_ref())
+            .is_some_and(|placement| placement.value.host == move_disk.host);
+        let reason = if !snapshot.is_alive(&move_disk.host) {
+            format!("host {} left the cluster", move_disk.host)
+        } else if !placed_there {
+            format!("VM {} no longer runs on {}", move_disk.vm, move_disk.host)
+        } else {
+            continue;
+        };
+        let mut failed = op.clone();
+        failed.state = OpState::Failed;
+        failed.step = OpStep::Finished;
+        failed.phase = "ended: its host can no longer carry it out".into();
+        failed.error = Some(reason.clone());
+        failed.finished_ms = Some(now_ms);
+        actions.push(Action::FailOp {
+            op: Box::new(failed),
+            op_revision: versioned.mod_revision,
+            reason,
+        });
     }
     admission(snapshot, &records, now_ms, actions);
     clean_up(snapshot, &records, now_ms, actions);
@@ -1252,6 +1301,60 @@ mod tests {
         assert!(!actions
             .iter()
             .any(|action| matches!(action, Action::DeleteOp { op_id, .. } if op_id == "op-young")));
+    }
+
+    #[test]
+    fn a_hosts_fate_is_one_event_however_long_it_stays_silent() {
+        let mut snapshot = cluster();
+        snapshot.fence_devices.insert(
+            "host3".parse().unwrap(),
+            Ok(FenceDevice {
+                version: 1,
+                host: "host3".parse().unwrap(),
+                agent: "/x".into(),
+                options: Default::default(),
+                timeout_ms: 1,
+            }),
+        );
+        let dedupes = |snapshot: &ClusterSnapshot| -> Vec<String> {
+            plan(snapshot, &HaTiming::default(), NOW)
+                .into_iter()
+                .filter_map(|action| match action {
+                    Action::Report {
+                        kind: EventKind::HostFate,
+                        dedupe,
+                        ..
+                    } => Some(dedupe),
+                    _ => None,
+                })
+                .collect()
+        };
+        let first = dedupes(&snapshot);
+        snapshot.heartbeats = Some(vec![silent("host3", 61_234)]);
+        assert_eq!(
+            dedupes(&snapshot),
+            first,
+            "a second more of silence is no news"
+        );
+        assert_eq!(first.len(), 1);
+    }
+
+    #[test]
+    fn a_disk_move_whose_host_left_fails_instead_of_holding_its_vm() {
+        let mut snapshot = cluster();
+        let mut op = move_disk_op("op-9", OpState::Running, None);
+        if let OpKind::MoveDisk(move_disk) = &mut op.value.kind {
+            move_disk.host = "host3".parse().unwrap();
+        }
+        snapshot.ops.insert("op-9".into(), Ok(op));
+        let actions = plan(&snapshot, &HaTiming::default(), NOW);
+        assert!(
+            actions.iter().any(|action| matches!(
+                action,
+                Action::FailOp { reason, .. } if reason == "host host3 left the cluster"
+            )),
+            "{actions:#?}"
+        );
     }
 
     proptest! {

@@ -83,6 +83,7 @@ event_kinds! {
     CancelRequested => "cancel-requested",
     OpStarted => "op-started",
     OpRefused => "op-refused",
+    OpFailed => "op-failed",
     MigrationPrepareFailed => "migration-prepare-failed",
     Migrated => "migrated",
     MigrationFailed => "migration-failed",

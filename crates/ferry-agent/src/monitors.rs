@@ -647,16 +647,8 @@ impl Watch {
                 Ok(("QEMU killed; the VM starts again here".into(), true))
             }
             Action::FailoverVm => {
-                let leave = LeaveHost {
-                    host: self.me.clone(),
-                    generation: self.generation,
-                    reason: format!("{reason} failed it over"),
-                };
-                crate::executor::update_restart_log(&self.store, &self.vm, |log| {
-                    log.leave = Some(leave.clone())
-                })
-                .await
-                .map_err(|error| format!("cannot ask to leave {}: {error}", self.me))?;
+                // The copy here goes first: the leader places the VM elsewhere as soon
+                // as the request to leave is written, and it must not find it running.
                 self.runtime.mark_leaving(&self.vm, self.generation);
                 self.runtime
                     .expect_exit(&self.vm, format!("failed over by {reason}"));
@@ -664,6 +656,19 @@ impl Watch {
                     .kill()
                     .await
                     .map_err(|error| error.to_string())?;
+                let leave = LeaveHost {
+                    host: self.me.clone(),
+                    generation: self.generation,
+                    reason: format!("{reason} failed it over"),
+                };
+                // Not written: the VM starts here again after the leave grace.
+                crate::executor::update_restart_log(&self.store, &self.vm, |log| {
+                    log.leave = Some(leave.clone())
+                })
+                .await
+                .map_err(|error| {
+                    format!("QEMU killed, but cannot ask to leave {}: {error}", self.me)
+                })?;
                 Ok((
                     format!(
                         "QEMU killed; the VM restarts on another host than {}",

@@ -670,14 +670,11 @@ fn ops(snapshot: &ClusterSnapshot, now_ms: u64, actions: &mut Vec<Action>) {
         let switched =
             placement.value.host == migrate.to && placement.value.phase == PlacementPhase::Assigned;
         if op.state == OpState::Running && switched && !snapshot.is_alive(&migrate.from) {
-            let mut done = op.clone();
-            done.state = OpState::Completed;
-            done.step = OpStep::Finished;
-            done.phase = format!(
+            let phase = format!(
                 "running on {} (the source host left before recording the result)",
                 migrate.to
             );
-            done.finished_ms = Some(now_ms);
+            let done = ended(op, OpState::Completed, &phase, now_ms);
             actions.push(Action::CompleteOp {
                 op: Box::new(done),
                 op_revision: versioned.mod_revision,
@@ -707,20 +704,37 @@ fn ops(snapshot: &ClusterSnapshot, now_ms: u64, actions: &mut Vec<Action>) {
         } else {
             continue;
         };
-        let mut failed = op.clone();
-        failed.state = OpState::Failed;
-        failed.step = OpStep::Finished;
-        failed.phase = "ended: its host can no longer carry it out".into();
-        failed.error = Some(reason.clone());
-        failed.finished_ms = Some(now_ms);
+        let record = failed(
+            op,
+            "ended: its host can no longer carry it out",
+            &reason,
+            now_ms,
+        );
         actions.push(Action::FailOp {
-            op: Box::new(failed),
+            op: Box::new(record),
             op_revision: versioned.mod_revision,
             reason,
         });
     }
     admission(snapshot, &records, now_ms, actions);
     clean_up(snapshot, &records, now_ms, actions);
+}
+
+/// The op as it ends, in `state`, with `phase` and (failed) an error.
+fn ended(op: &OpRecord, state: OpState, phase: &str, now_ms: u64) -> OpRecord {
+    let mut ended = op.clone();
+    ended.state = state;
+    ended.step = OpStep::Finished;
+    ended.phase = phase.into();
+    ended.finished_ms = Some(now_ms);
+    ended
+}
+
+/// The op as it fails, for `reason`.
+fn failed(op: &OpRecord, phase: &str, reason: &str, now_ms: u64) -> OpRecord {
+    let mut failed = ended(op, OpState::Failed, phase, now_ms);
+    failed.error = Some(reason.into());
+    failed
 }
 
 fn admission(
@@ -794,14 +808,9 @@ fn admission(
                 });
             }
             Err(reason) => {
-                let mut failed = op.clone();
-                failed.state = OpState::Failed;
-                failed.step = OpStep::Finished;
-                failed.phase = "refused when its turn came".into();
-                failed.error = Some(reason.clone());
-                failed.finished_ms = Some(now_ms);
+                let record = failed(op, "refused when its turn came", &reason, now_ms);
                 actions.push(Action::RefuseOp {
-                    op: Box::new(failed),
+                    op: Box::new(record),
                     op_revision: versioned.mod_revision,
                     reason,
                 });

@@ -297,6 +297,11 @@ impl ClusterApi {
         let vm = kind.vm().clone();
         let lock_key = keys.vm_op(&vm);
         let mut at = now_ms();
+        // The lock as last seen: absent, or held by an op that has ended (the leader
+        // releases such locks on its next tick; a new op need not wait for it).
+        let mut lock_guard = Guard::Absent {
+            key: lock_key.clone(),
+        };
         loop {
             let id = format!("op-{at:x}");
             let op = OpRecord {
@@ -320,9 +325,7 @@ impl ClusterApi {
             };
             let op_key = keys.op(&id);
             let change = Change::default()
-                .guard(Guard::Absent {
-                    key: lock_key.clone(),
-                })
+                .guard(lock_guard.clone())
                 .guard(Guard::Absent {
                     key: op_key.clone(),
                 })
@@ -337,18 +340,51 @@ impl ClusterApi {
                         .await?;
                     match holder {
                         Read::Present(holder) => {
-                            return Err(ApiError::Conflict(format!(
-                                "VM {vm} already has an op in flight (op {})",
-                                holder.value.op
-                            )))
+                            let holder_op = self
+                                .store()
+                                .read::<OpRecord>(&keys.op(&holder.value.op))
+                                .await?;
+                            let ended = match &holder_op {
+                                Read::Present(record) => record.value.state.is_final(),
+                                Read::Absent => true,
+                                // It may still be running.
+                                Read::Unreadable(_) => false,
+                            };
+                            let seen = Guard::Unchanged {
+                                key: lock_key.clone(),
+                                revision: holder.mod_revision,
+                            };
+                            if !ended {
+                                return Err(ApiError::Conflict(format!(
+                                    "VM {vm} already has an op in flight (op {})",
+                                    holder.value.op
+                                )));
+                            }
+                            if lock_guard == seen {
+                                // Same lock, same revision, and still a conflict: the
+                                // op id is taken.
+                                at += 1;
+                            }
+                            lock_guard = seen;
                         }
                         Read::Unreadable(unreadable) => {
                             return Err(ApiError::Conflict(format!(
                                 "VM {vm}: its op lock is unreadable ({unreadable})"
                             )))
                         }
-                        // Two ops in one millisecond: take the next id.
-                        Read::Absent => at += 1,
+                        Read::Absent => {
+                            if lock_guard
+                                == (Guard::Absent {
+                                    key: lock_key.clone(),
+                                })
+                            {
+                                // Two ops in one millisecond: take the next id.
+                                at += 1;
+                            }
+                            lock_guard = Guard::Absent {
+                                key: lock_key.clone(),
+                            };
+                        }
                     }
                 }
                 Err(error) => return Err(error.into()),
@@ -492,4 +528,134 @@ pub fn op_view(op: &OpRecord) -> OpView {
         view.postcopy = Some(outcome.postcopy);
     }
     view
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // a test fails loudly by design
+
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use ferry_model::ops::{MigrateOp, MigrationMode, OpKind, OpRecord, OpState};
+    use ferry_model::{Bytes, VmName};
+    use ferry_store::etcd_server::{free_port, EtcdServer};
+    use ferry_store::{Read, Store};
+    use futures::future::BoxFuture;
+
+    use crate::console::ConsoleKind;
+    use crate::ops::{ClusterApi, LocalVms};
+    use crate::types::ExecResponse;
+    use crate::ApiError;
+
+    /// Op creation runs no VM: anything asked of this host is an error.
+    struct NoVmsHere;
+
+    impl LocalVms for NoVmsHere {
+        fn exec(
+            &self,
+            vm: VmName,
+            _: Vec<String>,
+            _: Duration,
+        ) -> BoxFuture<'_, Result<ExecResponse, ApiError>> {
+            Box::pin(async move { Err(ApiError::NotFound(format!("VM {vm} is not here"))) })
+        }
+
+        fn change_cdrom(
+            &self,
+            vm: VmName,
+            _: String,
+            _: Option<std::path::PathBuf>,
+        ) -> BoxFuture<'_, Result<(), ApiError>> {
+            Box::pin(async move { Err(ApiError::NotFound(format!("VM {vm} is not here"))) })
+        }
+
+        fn console_socket<'a>(
+            &'a self,
+            vm: &'a VmName,
+            _: ConsoleKind,
+        ) -> BoxFuture<'a, Result<std::path::PathBuf, ApiError>> {
+            Box::pin(async move { Err(ApiError::NotFound(format!("VM {vm} is not here"))) })
+        }
+    }
+
+    fn migration() -> OpKind {
+        OpKind::Migrate(MigrateOp {
+            vm: "web".parse().unwrap(),
+            from: "host1".parse().unwrap(),
+            to: "host2".parse().unwrap(),
+            mode: MigrationMode::Live,
+            downtime_limit_ms: 300,
+            bandwidth: Bytes(1 << 20),
+            postcopy_after_ms: None,
+            disk_copies: Vec::new(),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_new_op_takes_the_lock_of_an_ended_op_at_once_and_never_of_a_live_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let etcd = EtcdServer::start(dir.path(), "127.0.0.1", free_port(), free_port())
+            .await
+            .unwrap();
+        let store = Store::connect(std::slice::from_ref(&etcd.client_url), "/ferry-test/")
+            .await
+            .unwrap();
+        let api = ClusterApi::new(
+            store.clone(),
+            "host1".parse().unwrap(),
+            dir.path().join("pool"),
+            Arc::new(NoVmsHere),
+        );
+        let keys = store.keys().clone();
+
+        let first = api.create_op(migration()).await.unwrap();
+        let busy = api.create_op(migration()).await.unwrap_err();
+        assert_eq!(
+            busy.to_string(),
+            ApiError::Conflict(format!(
+                "VM web already has an op in flight (op {})",
+                first.id
+            ))
+            .to_string()
+        );
+
+        // The op ends; no leader has released its lock yet.
+        let cancelled = OpRecord {
+            state: OpState::Cancelled,
+            ..first.clone()
+        };
+        store
+            .put(&keys.op(&first.id), &cancelled, None)
+            .await
+            .unwrap();
+        let second = api.create_op(migration()).await.unwrap();
+        let lock = store
+            .read::<ferry_model::ops::OpLock>(&keys.vm_op(&"web".parse().unwrap()))
+            .await
+            .unwrap();
+        assert!(
+            matches!(&lock, Read::Present(held) if held.value.op == second.id),
+            "{lock:?}"
+        );
+
+        // A lock whose op record cannot be read may belong to a running op.
+        store
+            .put(
+                &keys.op(&second.id),
+                &serde_json::json!({"version": 1, "state": "garbled"}),
+                None,
+            )
+            .await
+            .unwrap();
+        let unknown = api.create_op(migration()).await.unwrap_err();
+        assert!(
+            unknown.to_string().contains("already has an op in flight"),
+            "{unknown}"
+        );
+
+        // A lock whose op is gone altogether is free.
+        store.delete(&keys.op(&second.id)).await.unwrap();
+        api.create_op(migration()).await.unwrap();
+    }
 }

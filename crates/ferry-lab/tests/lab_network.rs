@@ -218,9 +218,13 @@ fn appliance() -> Appliance {
 async fn an_up_whose_agents_fail_is_removed_and_quotes_their_log() {
     let scratch = tempfile::tempdir().unwrap();
     let fake_ferry = scratch.path().join("ferry");
+    // Only the agent refuses; the lab's watchdogs are the real ones.
     std::fs::write(
         &fake_ferry,
-        "#!/bin/sh\necho \"agent refuses on purpose: $*\" >&2\nexit 3\n",
+        format!(
+            "#!/bin/sh\ncase \"$1\" in\nagent) echo \"agent refuses on purpose: $*\" >&2; exit 3;;\n*) exec {} \"$@\";;\nesac\n",
+            ferry_binary().display()
+        ),
     )
     .unwrap();
     Command::new("chmod")

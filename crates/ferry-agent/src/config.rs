@@ -21,6 +21,8 @@ pub struct AgentConfig {
     #[serde(default)]
     pub api: ApiConfig,
     #[serde(default)]
+    pub tls: TlsConfig,
+    #[serde(default)]
     pub lease: LeaseConfig,
     #[serde(default)]
     pub ha: HaConfig,
@@ -81,7 +83,7 @@ pub struct ClusterConfig {
 impl Default for ClusterConfig {
     fn default() -> Self {
         ClusterConfig {
-            etcd: vec!["http://127.0.0.1:2379".into()],
+            etcd: vec!["https://127.0.0.1:2379".into()],
             prefix: "/ferry/".into(),
         }
     }
@@ -112,7 +114,34 @@ impl ApiConfig {
     pub fn advertised_url(&self) -> String {
         self.advertise
             .clone()
-            .unwrap_or_else(|| format!("http://{}", self.listen))
+            .unwrap_or_else(|| format!("https://{}", self.listen))
+    }
+}
+
+/// Every channel is TLS: this host's certificate (its common name is the host's name)
+/// and the cluster CA, which is the only CA this host trusts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Holds `ca.pem`, `host.pem` and `host-key.pem` (readable by root only).
+    pub dir: PathBuf,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            dir: PathBuf::from("/etc/ferry/tls"),
+        }
+    }
+}
+
+impl TlsConfig {
+    pub fn files(&self) -> ferry_tls::TlsFiles {
+        ferry_tls::TlsFiles {
+            ca: self.dir.join(ferry_tls::CA_FILE),
+            cert: self.dir.join("host.pem"),
+            key: self.dir.join("host-key.pem"),
+        }
     }
 }
 
@@ -484,6 +513,23 @@ impl AgentConfig {
         if self.cluster.etcd.is_empty() {
             return Err("cluster.etcd: at least one etcd URL is needed".into());
         }
+        if let Some(plain) = self
+            .cluster
+            .etcd
+            .iter()
+            .find(|url| !url.starts_with("https://"))
+        {
+            return Err(format!(
+                "cluster.etcd: {plain} is not an https:// URL (etcd is reached over TLS only)"
+            ));
+        }
+        if let Some(advertise) = &self.api.advertise {
+            if !advertise.starts_with("https://") {
+                return Err(format!(
+                    "api.advertise: {advertise} is not an https:// URL (the API is served over TLS only)"
+                ));
+            }
+        }
         if self.lease.ttl_seconds < 2 {
             return Err(format!(
                 "lease.ttl_seconds: {} is below the minimum of 2",
@@ -547,7 +593,7 @@ host = "host1"
 
 [cluster]
 # etcd client URLs.
-etcd = ["http://127.0.0.1:2379"]
+etcd = ["https://127.0.0.1:2379"]
 # Key prefix of this cluster in etcd.
 prefix = "/ferry/"
 
@@ -555,9 +601,15 @@ prefix = "/ferry/"
 # Address the REST API listens on.
 listen = "127.0.0.1:8700"
 # URL other hosts and clients use to reach this API (default: from listen).
-# advertise = "http://10.0.0.11:8700"
+# advertise = "https://10.0.0.11:8700"
 # Bearer tokens and their roles: admin, operator, viewer.
 # tokens = [{ token = "change-me", role = "admin" }]
+
+[tls]
+# ca.pem (the cluster CA, the only one trusted), host.pem and host-key.pem (this
+# host's certificate, whose common name is `host`). `ferry lab up` makes them for the
+# lab; rotate by issuing new host certificates from the same CA and restarting the agent.
+dir = "/etc/ferry/tls"
 
 [lease]
 # Seconds without a renewal after which this host counts as gone.
@@ -640,7 +692,7 @@ mod tests {
         let config = AgentConfig::parse("host = \"host1\"").unwrap();
         assert_eq!(config.lease.ttl_seconds, 6);
         assert_eq!(config.cluster.prefix, "/ferry/");
-        assert_eq!(config.api.advertised_url(), "http://127.0.0.1:8700");
+        assert_eq!(config.api.advertised_url(), "https://127.0.0.1:8700");
     }
 
     #[test]

@@ -51,6 +51,9 @@ pub enum AgentError {
         address: String,
         source: std::io::Error,
     },
+    /// The host's certificate, key or CA cannot be used.
+    #[error("TLS: {0}")]
+    Tls(ferry_tls::TlsError),
     /// The VM watch ended.
     #[error("the watch on the cluster's VMs ended")]
     WatchEnded,
@@ -83,7 +86,20 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         ),
         None => None,
     };
-    let store = connect(&config).await;
+    let identity = ferry_tls::Identity::load(&config.tls.files()).map_err(AgentError::Tls)?;
+    if identity.name != host.as_str() {
+        return Err(AgentError::Tls(ferry_tls::TlsError::Config(format!(
+            "{} is the certificate of {}, not of host {host}",
+            config.tls.files().cert.display(),
+            identity.name
+        ))));
+    }
+    let store_tls = ferry_store::StoreTls {
+        ca_pem: identity.trust.pem().to_string(),
+        cert_pem: identity.cert_pem().map_err(AgentError::Tls)?,
+        key_pem: identity.key_pem().map_err(AgentError::Tls)?,
+    };
+    let store = connect(&config, &store_tls).await;
     let accel = choose_accel(&config, &store).await;
     let limits = host_limits(&config);
     let cpu = ferry_qemu::accel::host_cpu(&config.qemu.binary, accel)
@@ -113,6 +129,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         host.clone(),
         shared_pool,
         Arc::new(LocalExec(runtime.clone())),
+        identity.client_config().map_err(AgentError::Tls)?,
     ));
     for vm in &reattached {
         api.events()
@@ -134,8 +151,9 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         api: api.clone(),
         tokens: Arc::new(config.api.tokens.clone()),
     });
+    let server_tls = identity.server_config().map_err(AgentError::Tls)?;
     tokio::spawn(async move {
-        if let Err(error) = axum::serve(listener, router).await {
+        if let Err(error) = ferry_api::serve::serve_tls(listener, router, server_tls).await {
             tracing::error!("API server stopped: {error}");
         }
     });
@@ -223,9 +241,9 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     reconcile_forever(store, runtime, api).await
 }
 
-async fn connect(config: &AgentConfig) -> Store {
+async fn connect(config: &AgentConfig, tls: &ferry_store::StoreTls) -> Store {
     loop {
-        match Store::connect(&config.cluster.etcd, &config.cluster.prefix).await {
+        match Store::connect(&config.cluster.etcd, &config.cluster.prefix, Some(tls)).await {
             Ok(store) => return store,
             Err(error) => {
                 tracing::warn!("{error}; retrying");

@@ -21,6 +21,8 @@ pub struct ApiClient {
     current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     token: String,
     http: reqwest::Client,
+    /// The cluster CA alone (consoles' websockets use it too).
+    tls: std::sync::Arc<rustls::ClientConfig>,
 }
 
 /// Turns a response into its value, or into the API's error.
@@ -54,7 +56,8 @@ pub type ConsoleStream =
 pub async fn connect_websocket(
     url: &str,
     token: &str,
-    forwarded: bool,
+    forwarded_by: Option<&str>,
+    tls: std::sync::Arc<rustls::ClientConfig>,
 ) -> Result<ConsoleStream, ApiError> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let mut request = url
@@ -64,13 +67,18 @@ pub async fn connect_websocket(
         .parse()
         .map_err(|_| ApiError::BadRequest("the token is not a valid header value".into()))?;
     request.headers_mut().insert("authorization", bearer);
-    if forwarded {
-        request.headers_mut().insert(
-            crate::console::FORWARDED_HEADER,
-            "1".parse().expect("a valid header"),
-        );
+    if let Some(host) = forwarded_by {
+        let value = host
+            .parse()
+            .map_err(|_| ApiError::BadRequest(format!("host name {host} is not a header value")))?;
+        request
+            .headers_mut()
+            .insert(crate::console::FORWARDED_HEADER, value);
     }
-    match tokio_tungstenite::connect_async(request).await {
+    let connector = tokio_tungstenite::Connector::Rustls(tls);
+    match tokio_tungstenite::connect_async_tls_with_config(request, None, false, Some(connector))
+        .await
+    {
         Ok((stream, _)) => Ok(stream),
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             let status = response.status().as_u16();
@@ -98,23 +106,39 @@ impl ApiClient {
         connect_websocket(
             &format!("{ws}/api/v1/vms/{name}/{}", kind.path()),
             &self.token,
-            false,
+            None,
+            self.tls.clone(),
         )
         .await
     }
 
-    pub fn new(base: &str, token: &str) -> ApiClient {
-        ApiClient {
+    /// A client of the agent at `base` (`https://…`) that trusts the cluster CA alone.
+    pub fn new(base: &str, token: &str, trust: &ferry_tls::Trust) -> Result<ApiClient, ApiError> {
+        let tls = trust
+            .client_config(None)
+            .map_err(|error| ApiError::BadRequest(error.to_string()))?;
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls.clone())
+            // A host whose link is cut never refuses: give up connecting soon and try
+            // the next agent.
+            .connect_timeout(Duration::from_secs(2))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|error| ApiError::BadRequest(format!("HTTP client: {error}")))?;
+        Ok(ApiClient {
             bases: vec![base.trim_end_matches('/').to_string()],
             current: Default::default(),
             token: token.to_string(),
-            // A host whose link is cut never refuses: give up connecting soon and try
-            // the next agent.
-            http: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(2))
-                .build()
-                .unwrap_or_default(),
-        }
+            http,
+            tls: std::sync::Arc::new(tls),
+        })
+    }
+
+    /// The client a client config describes: its agents, its token, its CA.
+    pub fn from_config(config: &crate::client_config::ClientConfig) -> Result<ApiClient, ApiError> {
+        let trust = ferry_tls::Trust::load(&config.ca)
+            .map_err(|error| ApiError::BadRequest(format!("the cluster CA: {error}")))?;
+        Ok(ApiClient::new(&config.api, &config.token, &trust)?.with_fallbacks(&config.fallback))
     }
 
     /// Also tries these agents, in order, when the ones before cannot be reached.
@@ -521,41 +545,43 @@ fn root_cause(error: &dyn std::error::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)] // a test fails loudly by design
+
     use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use ferry_tls::{install_host, ClusterCa, Identity, Subject, Trust};
 
     /// An address nothing listens on: bound, then released.
     fn dead_address() -> String {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("http://{}", listener.local_addr().unwrap())
+        format!("https://{}", listener.local_addr().unwrap())
     }
 
-    /// Answers every request with an empty JSON list.
-    async fn empty_list_server() -> String {
+    /// A CA, and a TLS server with its certificate answering every request with an
+    /// empty JSON list.
+    async fn empty_list_server(dir: &std::path::Path) -> (String, Trust) {
+        let ca = ClusterCa::create("test").unwrap();
+        let files = install_host(
+            &ca,
+            dir,
+            &Subject::host("host1", &["127.0.0.1".parse().unwrap()]),
+        )
+        .unwrap();
+        let identity = Identity::load(&files).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                let mut buffer = [0u8; 4096];
-                // A test server: a client that hung up early is the test's failure to see.
-                if stream.read(&mut buffer).await.is_err() {
-                    continue;
-                }
-                if let Err(error) = stream
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n[]")
-                    .await
-                {
-                    eprintln!("test server: {error}");
-                }
-            }
-        });
-        address
+        let address = format!("https://{}", listener.local_addr().unwrap());
+        let router = axum::Router::new().fallback(|| async { axum::Json(Vec::<u8>::new()) });
+        let config = identity.server_config().unwrap();
+        tokio::spawn(crate::serve::serve_tls(listener, router, config));
+        (address, identity.trust.clone())
     }
 
     #[tokio::test]
     async fn a_request_goes_to_the_next_agent_when_one_cannot_be_reached() {
-        let live = empty_list_server().await;
-        let client = ApiClient::new(&dead_address(), "t").with_fallbacks(&[live]);
+        let dir = tempfile::tempdir().unwrap();
+        let (live, trust) = empty_list_server(dir.path()).await;
+        let client = ApiClient::new(&dead_address(), "t", &trust)
+            .unwrap()
+            .with_fallbacks(&[live]);
         assert!(client.list_hosts().await.unwrap().is_empty());
         // The agent that answered is asked first from now on.
         assert_eq!(client.current.load(std::sync::atomic::Ordering::Relaxed), 1);
@@ -563,9 +589,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_server_of_another_ca_or_plain_http_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (live, _) = empty_list_server(dir.path()).await;
+        let other = ClusterCa::create("other").unwrap();
+        let other_trust = Trust::from_pem(other.cert_pem(), dir.path()).unwrap();
+        let client = ApiClient::new(&live, "t", &other_trust).unwrap();
+        let error = client.list_hosts().await.unwrap_err().to_string();
+        assert!(error.contains("certificate"), "{error}");
+        // A plain-HTTP client gets no HTTP answer from a TLS port.
+        let plain = reqwest::Client::new()
+            .get(live.replacen("https://", "http://", 1))
+            .send()
+            .await;
+        assert!(plain.is_err(), "{plain:?}");
+    }
+
+    #[tokio::test]
     async fn when_no_agent_answers_the_error_names_each_of_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, trust) = empty_list_server(dir.path()).await;
         let (one, two) = (dead_address(), dead_address());
-        let client = ApiClient::new(&one, "t").with_fallbacks(std::slice::from_ref(&two));
+        let client = ApiClient::new(&one, "t", &trust)
+            .unwrap()
+            .with_fallbacks(std::slice::from_ref(&two));
         let error = client.list_hosts().await.unwrap_err().to_string();
         assert!(error.contains(&one) && error.contains(&two), "{error}");
     }

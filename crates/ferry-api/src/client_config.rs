@@ -9,9 +9,11 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientConfig {
-    /// Base URL of any agent's API, e.g. `http://10.213.0.11:8700`.
+    /// Base URL of any agent's API, e.g. `https://10.213.0.11:8700`.
     pub api: String,
     pub token: String,
+    /// The cluster CA's certificate: the only one the CLI trusts.
+    pub ca: PathBuf,
     /// Other agents' API URLs, tried in order when `api` cannot be reached.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fallback: Vec<String>,

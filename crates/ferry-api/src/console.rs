@@ -37,12 +37,16 @@ impl ConsoleKind {
 }
 
 /// Where a console's bytes are.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum ConsoleTarget {
     /// The unix socket of a VM running here.
     Local(PathBuf),
-    /// The VM's host's websocket URL.
-    Remote(String),
+    /// The VM's host's websocket URL, reached with this host's certificate.
+    Remote {
+        url: String,
+        from: ferry_model::HostName,
+        tls: std::sync::Arc<rustls::ClientConfig>,
+    },
 }
 
 impl ClusterApi {
@@ -51,7 +55,7 @@ impl ClusterApi {
         &self,
         name: &str,
         kind: ConsoleKind,
-        forwarded: bool,
+        hop: crate::ops::Hop,
     ) -> Result<ConsoleTarget, ApiError> {
         let name = parse_vm_name(name)?;
         let entry = self.vm_entry(&name).await?;
@@ -68,7 +72,7 @@ impl ClusterApi {
                 let socket = self.local.console_socket(&name, kind).await?;
                 return Ok(ConsoleTarget::Local(socket));
             }
-            Owner::There { .. } if forwarded => {
+            Owner::There { .. } if hop == crate::ops::Hop::Forwarded => {
                 return Err(ApiError::Conflict(format!(
                     "VM {name} is not on {} (a forwarded console request is not forwarded again)",
                     self.host
@@ -79,10 +83,11 @@ impl ClusterApi {
         let ws = url
             .replacen("https://", "wss://", 1)
             .replacen("http://", "ws://", 1);
-        Ok(ConsoleTarget::Remote(format!(
-            "{ws}/api/v1/vms/{name}/{}",
-            kind.path()
-        )))
+        Ok(ConsoleTarget::Remote {
+            url: format!("{ws}/api/v1/vms/{name}/{}", kind.path()),
+            from: self.host.clone(),
+            tls: self.peer_tls.clone(),
+        })
     }
 }
 
@@ -91,7 +96,9 @@ impl ClusterApi {
 pub async fn serve(socket: WebSocket, target: ConsoleTarget, token: String) {
     let result = match target {
         ConsoleTarget::Local(path) => to_unix(socket, &path).await,
-        ConsoleTarget::Remote(url) => to_remote(socket, &url, &token).await,
+        ConsoleTarget::Remote { url, from, tls } => {
+            to_remote(socket, &url, &token, &from, tls).await
+        }
     };
     if let Err(error) = result {
         tracing::info!("console session ended: {error}");
@@ -144,9 +151,15 @@ async fn to_unix(socket: WebSocket, path: &std::path::Path) -> Result<(), String
     }
 }
 
-async fn to_remote(socket: WebSocket, url: &str, token: &str) -> Result<(), String> {
+async fn to_remote(
+    socket: WebSocket,
+    url: &str,
+    token: &str,
+    from: &ferry_model::HostName,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+) -> Result<(), String> {
     use tokio_tungstenite::tungstenite::Message as Remote;
-    let remote = crate::client::connect_websocket(url, token, true)
+    let remote = crate::client::connect_websocket(url, token, Some(from.as_str()), tls)
         .await
         .map_err(|error| error.to_string())?;
     let (mut remote_sink, mut remote_source) = remote.split();

@@ -14,6 +14,7 @@ pub mod monitors;
 pub mod ops;
 pub mod provision;
 pub mod rest;
+pub mod serve;
 pub mod types;
 
 pub use error::ApiError;

@@ -579,6 +579,17 @@ mod tests {
         }
     }
 
+    fn test_peer_tls(dir: &std::path::Path) -> rustls::ClientConfig {
+        let ca = ferry_tls::ClusterCa::create("test").unwrap();
+        let files =
+            ferry_tls::install_host(&ca, &dir.join("tls"), &ferry_tls::Subject::client("host1"))
+                .unwrap();
+        ferry_tls::Identity::load(&files)
+            .unwrap()
+            .client_config()
+            .unwrap()
+    }
+
     fn migration() -> OpKind {
         OpKind::Migrate(MigrateOp {
             vm: "web".parse().unwrap(),
@@ -598,7 +609,7 @@ mod tests {
         let etcd = EtcdServer::start(dir.path(), "127.0.0.1", free_port(), free_port())
             .await
             .unwrap();
-        let store = Store::connect(std::slice::from_ref(&etcd.client_url), "/ferry-test/")
+        let store = Store::connect(std::slice::from_ref(&etcd.client_url), "/ferry-test/", None)
             .await
             .unwrap();
         let api = ClusterApi::new(
@@ -606,6 +617,8 @@ mod tests {
             "host1".parse().unwrap(),
             dir.path().join("pool"),
             Arc::new(NoVmsHere),
+            // No call leaves this host here: any cluster CA will do.
+            test_peer_tls(dir.path()),
         );
         let keys = store.keys().clone();
 

@@ -69,16 +69,30 @@ pub struct ClusterApi {
     /// The shared pool's path (the same on every host): new VMs' disks go here.
     pub(crate) shared_pool: PathBuf,
     pub(crate) local: Arc<dyn LocalVms>,
+    /// Calls to other agents: mutual TLS with this host's certificate.
     pub(crate) http: reqwest::Client,
+    pub(crate) peer_tls: Arc<rustls::ClientConfig>,
     pub(crate) events: EventLog,
 }
 
+/// How a request reached this agent: from its caller, or forwarded once by another
+/// agent (over mutual TLS, checked against the forwarding host's certificate). A
+/// forwarded request is never forwarded again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hop {
+    Direct,
+    Forwarded,
+}
+
 impl ClusterApi {
+    /// `peer_tls`: the client side of this host's certificate, for calls to other
+    /// agents.
     pub fn new(
         store: Store,
         host: HostName,
         shared_pool: PathBuf,
         local: Arc<dyn LocalVms>,
+        peer_tls: rustls::ClientConfig,
     ) -> ClusterApi {
         let events = EventLog::new(store.clone(), format!("agent/{host}"));
         ClusterApi {
@@ -86,7 +100,13 @@ impl ClusterApi {
             host,
             shared_pool,
             local,
-            http: reqwest::Client::new(),
+            http: reqwest::Client::builder()
+                .use_preconfigured_tls(peer_tls.clone())
+                .connect_timeout(Duration::from_secs(2))
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap_or_default(),
+            peer_tls: Arc::new(peer_tls),
             events,
         }
     }
@@ -203,6 +223,7 @@ impl ClusterApi {
         &self,
         request: CreateVmRequest,
         token: &str,
+        hop: Hop,
     ) -> Result<VmView, ApiError> {
         let name = parse_vm_name(&request.name)?;
         let memory: Bytes = request
@@ -383,6 +404,13 @@ impl ClusterApi {
                     "disks[{index}]: pool {pool} is local to {}, not to host {}",
                     owner.name,
                     request.host.as_deref().unwrap_or_default()
+                )));
+            }
+            if hop == Hop::Forwarded {
+                return Err(ApiError::Conflict(format!(
+                    "disks[{index}]: pool {pool} is not on {} (a forwarded create is not \
+                     forwarded again)",
+                    self.host
                 )));
             }
             let mut forwarded = request.clone();
@@ -711,6 +739,7 @@ impl ClusterApi {
             .http
             .post(format!("{owner_url}/api/v1/vms"))
             .bearer_auth(token)
+            .header(crate::console::FORWARDED_HEADER, self.host.as_str())
             .json(request)
             .timeout(PLACEMENT_WAIT + Duration::from_secs(600))
             .send()
@@ -960,6 +989,7 @@ impl ClusterApi {
         name: &str,
         request: ExecRequest,
         token: &str,
+        hop: Hop,
     ) -> Result<ExecResponse, ApiError> {
         let name = parse_vm_name(name)?;
         if request.command.is_empty() {
@@ -980,12 +1010,19 @@ impl ClusterApi {
         // Any host answers any request: forward to the owner.
         let (owner, owner_url) = match self.owner_of(&name, &entry).await? {
             Owner::Here => return self.local.exec(name, request.command, timeout).await,
+            Owner::There { .. } if hop == Hop::Forwarded => {
+                return Err(ApiError::Conflict(format!(
+                    "VM {name} is not on {} (a forwarded exec is not forwarded again)",
+                    self.host
+                )))
+            }
             Owner::There { host, url } => (host, url),
         };
         let response = self
             .http
             .post(format!("{owner_url}/api/v1/vms/{name}/exec"))
             .bearer_auth(token)
+            .header(crate::console::FORWARDED_HEADER, self.host.as_str())
             .json(&request)
             .timeout(timeout + Duration::from_secs(5))
             .send()

@@ -18,7 +18,8 @@ use serde::Deserialize;
 use utoipa::OpenApi;
 
 use crate::auth::{role_of, Role, TokenConfig};
-use crate::ops::ClusterApi;
+use crate::ops::{ClusterApi, Hop};
+use crate::serve::Peer;
 use crate::types::{
     AddMonitorRequest, CdromRequest, CdromView, CloudInitRequest, CreateVmRequest, DiskRequest,
     DiskView, ErrorBody, ErrorDetail, EventView, ExecRequest, ExecResponse, HostMonitorView,
@@ -33,11 +34,13 @@ pub struct RestState {
     pub tokens: Arc<Vec<TokenConfig>>,
 }
 
-/// Who is calling: the role and the token (forwarded when another host must act).
+/// Who is calling: the role and the token (forwarded when another host must act), and
+/// whether another agent forwarded the call.
 #[derive(Clone)]
 pub struct Caller {
     pub role: Role,
     pub token: String,
+    pub hop: Hop,
 }
 
 impl Caller {
@@ -100,15 +103,41 @@ async fn authenticate(
         })
         .flatten();
     let presented = from_header.or(from_query).unwrap_or_default();
+    let hop = match forwarding_host(&request) {
+        Ok(None) => Hop::Direct,
+        Ok(Some(_)) => Hop::Forwarded,
+        Err(error) => return error.into_response(),
+    };
     match role_of(&state.tokens, &presented) {
         Some(role) => {
             request.extensions_mut().insert(Caller {
                 role,
                 token: presented,
+                hop,
             });
             next.run(request).await
         }
         None => ApiError::Unauthorized.into_response(),
+    }
+}
+
+/// The host that forwarded this request, checked against the certificate it presented:
+/// a forwarded request that does not come over that host's own certificate is refused.
+fn forwarding_host(request: &Request) -> Result<Option<String>, ApiError> {
+    let Some(claimed) = request.headers().get(crate::console::FORWARDED_HEADER) else {
+        return Ok(None);
+    };
+    let peer = request
+        .extensions()
+        .get::<Peer>()
+        .and_then(|peer| peer.certificate.clone());
+    match (claimed.to_str(), peer) {
+        (Ok(claimed), Some(peer)) if claimed == peer => Ok(Some(peer)),
+        (claimed, peer) => Err(ApiError::Forbidden(format!(
+            "a request forwarded by {} must come over that host's certificate (it came with {})",
+            claimed.unwrap_or("?"),
+            peer.map_or("none".to_string(), |peer| format!("{peer}'s"))
+        ))),
     }
 }
 
@@ -187,7 +216,12 @@ async fn create_vm(
     caller.require(Role::Admin)?;
     Ok((
         StatusCode::CREATED,
-        Json(state.api.create_vm(request, &caller.token).await?),
+        Json(
+            state
+                .api
+                .create_vm(request, &caller.token, caller.hop)
+                .await?,
+        ),
     ))
 }
 
@@ -214,14 +248,12 @@ async fn serial_console(
     state: State<RestState>,
     caller: Extension<Caller>,
     name: Path<String>,
-    headers: axum::http::HeaderMap,
     upgrade: axum::extract::WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     console(
         state,
         caller,
         name,
-        headers,
         upgrade,
         crate::console::ConsoleKind::Serial,
     )
@@ -234,14 +266,12 @@ async fn vnc_console(
     state: State<RestState>,
     caller: Extension<Caller>,
     name: Path<String>,
-    headers: axum::http::HeaderMap,
     upgrade: axum::extract::WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     console(
         state,
         caller,
         name,
-        headers,
         upgrade,
         crate::console::ConsoleKind::Vnc,
     )
@@ -252,13 +282,11 @@ async fn console(
     State(state): State<RestState>,
     Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
-    headers: axum::http::HeaderMap,
     upgrade: axum::extract::WebSocketUpgrade,
     kind: crate::console::ConsoleKind,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Operator)?;
-    let forwarded = headers.contains_key(crate::console::FORWARDED_HEADER);
-    let target = state.api.console_target(&name, kind, forwarded).await?;
+    let target = state.api.console_target(&name, kind, caller.hop).await?;
     let token = caller.token.clone();
     Ok(upgrade
         .protocols(["binary"])
@@ -428,7 +456,10 @@ async fn exec_vm(
 ) -> Result<Json<ExecResponse>, ApiError> {
     caller.require(Role::Operator)?;
     Ok(Json(
-        state.api.exec_vm(&name, request, &caller.token).await?,
+        state
+            .api
+            .exec_vm(&name, request, &caller.token, caller.hop)
+            .await?,
     ))
 }
 

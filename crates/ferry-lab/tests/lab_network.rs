@@ -106,8 +106,9 @@ async fn hosts_and_the_workstation_reach_each_other_over_the_lab_switches_and_do
 
     // host1 talks to etcd over the management switch, as its agent will.
     let url = spec.etcd_url();
+    let tls = ferry_lab::lab::host_store_tls(&spec, 1).unwrap();
     let answer = block_on_in(&spec.namespace(1), move || async move {
-        let store = Store::connect(&[url], CLUSTER_PREFIX).await?;
+        let store = Store::connect(&[url], CLUSTER_PREFIX, Some(&tls)).await?;
         store.put("/ferry/probe", &"from host1", None).await?;
         store.get::<String>("/ferry/probe").await
     })

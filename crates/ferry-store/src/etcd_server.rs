@@ -6,27 +6,64 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::StoreError;
+use crate::{StoreError, StoreTls};
 
 pub struct EtcdServer {
     child: Option<Child>,
     pub client_url: String,
     pub data_dir: PathBuf,
+    /// The `root` identity of a TLS etcd.
+    pub root: Option<StoreTls>,
+}
+
+/// etcd's own TLS: its server certificate (files), and the `root` client identity the
+/// start-up probe and the set-up of users use.
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub root: StoreTls,
 }
 
 impl EtcdServer {
     /// Starts etcd listening for clients on `client_host:client_port` (peers on
-    /// 127.0.0.1:`peer_port`), waits until it serves requests.
+    /// 127.0.0.1:`peer_port`), waits until it serves requests. Plain HTTP: for the
+    /// store's own tests only; a cluster's etcd is started by [`EtcdServer::start_tls`].
     pub async fn start(
         data_dir: &Path,
         client_host: &str,
         client_port: u16,
         peer_port: u16,
     ) -> Result<EtcdServer, StoreError> {
+        EtcdServer::start_with(data_dir, client_host, client_port, peer_port, None).await
+    }
+
+    /// Starts etcd serving clients over TLS only, and only clients with a certificate of
+    /// the cluster CA (`--client-cert-auth`: the certificate's common name is the user
+    /// once authentication is enabled, see [`crate::auth`]).
+    pub async fn start_tls(
+        data_dir: &Path,
+        client_host: &str,
+        client_port: u16,
+        peer_port: u16,
+        tls: &EtcdTls,
+    ) -> Result<EtcdServer, StoreError> {
+        EtcdServer::start_with(data_dir, client_host, client_port, peer_port, Some(tls)).await
+    }
+
+    async fn start_with(
+        data_dir: &Path,
+        client_host: &str,
+        client_port: u16,
+        peer_port: u16,
+        tls: Option<&EtcdTls>,
+    ) -> Result<EtcdServer, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|error| {
             StoreError::Server(format!("cannot create {}: {error}", data_dir.display()))
         })?;
-        let client_url = format!("http://{client_host}:{client_port}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let client_url = format!("{scheme}://{client_host}:{client_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
         let log_path = data_dir.join("etcd.log");
         let log = std::fs::File::create(&log_path).map_err(|error| {
@@ -35,7 +72,18 @@ impl EtcdServer {
         let log_err = log
             .try_clone()
             .map_err(|error| StoreError::Server(error.to_string()))?;
-        let child = Command::new("etcd")
+        let mut command = Command::new("etcd");
+        if let Some(tls) = tls {
+            command
+                .arg("--cert-file")
+                .arg(&tls.cert_file)
+                .arg("--key-file")
+                .arg(&tls.key_file)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca_file)
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .arg("--name")
             .arg("ferry")
             .arg("--data-dir")
@@ -73,6 +121,7 @@ impl EtcdServer {
             child: Some(child),
             client_url,
             data_dir: data_dir.to_path_buf(),
+            root: tls.map(|tls| tls.root.clone()),
         };
         server.wait_serving(Duration::from_secs(20)).await?;
         Ok(server)
@@ -99,9 +148,12 @@ impl EtcdServer {
                     )));
                 }
             }
-            let connect = etcd_client::ConnectOptions::new()
+            let mut connect = etcd_client::ConnectOptions::new()
                 .with_connect_timeout(Duration::from_millis(500))
                 .with_timeout(Duration::from_secs(1));
+            if let Some(root) = &self.root {
+                connect = connect.with_tls(root.options());
+            }
             if let Ok(mut client) =
                 etcd_client::Client::connect([self.client_url.as_str()], Some(connect)).await
             {

@@ -5,6 +5,7 @@
 //! reads with three outcomes (present, absent, unreadable), VM entries folded from
 //! listings and watches, the event log, and the manager's `ClusterSnapshot`.
 
+pub mod auth;
 mod error;
 pub mod etcd_server;
 pub mod events;
@@ -22,6 +23,6 @@ pub use keys::Keys;
 pub use lease::{Lease, LeaseState, RenewalClock};
 pub use read::{Change, Guard, Listing, Read, Unreadable};
 pub use snapshot::ClusterSnapshot;
-pub use store::{encode, Election, Store, Versioned};
+pub use store::{encode, Election, Store, StoreTls, Versioned};
 pub use vms::{fold_vm_change, read_vm_entries, read_vm_entry, VmEntries, VmEntry, VmPart};
 pub use watch::{PrefixWatch, WatchEvent};

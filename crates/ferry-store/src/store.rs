@@ -26,14 +26,48 @@ pub struct Store {
     endpoints: String,
 }
 
+/// The client side of etcd's TLS: the cluster CA, and this client's certificate, whose
+/// common name is its etcd user (etcd runs with `--client-cert-auth`).
+#[derive(Clone)]
+pub struct StoreTls {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for StoreTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreTls").finish_non_exhaustive()
+    }
+}
+
+impl StoreTls {
+    pub(crate) fn options(&self) -> etcd_client::TlsOptions {
+        etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(&self.ca_pem))
+            .identity(etcd_client::Identity::from_pem(
+                &self.cert_pem,
+                &self.key_pem,
+            ))
+    }
+}
+
 impl Store {
-    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Store, StoreError> {
+    /// Connects to etcd; `tls` for `https://` endpoints (a cluster's always are).
+    pub async fn connect(
+        endpoints: &[String],
+        prefix: &str,
+        tls: Option<&StoreTls>,
+    ) -> Result<Store, StoreError> {
         let joined = endpoints.join(",");
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(2))
             .with_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
             .with_keep_alive_while_idle(true);
+        if let Some(tls) = tls {
+            options = options.with_tls(tls.options());
+        }
         let client = Client::connect(endpoints, Some(options))
             .await
             .map_err(|source| StoreError::Etcd {

@@ -35,7 +35,7 @@ async fn etcd() -> Fixture {
     let etcd = EtcdServer::start(dir.path(), "127.0.0.1", client_port, peer_port)
         .await
         .unwrap();
-    let store = Store::connect(std::slice::from_ref(&etcd.client_url), "/ferry-test/")
+    let store = Store::connect(std::slice::from_ref(&etcd.client_url), "/ferry-test/", None)
         .await
         .unwrap();
     Fixture {
@@ -397,4 +397,113 @@ async fn a_guarded_change_applies_whole_or_not_at_all() {
         })
         .delete("/ferry-test/x");
     assert!(store.apply(&stale).await.is_err());
+}
+
+/// A TLS etcd of a fresh CA: its server certificate for 127.0.0.1, and `root`.
+struct TlsFixture {
+    etcd: EtcdServer,
+    ca: ferry_tls::ClusterCa,
+    dir: tempfile::TempDir,
+}
+
+fn client_tls(ca: &ferry_tls::ClusterCa, name: &str) -> ferry_store::StoreTls {
+    let issued = ca.issue(&ferry_tls::Subject::client(name)).unwrap();
+    ferry_store::StoreTls {
+        ca_pem: ca.cert_pem().to_string(),
+        cert_pem: issued.cert_pem,
+        key_pem: issued.key_pem,
+    }
+}
+
+async fn tls_etcd() -> TlsFixture {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ferry_tls::ClusterCa::create("store-test").unwrap();
+    let files = ferry_tls::install_host(
+        &ca,
+        &dir.path().join("tls"),
+        &ferry_tls::Subject::host("etcd", &["127.0.0.1".parse().unwrap()]),
+    )
+    .unwrap();
+    let tls = ferry_store::etcd_server::EtcdTls {
+        ca_file: files.ca,
+        cert_file: files.cert,
+        key_file: files.key,
+        root: client_tls(&ca, "root"),
+    };
+    let etcd = EtcdServer::start_tls(
+        &dir.path().join("etcd"),
+        "127.0.0.1",
+        free_port(),
+        free_port(),
+        &tls,
+    )
+    .await
+    .unwrap();
+    TlsFixture { etcd, ca, dir }
+}
+
+#[tokio::test]
+async fn over_tls_a_host_user_reaches_its_prefix_only_and_strangers_are_refused() {
+    let fixture = tls_etcd().await;
+    let url = vec![fixture.etcd.client_url.clone()];
+    assert!(url[0].starts_with("https://"), "{url:?}");
+    let root = Store::connect(&url, "/ferry-test/", fixture.etcd.root.as_ref())
+        .await
+        .unwrap();
+    root.enable_auth(&["host1".to_string()]).await.unwrap();
+
+    let host1 = Store::connect(
+        &url,
+        "/ferry-test/",
+        Some(&client_tls(&fixture.ca, "host1")),
+    )
+    .await
+    .unwrap();
+    host1
+        .put("/ferry-test/hosts/host1", &record("one"), None)
+        .await
+        .unwrap();
+    let outside = host1.put("/elsewhere/key", &record("x"), None).await;
+    let error = outside.unwrap_err().to_string();
+    assert!(error.contains("permission denied"), "{error}");
+
+    // A certificate of the CA whose name is no etcd user.
+    let stranger = Store::connect(
+        &url,
+        "/ferry-test/",
+        Some(&client_tls(&fixture.ca, "host9")),
+    )
+    .await;
+    let refused = match stranger {
+        Err(error) => error.to_string(),
+        Ok(store) => store
+            .put("/ferry-test/hosts/host9", &record("nine"), None)
+            .await
+            .unwrap_err()
+            .to_string(),
+    };
+    assert!(!refused.is_empty());
+
+    // A certificate of another CA, and no TLS at all.
+    let other = ferry_tls::ClusterCa::create("other").unwrap();
+    let foreign = Store::connect(&url, "/ferry-test/", Some(&client_tls(&other, "host1"))).await;
+    let foreign_failed = match foreign {
+        Err(_) => true,
+        Ok(store) => store
+            .put("/ferry-test/x", &record("x"), None)
+            .await
+            .is_err(),
+    };
+    assert!(foreign_failed, "a certificate of another CA was accepted");
+    let plain_url = vec![url[0].replacen("https://", "http://", 1)];
+    let plain = Store::connect(&plain_url, "/ferry-test/", None).await;
+    let plain_failed = match plain {
+        Err(_) => true,
+        Ok(store) => store
+            .put("/ferry-test/x", &record("x"), None)
+            .await
+            .is_err(),
+    };
+    assert!(plain_failed, "plain HTTP was accepted");
+    drop(fixture.dir);
 }

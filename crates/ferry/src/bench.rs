@@ -360,8 +360,7 @@ async fn api_latency(count: u32, requests: u32, lab_name: &str, json: bool) -> a
     anyhow::ensure!(requests >= 1, "--requests must be at least 1");
     let lab = ferry_lab::lab::Lab::load(&defaults::lab_dir().join(lab_name))?;
     let store = lab.store().await?;
-    let token = ferry_lab::harness::lab::lab_token(&lab)?;
-    let client = ferry_api::client::ApiClient::new(&lab.spec().api_url(1), token);
+    let client = ferry_lab::harness::lab::host_client(&lab, 1)?;
     let image = store
         .get::<ferry_model::cluster::ImageRecord>(&store.keys().image("appliance"))
         .await?

@@ -9,9 +9,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
-use ferry_api::client::ApiClient;
 use ferry_lab::harness::faults::heal_and_wait;
-use ferry_lab::harness::lab::{lab_token, load_lab};
+use ferry_lab::harness::lab::{host_client, load_lab};
 use ferry_lab::harness::stats::spread;
 use ferry_lab::harness::vm::{create_fresh_vm, ha_bench_vm, remove_bench_vm, wait_answering};
 use ferry_lab::lab::{Fault, Lab};
@@ -49,16 +48,11 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     anyhow::ensure!(runs >= 1, "--runs must be at least 1");
     let mut lab = load_lab(lab_name)?;
-    let token = lab_token(&lab)?.to_string();
-    let urls: Vec<String> = (1..=lab.spec().hosts)
-        .map(|host| lab.spec().api_url(host))
-        .collect();
-    let client_of = |host: u32| ApiClient::new(&urls[host as usize - 1], &token);
-    let client = client_of(1);
+    let client = host_client(&lab, 1)?;
     create_fresh_vm(&client, &ha_bench_vm(VM, "256M")).await?;
     let mut samples = Vec::new();
     for run in 1..=runs {
-        let sample = measure_one(&mut lab, &token, run).await;
+        let sample = measure_one(&mut lab, run).await;
         match sample {
             Ok(sample) => {
                 if !json {
@@ -78,12 +72,12 @@ pub async fn run(
                 samples.push(sample);
             }
             Err(error) => {
-                remove_bench_vm(&client_of(2), VM).await;
+                remove_bench_vm(&host_client(&lab, 2)?, VM).await;
                 return Err(error.context(format!("run {run}")));
             }
         }
     }
-    remove_bench_vm(&client_of(2), VM).await;
+    remove_bench_vm(&host_client(&lab, 2)?, VM).await;
     if let Some(path) = json_file {
         write_json_file(&path, &samples)?;
     }
@@ -94,12 +88,12 @@ pub async fn run(
     Ok(())
 }
 
-async fn measure_one(lab: &mut Lab, token: &str, run: u32) -> anyhow::Result<Sample> {
-    let any = ApiClient::new(&lab.spec().api_url(1), token);
+async fn measure_one(lab: &mut Lab, run: u32) -> anyhow::Result<Sample> {
+    let any = host_client(lab, 1)?;
     let any = if any.list_hosts().await.is_ok() {
         any
     } else {
-        ApiClient::new(&lab.spec().api_url(2), token)
+        host_client(lab, 2)?
     };
     let vm = wait_answering(&any, VM).await?;
     let from = vm.host.clone().unwrap_or_default();
@@ -109,7 +103,7 @@ async fn measure_one(lab: &mut Lab, token: &str, run: u32) -> anyhow::Result<Sam
         .host_numbers()
         .find(|host| *host != from_number)
         .unwrap_or(1);
-    let client = ApiClient::new(&lab.spec().api_url(watcher_host), token);
+    let client = host_client(lab, watcher_host)?;
     let ip = vm
         .ip
         .ok_or_else(|| anyhow::anyhow!("VM {VM} has no address"))?;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use comfy_table::{presets::UTF8_BORDERS_ONLY, Table};
 use ferry_api::client::ApiClient;
-use ferry_lab::harness::lab::{cluster_accel, lab_token, load_lab};
+use ferry_lab::harness::lab::{cluster_accel, load_lab};
 use ferry_lab::harness::stats::spread;
 use ferry_lab::harness::vm::{
     bench_vm, create_fresh_vm, ensure_migrated, migrate_and_wait, remove_bench_vm, wait_answering,
@@ -66,7 +66,7 @@ pub async fn run(
         );
     }
     let lab = load_lab(lab_name)?;
-    let client = ApiClient::new(&lab.spec().api_url(1), lab_token(&lab)?);
+    let client = ferry_lab::harness::lab::host_client(&lab, 1)?;
     let vm = create_fresh_vm(&client, &bench_vm(VM, "256M")).await?;
     let result = measure(&client, runs, modes, json).await;
     remove_bench_vm(&client, VM).await;

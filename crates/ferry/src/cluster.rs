@@ -22,31 +22,43 @@ pub struct Endpoint {
     /// Bearer token (default: FERRY_TOKEN, then the client config file).
     #[arg(long, global = true, env = "FERRY_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// The cluster CA's certificate, the only one trusted (default: FERRY_CA, then the
+    /// client config file).
+    #[arg(long, global = true, env = "FERRY_CA")]
+    pub ca: Option<std::path::PathBuf>,
 }
 
 impl Endpoint {
     pub fn client(&self) -> anyhow::Result<ApiClient> {
-        let (api, token, fallback) = match (&self.api, &self.token) {
-            (Some(api), Some(token)) => (api.clone(), token.clone(), Vec::new()),
-            _ => {
-                let path = client_config::default_path();
-                let file = ClientConfig::load(&path).map_err(|problem| {
-                    anyhow::anyhow!("no API endpoint: pass --api and --token, set FERRY_API and FERRY_TOKEN, or run `ferry lab up` ({problem})")
-                })?;
-                // The file's other agents stand in only for its own `api`.
-                let fallback = if self.api.is_none() {
-                    file.fallback
-                } else {
-                    Vec::new()
-                };
-                (
-                    self.api.clone().unwrap_or(file.api),
-                    self.token.clone().unwrap_or(file.token),
-                    fallback,
-                )
-            }
+        let path = client_config::default_path();
+        let file = match (&self.api, &self.token, &self.ca) {
+            (Some(_), Some(_), Some(_)) => None,
+            _ => Some(ClientConfig::load(&path).map_err(|problem| {
+                anyhow::anyhow!("no API endpoint: pass --api, --token and --ca, set FERRY_API, FERRY_TOKEN and FERRY_CA, or run `ferry lab up` ({problem})")
+            })?),
         };
-        Ok(ApiClient::new(&api, &token).with_fallbacks(&fallback))
+        // The file's other agents stand in only for its own `api`.
+        let fallback = match (&file, &self.api) {
+            (Some(file), None) => file.fallback.clone(),
+            _ => Vec::new(),
+        };
+        let pick = |given: &Option<String>, from_file: fn(&ClientConfig) -> String| {
+            given
+                .clone()
+                .or_else(|| file.as_ref().map(from_file))
+                .unwrap_or_default()
+        };
+        let config = ClientConfig {
+            api: pick(&self.api, |file| file.api.clone()),
+            token: pick(&self.token, |file| file.token.clone()),
+            ca: self
+                .ca
+                .clone()
+                .or_else(|| file.as_ref().map(|file| file.ca.clone()))
+                .unwrap_or_default(),
+            fallback,
+        };
+        Ok(ApiClient::from_config(&config)?)
     }
 }
 

@@ -31,6 +31,7 @@ struct Agent {
 
 struct Cluster {
     dir: tempfile::TempDir,
+    trust: ferry_tls::Trust,
     _etcd: EtcdServer,
     store: Store,
     agents: Vec<Agent>,
@@ -46,17 +47,47 @@ impl Cluster {
             .prefix("ferry-cluster-")
             .tempdir()
             .unwrap();
-        let etcd = EtcdServer::start(
+        // TLS on every channel, as in a real cluster: a CA, etcd's certificate, `root`
+        // for this harness, one certificate per host; etcd's authentication on.
+        let ca = ferry_tls::ClusterCa::create("cluster-test").unwrap();
+        let tls_dir = dir.path().join("tls");
+        let loopback: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+        let etcd_files = ferry_tls::install_host(
+            &ca,
+            &tls_dir.join("etcd"),
+            &ferry_tls::Subject::host("etcd", &[loopback]),
+        )
+        .unwrap();
+        let root = ca.issue(&ferry_tls::Subject::client("root")).unwrap();
+        let root = ferry_store::StoreTls {
+            ca_pem: ca.cert_pem().to_string(),
+            cert_pem: root.cert_pem,
+            key_pem: root.key_pem,
+        };
+        let etcd = EtcdServer::start_tls(
             &dir.path().join("etcd"),
             "127.0.0.1",
             free_port(),
             free_port(),
+            &ferry_store::etcd_server::EtcdTls {
+                ca_file: etcd_files.ca.clone(),
+                cert_file: etcd_files.cert,
+                key_file: etcd_files.key,
+                root: root.clone(),
+            },
         )
         .await
         .unwrap();
-        let store = Store::connect(std::slice::from_ref(&etcd.client_url), "/ferry/")
-            .await
-            .unwrap();
+        let store = Store::connect(
+            std::slice::from_ref(&etcd.client_url),
+            "/ferry/",
+            Some(&root),
+        )
+        .await
+        .unwrap();
+        let host_names: Vec<String> = (1..=hosts).map(|index| format!("host{index}")).collect();
+        store.enable_auth(&host_names).await.unwrap();
+        let trust = ferry_tls::Trust::load(&etcd_files.ca).unwrap();
         let appliance =
             ferry_lab::appliance::Appliance::load(&ferry_lab::defaults::appliance_dir())
                 .expect("the appliance (the README's test command builds it)");
@@ -80,6 +111,13 @@ impl Cluster {
             let mut config = AgentConfig::parse(&format!("host = \"host{index}\"")).unwrap();
             config.cluster.etcd = vec![etcd.client_url.clone()];
             config.api.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            config.tls.dir = tls_dir.join(format!("host{index}"));
+            ferry_tls::install_host(
+                &ca,
+                &config.tls.dir,
+                &ferry_tls::Subject::host(&format!("host{index}"), &[loopback]),
+            )
+            .unwrap();
             config.api.tokens = vec![
                 TokenConfig {
                     token: ADMIN.into(),
@@ -119,6 +157,7 @@ impl Cluster {
         }
         let cluster = Cluster {
             dir,
+            trust,
             _etcd: etcd,
             store,
             agents,
@@ -128,7 +167,23 @@ impl Cluster {
     }
 
     fn client(&self, agent: usize) -> ApiClient {
-        ApiClient::new(&self.agents[agent].config.api.advertised_url(), ADMIN)
+        ApiClient::new(
+            &self.agents[agent].config.api.advertised_url(),
+            ADMIN,
+            &self.trust,
+        )
+        .unwrap()
+    }
+
+    /// A raw HTTP client that trusts the cluster CA.
+    fn http(&self) -> reqwest::Client {
+        reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(self.trust.pem().as_bytes()).unwrap(),
+            )
+            .build()
+            .unwrap()
     }
 
     fn url(&self, agent: usize) -> String {
@@ -280,7 +335,7 @@ async fn boot_id(client: &ApiClient, name: &str) -> String {
 #[tokio::test]
 async fn every_route_but_the_openapi_document_needs_a_valid_token() {
     let cluster = Cluster::start(1).await;
-    let http = reqwest::Client::new();
+    let http = cluster.http();
     let base = cluster.url(0);
     let routes = [
         ("GET", "/api/v1/hosts"),
@@ -323,7 +378,7 @@ async fn every_route_but_the_openapi_document_needs_a_valid_token() {
     assert!(document["paths"]["/api/v1/vms/{name}/exec"]["post"].is_object());
 
     // A viewer reads but may not create.
-    let viewer = ApiClient::new(&base, VIEWER);
+    let viewer = ApiClient::new(&base, VIEWER, &cluster.trust).unwrap();
     viewer.list_vms().await.unwrap();
     let error = viewer.create_vm(&request("nope")).await.unwrap_err();
     assert!(matches!(error, ApiError::Forbidden(_)), "{error}");
@@ -370,7 +425,8 @@ async fn bad_input_gets_a_4xx_naming_the_problem_and_creates_nothing() {
         matches!(client.create_vm(&bad_memory).await.unwrap_err(), ApiError::BadRequest(ref message) if message.starts_with("memory:"))
     );
 
-    let response = reqwest::Client::new()
+    let response = cluster
+        .http()
         .post(format!("{}/api/v1/vms", cluster.url(0)))
         .bearer_auth(ADMIN)
         .header("content-type", "application/json")

@@ -378,7 +378,7 @@ async fn images_and_vm_definitions_are_checked_before_anything_is_made() {
     }
     // Two creates of one name at once, through two hosts: one wins, the other is
     // refused and removes nothing of the winner's.
-    let other = ApiClient::new(&lab.spec().api_url(2), lab.token().unwrap());
+    let other = ferry_lab::harness::lab::host_client(&lab, 2).unwrap();
     let twin = CreateVmRequest {
         image: Some("blank".into()),
         ..create("twin", "host1")
@@ -463,7 +463,7 @@ async fn an_installer_iso_boots_under_bios_and_uefi_and_its_cdrom_is_swapped_whi
     );
 
     // The serial console, through the other host's API (one forwarding hop).
-    let other = ApiClient::new(&lab.spec().api_url(2), lab.token().unwrap());
+    let other = ferry_lab::harness::lab::host_client(&lab, 2).unwrap();
     let console = other
         .console("inst-bios", ferry_api::console::ConsoleKind::Serial)
         .await
@@ -557,7 +557,7 @@ async fn a_disk_image_vm_boots_from_sata_with_an_e1000_nic_a_seed_and_a_clean_st
 
     // Asked of host2's agent: the local pool's disk is host1's to make, so the create
     // goes there.
-    let other = ApiClient::new(&lab.spec().api_url(2), lab.token().unwrap());
+    let other = ferry_lab::harness::lab::host_client(&lab, 2).unwrap();
     let vm = other
         .create_vm(&CreateVmRequest {
             image: Some("hybrid".into()),
@@ -707,7 +707,7 @@ async fn the_debian_guest_boots_under_bios_and_uefi_with_cloud_init_and_moves_li
     // HA: host1 loses power; the UEFI guest boots again on host2 from its own disk and
     // NVRAM, and is still itself.
     lab.fault(1, ferry_lab::lab::Fault::PowerOff).unwrap();
-    let client = ApiClient::new(&lab.spec().api_url(2), lab.token().unwrap());
+    let client = ferry_lab::harness::lab::host_client(&lab, 2).unwrap();
     answering_on(&client, "deb-uefi", Some("host2")).await;
     let (_, hostname) = exec(&client, "deb-uefi", "hostname").await;
     assert_eq!(hostname.trim(), "deb-uefi");

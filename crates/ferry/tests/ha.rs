@@ -51,7 +51,7 @@ async fn running_elsewhere(client: &ApiClient, name: &str, not_on: &str) -> VmVi
 #[tokio::test]
 async fn a_powered_off_hosts_ha_vms_restart_elsewhere_with_every_acknowledged_write() {
     let (mut lab, _guard, client) = common::lab(14, 3).await;
-    let survivor = ApiClient::new(&lab.spec().api_url(2), lab.token().unwrap());
+    let survivor = ferry_lab::harness::lab::host_client(&lab, 2).unwrap();
     let watch = DoubleRunWatch::start(lab.spec().run_dir.clone());
     let (db, web) = tokio::join!(
         ha_vm_on(&client, "db", "host1", 10),
@@ -109,7 +109,7 @@ async fn a_powered_off_hosts_ha_vms_restart_elsewhere_with_every_acknowledged_wr
 #[tokio::test]
 async fn an_isolated_host_fences_its_vm_before_it_starts_elsewhere_and_rejoins_cleanly() {
     let (mut lab, _guard, client) = common::lab(15, 3).await;
-    let survivor = ApiClient::new(&lab.spec().api_url(2), lab.token().unwrap());
+    let survivor = ferry_lab::harness::lab::host_client(&lab, 2).unwrap();
     let watch = DoubleRunWatch::start(lab.spec().run_dir.clone());
     let keeper_request = CreateVmRequest {
         name: "keeper".into(),
@@ -253,7 +253,7 @@ async fn when_the_leaders_host_powers_off_the_new_leader_restarts_its_vm() {
         .host_numbers()
         .find(|host| *host != number)
         .unwrap();
-    let survivor = ApiClient::new(&lab.spec().api_url(other), lab.token().unwrap());
+    let survivor = ferry_lab::harness::lab::host_client(&lab, other).unwrap();
     let before = ha_vm_on(&client, "svc", &leader, 0).await;
 
     lab.fault(number, Fault::PowerOff).unwrap();
@@ -276,7 +276,7 @@ async fn event_kinds(client: &ApiClient, subject: &str) -> Vec<String> {
 #[tokio::test]
 async fn cutting_most_hosts_off_fences_and_restarts_nothing() {
     let (mut lab, _guard, client) = common::lab(18, 3).await;
-    let outsider = ApiClient::new(&lab.spec().api_url(3), lab.token().unwrap());
+    let outsider = ferry_lab::harness::lab::host_client(&lab, 3).unwrap();
     let watch = DoubleRunWatch::start(lab.spec().run_dir.clone());
     let (one, _two) = tokio::join!(
         ha_vm_on(&client, "one", "host1", 0),
@@ -355,7 +355,7 @@ async fn big_ha_vm_on(client: &ApiClient, name: &str, host: &str, priority: i32)
 #[tokio::test]
 async fn when_two_hosts_die_priorities_decide_and_the_rest_start_when_a_host_returns() {
     let (mut lab, _guard, client) = common::lab(19, 3).await;
-    let survivor = ApiClient::new(&lab.spec().api_url(3), lab.token().unwrap());
+    let survivor = ferry_lab::harness::lab::host_client(&lab, 3).unwrap();
     let watch = DoubleRunWatch::start(lab.spec().run_dir.clone());
     // Lab hosts give VMs 4 GiB: host3 alone holds two of these three. host2 dies first
     // (its lease expires first, so silver takes one place); then host1, whose gold and

@@ -10,7 +10,6 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::{alive, running, LabGuard};
-use ferry_api::client::ApiClient;
 use ferry_api::types::CreateVmRequest;
 use ferry_lab::appliance::Appliance;
 use ferry_lab::lab::{Fault, Lab, LabSpec};
@@ -48,7 +47,7 @@ async fn a_lab_vm_answers_on_the_business_network_survives_its_agent_and_goes_wi
     let appliance = Appliance::load(&ferry_lab::defaults::appliance_dir()).expect("the appliance");
     let _guard = LabGuard(spec.state_dir.clone());
     let mut lab = Lab::up(&spec, &appliance).await.unwrap();
-    let client = ApiClient::new(&spec.api_url(1), lab.token().unwrap());
+    let client = ferry_lab::harness::lab::host_client(&lab, 1).unwrap();
 
     let request = CreateVmRequest {
         name: "web".into(),

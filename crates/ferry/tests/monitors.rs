@@ -418,7 +418,7 @@ async fn a_host_monitor_whose_ladder_ends_in_fence_host_has_its_host_powered_off
         ferry_lab::lab::Fault::LinkDown(ferry_lab::lab::LabNet::Business),
     )
     .unwrap();
-    let survivor = ApiClient::new(&lab.spec().api_url(2), lab.token().unwrap());
+    let survivor = ferry_lab::harness::lab::host_client(&lab, 2).unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     let moved = loop {
         if let Ok(vm) = survivor.get_vm("db").await {

@@ -53,7 +53,7 @@ async fn unreadable_records_kill_no_vm_and_ha_carries_on_for_the_others() {
 
     // HA goes on for the readable VM: its host powers off, it restarts elsewhere.
     lab.fault(2, Fault::PowerOff).unwrap();
-    let survivor = ApiClient::new(&lab.spec().api_url(1), lab.token().unwrap());
+    let survivor = ferry_lab::harness::lab::host_client(&lab, 1).unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let vm = survivor.get_vm("moved").await.unwrap();
@@ -110,7 +110,7 @@ async fn lab_without_fence_devices(
         .expect("the appliance");
     let guard = common::LabGuard(spec.state_dir.clone());
     let lab = ferry_lab::lab::Lab::up(&spec, &appliance).await.unwrap();
-    let client = ApiClient::new(&spec.api_url(1), lab.token().unwrap());
+    let client = ferry_lab::harness::lab::host_client(&lab, 1).unwrap();
     (lab, guard, client)
 }
 
@@ -248,7 +248,7 @@ async fn an_agent_restarted_mid_migration_on_either_side_leaves_one_copy_and_a_f
         tokio::time::sleep(Duration::from_secs(2)).await;
         lab.heal(restarted).unwrap();
         let other = if restarted == 1 { 2 } else { 1 };
-        let survivor = ApiClient::new(&lab.spec().api_url(other), lab.token().unwrap());
+        let survivor = ferry_lab::harness::lab::host_client(&lab, other).unwrap();
         let ended = final_op(&survivor, &op.id).await;
         eprintln!(
             "op {} with the {side}'s agent restarted: {}",
@@ -291,7 +291,7 @@ async fn a_leader_that_cannot_read_the_heartbeats_restarts_nothing_without_a_fen
     // Well past the lease TTL and every deadline: silence that cannot be seen proves
     // nothing, and without a fence device nothing else can.
     tokio::time::sleep(Duration::from_secs(25)).await;
-    let survivor = ApiClient::new(&lab.spec().api_url(1), lab.token().unwrap());
+    let survivor = ferry_lab::harness::lab::host_client(&lab, 1).unwrap();
     let vm = survivor.get_vm("held").await.unwrap();
     assert_eq!(
         vm.host.as_deref(),
@@ -330,7 +330,7 @@ async fn a_vm_that_starts_as_its_host_is_cut_off_never_runs_twice() {
     lab.fault(2, Fault::LinkDown(ferry_lab::lab::LabNet::Management))
         .unwrap();
     // Either host2 fenced it and it runs elsewhere, or it never started there.
-    let survivor = ApiClient::new(&lab.spec().api_url(1), lab.token().unwrap());
+    let survivor = ferry_lab::harness::lab::host_client(&lab, 1).unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let vm = survivor.get_vm("late").await.unwrap();

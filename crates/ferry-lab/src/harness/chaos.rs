@@ -152,11 +152,10 @@ struct Clients(Vec<ApiClient>);
 
 impl Clients {
     fn of(lab: &Lab) -> Result<Clients, HarnessError> {
-        let token = super::lab::lab_token(lab)?;
         Ok(Clients(
             (1..=lab.spec().hosts)
-                .map(|host| ApiClient::new(&lab.spec().api_url(host), token))
-                .collect(),
+                .map(|host| super::lab::host_client(lab, host))
+                .collect::<Result<_, _>>()?,
         ))
     }
 

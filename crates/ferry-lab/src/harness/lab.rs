@@ -48,13 +48,22 @@ pub fn lab_token(lab: &Lab) -> Result<&str, HarnessError> {
 /// answering when a benchmark or the tour powers host1 off.
 pub fn lab_client(lab: &Lab) -> Result<ApiClient, HarnessError> {
     let spec = lab.spec();
-    let token = lab_token(lab)?;
     let others: Vec<String> = spec
         .host_numbers()
         .skip(1)
         .map(|host| spec.api_url(host))
         .collect();
-    Ok(ApiClient::new(&spec.api_url(1), token).with_fallbacks(&others))
+    Ok(host_client(lab, 1)?.with_fallbacks(&others))
+}
+
+/// A client of one host's API alone, trusting the lab's CA.
+pub fn host_client(lab: &Lab, host: u32) -> Result<ApiClient, HarnessError> {
+    let spec = lab.spec();
+    let token = lab_token(lab)?;
+    let trust = ferry_tls::Trust::load(&spec.ca_file())
+        .map_err(|error| HarnessError::Unfit(format!("lab {}: {error}", spec.name)))?;
+    ApiClient::new(&spec.api_url(host), token, &trust)
+        .map_err(|error| HarnessError::Unfit(format!("lab {}: {error}", spec.name)))
 }
 
 /// The accelerator the cluster's VMs run with, as its first host reports it.

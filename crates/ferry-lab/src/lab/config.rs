@@ -7,7 +7,7 @@ use std::path::Path;
 
 use ferry_agent::config::{
     AccelChoice, AgentConfig, ApiConfig, CapacityConfig, ClusterConfig, FenceConfig, LeaseConfig,
-    NetworkConfig, PathsConfig, PoolConfig, QemuConfig,
+    NetworkConfig, PathsConfig, PoolConfig, QemuConfig, TlsConfig,
 };
 use ferry_api::auth::{Role, TokenConfig};
 use ferry_api::client_config::ClientConfig;
@@ -58,6 +58,9 @@ pub fn agent_config(
                 token: token.to_string(),
                 role: Role::Admin,
             }],
+        },
+        tls: TlsConfig {
+            dir: spec.host_tls_dir(host),
         },
         lease: LeaseConfig::default(),
         capacity: CapacityConfig {
@@ -114,6 +117,7 @@ pub fn client_config(spec: &LabSpec, token: &str) -> ClientConfig {
     ClientConfig {
         api: spec.api_url(1),
         token: token.to_string(),
+        ca: spec.ca_file(),
         fallback: spec
             .host_numbers()
             .skip(1)
@@ -137,7 +141,7 @@ mod tests {
         assert_eq!(parsed.api.listen.to_string(), "10.213.0.12:8700");
         assert_eq!(
             parsed.cluster.etcd,
-            vec!["http://10.213.0.1:2379".to_string()]
+            vec!["https://10.213.0.1:2379".to_string()]
         );
         assert_eq!(parsed.shared_pool().unwrap().path, spec.shared_pool());
         let business = &parsed.networks["business"];
@@ -154,11 +158,11 @@ mod tests {
     #[test]
     fn the_client_talks_to_host1_with_the_admin_token() {
         let client = client_config(&LabSpec::default(), "t0k");
-        assert_eq!(client.api, "http://10.213.0.11:8700");
+        assert_eq!(client.api, "https://10.213.0.11:8700");
         assert_eq!(client.token, "t0k");
         assert_eq!(
             client.fallback,
-            ["http://10.213.0.12:8700", "http://10.213.0.13:8700"]
+            ["https://10.213.0.12:8700", "https://10.213.0.13:8700"]
         );
     }
 }

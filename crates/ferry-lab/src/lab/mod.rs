@@ -17,6 +17,7 @@ mod network;
 mod process;
 mod spec;
 mod state;
+mod tls;
 pub mod watchdog;
 
 use std::collections::BTreeSet;
@@ -39,6 +40,7 @@ use crate::defaults;
 pub use config::{agent_config, client_config, CLUSTER_PREFIX};
 pub use spec::{LabNet, LabSpec, API_PORT, DEFAULT_HOSTS, DEFAULT_NAME, HOST_BUSINESS_BRIDGE};
 pub use state::{LabState, Spawned};
+pub use tls::host_store_tls;
 
 /// How long `up` waits for every agent to register.
 pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(60);
@@ -259,11 +261,19 @@ impl Lab {
         if spec.etcd_peer_port == 0 {
             self.state.spec.etcd_peer_port = free_port();
         }
-        let server = EtcdServer::start(
+        // The first start makes the lab's certificates and turns etcd's
+        // authentication on; a restart finds both.
+        let first = !spec.ca_file().exists();
+        if first {
+            tls::create(&spec).map_err(|error| self.fail("certificates", error))?;
+        }
+        let etcd_tls = tls::etcd(&spec).map_err(|error| self.fail("etcd", error))?;
+        let server = EtcdServer::start_tls(
             &spec.etcd_dir(),
             &spec.switch_address(LabNet::Management).to_string(),
             spec.etcd_client_port,
             self.state.spec.etcd_peer_port,
+            &etcd_tls,
         )
         .await
         .map_err(|error| self.fail("etcd", error))?;
@@ -272,7 +282,19 @@ impl Lab {
             pid: i32::try_from(pid).map_err(|error| self.fail("etcd", error))?,
             marker: process::etcd_marker(&spec.etcd_dir()),
         });
-        self.save()
+        self.save()?;
+        if first {
+            let hosts: Vec<String> = spec
+                .host_numbers()
+                .map(|host| spec.host_name(host))
+                .collect();
+            let store = self.store().await?;
+            store
+                .enable_auth(&hosts)
+                .await
+                .map_err(|error| self.fail("etcd authentication", error))?;
+        }
+        Ok(())
     }
 
     /// Kills the lab's etcd (SIGKILL, as a crash would); `start_etcd` starts it again
@@ -291,7 +313,8 @@ impl Lab {
 
     /// A client of the lab's etcd, from the root namespace.
     pub async fn store(&self) -> Result<Store, LabError> {
-        Store::connect(&[self.state.spec.etcd_url()], CLUSTER_PREFIX)
+        let root = tls::root(&self.state.spec).map_err(|error| self.fail("etcd", error))?;
+        Store::connect(&[self.state.spec.etcd_url()], CLUSTER_PREFIX, Some(&root))
             .await
             .map_err(|error| self.fail("etcd", error))
     }

@@ -286,7 +286,7 @@ impl LabSpec {
 
     pub fn etcd_url(&self) -> String {
         format!(
-            "http://{}:{}",
+            "https://{}:{}",
             self.switch_address(LabNet::Management),
             self.etcd_client_port
         )
@@ -294,7 +294,7 @@ impl LabSpec {
 
     pub fn api_url(&self, host: u32) -> String {
         format!(
-            "http://{}:{API_PORT}",
+            "https://{}:{API_PORT}",
             self.host_address(host, LabNet::Management)
         )
     }
@@ -381,8 +381,8 @@ mod tests {
         assert_eq!(spec.host_cidr(3, LabNet::Business), "10.213.2.13/24");
         assert_eq!(spec.switch_cidr(LabNet::Migration), "10.213.1.1/24");
         assert_eq!(spec.subnet(), "10.213.0.0/16");
-        assert_eq!(spec.etcd_url(), "http://10.213.0.1:2379");
-        assert_eq!(spec.api_url(1), "http://10.213.0.11:8700");
+        assert_eq!(spec.etcd_url(), "https://10.213.0.1:2379");
+        assert_eq!(spec.api_url(1), "https://10.213.0.11:8700");
     }
 
     #[test]

@@ -34,7 +34,7 @@ pub async fn lab(index: u32, hosts: u32) -> (Lab, LabGuard, ApiClient) {
     let appliance = Appliance::load(&ferry_lab::defaults::appliance_dir()).expect("the appliance");
     let guard = LabGuard(spec.state_dir.clone());
     let lab = Lab::up(&spec, &appliance).await.unwrap();
-    let client = ApiClient::new(&spec.api_url(1), lab.token().unwrap());
+    let client = ferry_lab::harness::lab::host_client(&lab, 1).unwrap();
     (lab, guard, client)
 }
 

@@ -136,6 +136,31 @@ impl Default for TlsConfig {
 }
 
 impl TlsConfig {
+    /// Writes this host's certificate as QEMU's `tls-creds-x509` reads a directory
+    /// (the same certificate for the server and the client side) into `dir`.
+    pub fn write_qemu_creds(&self, dir: &Path) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
+        let files = self.files();
+        std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+            .map_err(|error| format!("{}: {error}", dir.display()))?;
+        for (from, to) in [
+            (&files.ca, "ca-cert.pem"),
+            (&files.cert, "server-cert.pem"),
+            (&files.key, "server-key.pem"),
+            (&files.cert, "client-cert.pem"),
+            (&files.key, "client-key.pem"),
+        ] {
+            let target = dir.join(to);
+            std::fs::copy(from, &target)
+                .and_then(|_| {
+                    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600))
+                })
+                .map_err(|error| format!("{} to {}: {error}", from.display(), target.display()))?;
+        }
+        Ok(())
+    }
+
     pub fn files(&self) -> ferry_tls::TlsFiles {
         ferry_tls::TlsFiles {
             ca: self.dir.join(ferry_tls::CA_FILE),
@@ -252,6 +277,13 @@ pub struct PathsConfig {
     pub run_dir: PathBuf,
 }
 
+impl PathsConfig {
+    /// QEMU's copy of this host's certificate (see `TlsConfig::write_qemu_creds`).
+    pub fn qemu_tls_dir(&self) -> PathBuf {
+        self.run_dir.join("qemu-tls")
+    }
+}
+
 impl Default for PathsConfig {
     fn default() -> Self {
         PathsConfig {
@@ -297,6 +329,9 @@ pub struct MigrationConfig {
     pub max_concurrent: u32,
     /// Bandwidth a live migration may use, per second (QEMU's `max-bandwidth`).
     pub bandwidth: Bytes,
+    /// Live-migration and disk-copy streams over TLS with this host's certificate,
+    /// accepted only from the other host of the op. Every host must agree.
+    pub tls: bool,
 }
 
 impl Default for MigrationConfig {
@@ -304,6 +339,7 @@ impl Default for MigrationConfig {
         MigrationConfig {
             max_concurrent: 2,
             bandwidth: Bytes(10 * Bytes::GIB),
+            tls: true,
         }
     }
 }
@@ -658,6 +694,9 @@ stop_grace_seconds = 30
 max_concurrent = 2
 # Bandwidth one live migration may use, per second.
 bandwidth = "10G"
+# Live-migration and disk-copy streams over TLS (this host's certificate; only the
+# other host of the op is let in). Every host must agree.
+tls = true
 
 # Storage pools. A shared pool is mounted at the same path on every host.
 # [[pools]]

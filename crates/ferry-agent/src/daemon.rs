@@ -99,6 +99,12 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         cert_pem: identity.cert_pem().map_err(AgentError::Tls)?,
         key_pem: identity.key_pem().map_err(AgentError::Tls)?,
     };
+    if config.migration.tls {
+        config
+            .tls
+            .write_qemu_creds(&config.paths.qemu_tls_dir())
+            .map_err(|problem| AgentError::Tls(ferry_tls::TlsError::Config(problem)))?;
+    }
     let store = connect(&config, &store_tls).await;
     let accel = choose_accel(&config, &store).await;
     let limits = host_limits(&config);

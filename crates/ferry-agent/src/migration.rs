@@ -298,7 +298,8 @@ async fn live_source(
             let nbd = incoming
                 .nbd
                 .ok_or_else(|| Stopped::failed("the destination exports no disk copies"))?;
-            copy_disks(handle, migrate, machine, &nbd).await?;
+            let tls = source_tls(context, machine).await?;
+            copy_disks(handle, migrate, machine, &nbd, tls).await?;
         }
         let mut capabilities = vec![("auto-converge", true), ("events", true)];
         if migrate.postcopy_after_ms.is_some() {
@@ -307,12 +308,17 @@ async fn live_source(
         // With local disks the last memory pass waits for the mirrors to end in sync.
         capabilities.push(("pause-before-switchover", !migrate.disk_copies.is_empty()));
         machine.set_migration_capabilities(&capabilities).await?;
-        machine
-            .set_migration_parameters(serde_json::json!({
-                "downtime-limit": migrate.downtime_limit_ms,
-                "max-bandwidth": migrate.bandwidth.0,
-            }))
-            .await?;
+        let mut parameters = serde_json::json!({
+            "downtime-limit": migrate.downtime_limit_ms,
+            "max-bandwidth": migrate.bandwidth.0,
+            "tls-creds": "",
+        });
+        if let Some(creds) = source_tls(context, machine).await? {
+            // The destination's certificate must name the destination host.
+            parameters["tls-creds"] = serde_json::json!(creds);
+            parameters["tls-hostname"] = serde_json::json!(migrate.to.as_str());
+        }
+        machine.set_migration_parameters(parameters).await?;
         handle
             .set_step(OpStep::CopyingMemory, "copying memory")
             .await;
@@ -467,6 +473,7 @@ async fn copy_disks(
     migrate: &MigrateOp,
     machine: &Arc<Machine>,
     nbd: &str,
+    tls: Option<&str>,
 ) -> Result<(), Stopped> {
     let (host, port) = nbd
         .rsplit_once(':')
@@ -484,7 +491,13 @@ async fn copy_disks(
                 tracing::debug!("VM {}: no old node {target}: {error}", migrate.vm);
             }
             machine
-                .add_nbd_node(&target, &host, port, &copy.disk)
+                .add_nbd_node(
+                    &target,
+                    &host,
+                    port,
+                    &copy.disk,
+                    tls.map(|creds| (creds, migrate.to.as_str())),
+                )
                 .await
                 .map_err(|error| Stopped::failed(format!("NBD to the destination: {error}")))?;
             machine.start_mirror(&job, &open.node, &target).await?;
@@ -492,6 +505,23 @@ async fn copy_disks(
         machine.wait_job_ready(&job, DISK_COPY_TIMEOUT).await?;
     }
     Ok(())
+}
+
+/// The source QEMU's TLS credentials, when streams are TLS.
+async fn source_tls(
+    context: &Context<'_>,
+    machine: &Machine,
+) -> Result<Option<&'static str>, Stopped> {
+    if !context.runtime.config.migration.tls {
+        return Ok(None);
+    }
+    let creds = machine
+        .ensure_tls_creds(
+            &context.runtime.config.paths.qemu_tls_dir(),
+            ferry_qemu::TlsEndpoint::Client,
+        )
+        .await?;
+    Ok(Some(creds))
 }
 
 fn mirror_job(disk: &str) -> String {
@@ -532,7 +562,12 @@ async fn quick_source(
         paused_at = Some(now_ms());
         machine.pause().await?;
         machine
-            .set_migration_parameters(serde_json::json!({"max-bandwidth": migrate.bandwidth.0}))
+            .set_migration_parameters(serde_json::json!({
+                "max-bandwidth": migrate.bandwidth.0,
+                // A file on the shared pool, not a peer: no TLS (a VM that came in
+                // live still has the server side's credentials set).
+                "tls-creds": "",
+            }))
             .await?;
         // dd with fsync: the state must be on the shared pool before it counts as saved.
         let uri = format!(
@@ -1216,6 +1251,31 @@ async fn prepare(
                 .await
                 .map_err(fail)?;
         }
+        // Only the source host's QEMU, over TLS, may send the state.
+        let tls = match context.runtime.config.migration.tls {
+            true => {
+                let creds = machine
+                    .ensure_tls_creds(
+                        &context.runtime.config.paths.qemu_tls_dir(),
+                        ferry_qemu::TlsEndpoint::Server,
+                    )
+                    .await
+                    .map_err(fail)?;
+                let authz = machine
+                    .ensure_authz(migrate.from.as_str())
+                    .await
+                    .map_err(fail)?;
+                machine
+                    .set_migration_parameters(serde_json::json!({
+                        "tls-creds": creds,
+                        "tls-authz": authz,
+                    }))
+                    .await
+                    .map_err(fail)?;
+                Some((creds, authz))
+            }
+            false => None,
+        };
         machine
             .migrate_incoming(&format!("tcp:{address}:0"))
             .await
@@ -1229,7 +1289,11 @@ async fn prepare(
         if !migrate.disk_copies.is_empty() {
             let port = free_port(&address)?;
             machine
-                .nbd_server_start(&address, port)
+                .nbd_server_start(
+                    &address,
+                    port,
+                    tls.as_ref().map(|(creds, authz)| (*creds, authz.as_str())),
+                )
                 .await
                 .map_err(fail)?;
             for copy in &migrate.disk_copies {

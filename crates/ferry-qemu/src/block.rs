@@ -92,25 +92,32 @@ impl Machine {
         .map(drop)
     }
 
-    /// Opens an NBD export as a raw node (the remote end of a disk copy).
+    /// Opens an NBD export as a raw node (the remote end of a disk copy); with `tls`
+    /// (credentials id, the server's host name as its certificate names it) over TLS.
     pub async fn add_nbd_node(
         &self,
         name: &str,
         host: &str,
         port: u16,
         export: &str,
+        tls: Option<(&str, &str)>,
     ) -> Result<(), QemuError> {
+        let mut nbd = json!({
+            "driver": "nbd",
+            "node-name": format!("{name}-nbd"),
+            "server": {"type": "inet", "host": host, "port": port.to_string()},
+            "export": export,
+        });
+        if let Some((creds, hostname)) = tls {
+            nbd["tls-creds"] = json!(creds);
+            nbd["tls-hostname"] = json!(hostname);
+        }
         self.command(
             "blockdev-add",
             Some(json!({
                 "driver": "raw",
                 "node-name": name,
-                "file": {
-                    "driver": "nbd",
-                    "node-name": format!("{name}-nbd"),
-                    "server": {"type": "inet", "host": host, "port": port.to_string()},
-                    "export": export,
-                },
+                "file": nbd,
             })),
         )
         .await
@@ -228,15 +235,23 @@ impl Machine {
         Ok(())
     }
 
-    pub async fn nbd_server_start(&self, host: &str, port: u16) -> Result<(), QemuError> {
-        self.command(
-            "nbd-server-start",
-            Some(
-                json!({"addr": {"type": "inet", "data": {"host": host, "port": port.to_string()}}}),
-            ),
-        )
-        .await
-        .map(drop)
+    /// Serves NBD exports on `host:port`; with `tls` (credentials, authz ids) only to
+    /// the peer the authz object names, over TLS.
+    pub async fn nbd_server_start(
+        &self,
+        host: &str,
+        port: u16,
+        tls: Option<(&str, &str)>,
+    ) -> Result<(), QemuError> {
+        let mut arguments =
+            json!({"addr": {"type": "inet", "data": {"host": host, "port": port.to_string()}}});
+        if let Some((creds, authz)) = tls {
+            arguments["tls-creds"] = json!(creds);
+            arguments["tls-authz"] = json!(authz);
+        }
+        self.command("nbd-server-start", Some(arguments))
+            .await
+            .map(drop)
     }
 
     /// Exports a node for writing under `name`.
@@ -251,5 +266,94 @@ impl Machine {
 
     pub async fn nbd_server_stop(&self) -> Result<(), QemuError> {
         self.command("nbd-server-stop", None).await.map(drop)
+    }
+}
+
+/// Which side of a TLS stream a QEMU is (QEMU's `tls-creds-x509` `endpoint`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsEndpoint {
+    Server,
+    Client,
+}
+
+impl TlsEndpoint {
+    fn as_str(self) -> &'static str {
+        match self {
+            TlsEndpoint::Server => "server",
+            TlsEndpoint::Client => "client",
+        }
+    }
+
+    /// The id Ferry gives the credentials object of this side.
+    pub fn creds_id(self) -> &'static str {
+        match self {
+            TlsEndpoint::Server => "ferry-tls-server",
+            TlsEndpoint::Client => "ferry-tls-client",
+        }
+    }
+}
+
+/// The id of the object that lets `peer`'s certificate in.
+pub fn authz_id(peer: &str) -> String {
+    format!("ferry-authz-{peer}")
+}
+
+impl Machine {
+    /// The ids of the user-created objects (`object-add`) of this QEMU.
+    async fn object_ids(&self) -> Result<Vec<String>, QemuError> {
+        let listed = self
+            .command("qom-list", Some(json!({"path": "/objects"})))
+            .await?;
+        Ok(listed
+            .as_array()
+            .map(|objects| {
+                objects
+                    .iter()
+                    .filter_map(|object| object["name"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Loads the host's certificate from `dir` (`ca-cert.pem`, `server-cert.pem`,
+    /// `server-key.pem`, `client-cert.pem`, `client-key.pem`) for `endpoint`, once per
+    /// QEMU. The peer must present a certificate of the same CA.
+    pub async fn ensure_tls_creds(
+        &self,
+        dir: &Path,
+        endpoint: TlsEndpoint,
+    ) -> Result<&'static str, QemuError> {
+        let id = endpoint.creds_id();
+        if !self.object_ids().await?.iter().any(|known| known == id) {
+            self.command(
+                "object-add",
+                Some(json!({
+                    "qom-type": "tls-creds-x509",
+                    "id": id,
+                    "dir": dir,
+                    "endpoint": endpoint.as_str(),
+                    "verify-peer": true,
+                })),
+            )
+            .await?;
+        }
+        Ok(id)
+    }
+
+    /// Lets in only the peer whose certificate's distinguished name is `CN={peer}`.
+    pub async fn ensure_authz(&self, peer: &str) -> Result<String, QemuError> {
+        let id = authz_id(peer);
+        if !self.object_ids().await?.contains(&id) {
+            self.command(
+                "object-add",
+                Some(json!({
+                    "qom-type": "authz-simple",
+                    "id": id,
+                    "identity": format!("CN={peer}"),
+                })),
+            )
+            .await?;
+        }
+        Ok(id)
     }
 }

@@ -21,7 +21,7 @@ mod run_dir;
 pub mod version;
 
 pub use accel::{Accel, AccelReport, ProbeImage};
-pub use block::{BlockJob, OpenDisk};
+pub use block::{BlockJob, OpenDisk, TlsEndpoint};
 pub use error::QemuError;
 pub use machine::{
     Incoming, LaunchOptions, Machine, MigrationInfo, MigrationStatus, RunState, StopOutcome,

@@ -381,9 +381,13 @@ async fn a_disk_moves_under_writes_and_a_local_disk_migrates_live() {
 }
 
 /// The downtime benchmark's baseline: the same guest as a plain QEMU, moved by hand
-/// with QEMU's defaults, keeps its boot and its data and leaves nothing behind.
+/// with QEMU's defaults, keeps its boot and its data and leaves nothing behind. Then
+/// the streams as Ferry sets them up: a TLS stream from a host the destination does
+/// not expect (a valid certificate of the cluster, but not the op's source) is refused
+/// and the guest stays; from the expected host it goes.
 #[tokio::test]
-async fn the_bare_qemu_baseline_migrates_the_guest_by_hand_and_cleans_up() {
+async fn the_bare_qemu_baseline_migrates_by_hand_and_a_tls_stream_from_a_host_not_in_the_op_is_refused(
+) {
     let (lab, _guard, _client) = common::lab(25, 2).await;
     let mut bare =
         ferry_lab::lab::bare::BareVm::boot(&lab, "bare-test", ferry_model::Bytes::mib(256), 1)
@@ -399,6 +403,22 @@ async fn the_bare_qemu_baseline_migrates_the_guest_by_hand_and_cleans_up() {
         boot,
         "the same guest, not a reboot"
     );
+
+    // host1 expects host3; host2's stream is refused, the guest runs on.
+    let refused = bare.migrate_to_over_tls(1, "host3").await.unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("TLS x509 authz check for CN=host2 is denied"),
+        "{refused}"
+    );
+    assert_eq!(bare.host(), 2);
+    assert_eq!(boot_id(&ip).await.unwrap(), boot, "the guest ran on");
+    let info = bare.migrate_to_over_tls(1, "host2").await.unwrap();
+    assert!(info.downtime_ms.is_some(), "{info:?}");
+    assert_eq!(bare.host(), 1);
+    assert_eq!(boot_id(&ip).await.unwrap(), boot);
+
     let run_dir = lab.spec().host_run_dir(1).join("bare");
     bare.destroy().await;
     assert!(!run_dir.exists(), "{} left behind", run_dir.display());

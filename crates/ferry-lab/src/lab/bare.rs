@@ -98,6 +98,25 @@ impl BareVm {
     /// capabilities and parameters, the destination running on its own when the last
     /// round arrives, the source quit. Returns the source's `query-migrate` at the end.
     pub async fn migrate_to(&mut self, host: u32) -> Result<MigrationInfo, LabError> {
+        self.migrate_with(host, None).await
+    }
+
+    /// Like `migrate_to`, over TLS as Ferry's agents set it up: each QEMU with its own
+    /// host's certificate of the lab's CA, the destination letting in only the peer
+    /// named `allowed` (Ferry names the op's source host).
+    pub async fn migrate_to_over_tls(
+        &mut self,
+        host: u32,
+        allowed: &str,
+    ) -> Result<MigrationInfo, LabError> {
+        self.migrate_with(host, Some(allowed)).await
+    }
+
+    async fn migrate_with(
+        &mut self,
+        host: u32,
+        tls_peer: Option<&str>,
+    ) -> Result<MigrationInfo, LabError> {
         let slot = if self.slot == "a" { "b" } else { "a" };
         let destination = self.launch(host, slot, true).await?;
         let fail = |problem: String| LabError::Spec {
@@ -106,6 +125,43 @@ impl BareVm {
         };
         let listen = format!("tcp:{}:0", self.lab.host_address(host, LabNet::Migration));
         let outcome = async {
+            if let Some(allowed) = tls_peer {
+                let creds_of = |of: u32| {
+                    let dir = bare_run_dir(&self.lab, of, "tls");
+                    ferry_agent::config::TlsConfig {
+                        dir: self.lab.host_tls_dir(of),
+                    }
+                    .write_qemu_creds(&dir)
+                    .map(|()| dir)
+                    .map_err(fail)
+                };
+                let server = destination
+                    .ensure_tls_creds(&creds_of(host)?, ferry_qemu::TlsEndpoint::Server)
+                    .await
+                    .map_err(|error| fail(error.to_string()))?;
+                let authz = destination
+                    .ensure_authz(allowed)
+                    .await
+                    .map_err(|error| fail(error.to_string()))?;
+                destination
+                    .set_migration_parameters(
+                        serde_json::json!({"tls-creds": server, "tls-authz": authz}),
+                    )
+                    .await
+                    .map_err(|error| fail(error.to_string()))?;
+                let source = self.machine()?;
+                let client = source
+                    .ensure_tls_creds(&creds_of(self.host)?, ferry_qemu::TlsEndpoint::Client)
+                    .await
+                    .map_err(|error| fail(error.to_string()))?;
+                source
+                    .set_migration_parameters(serde_json::json!({
+                        "tls-creds": client,
+                        "tls-hostname": self.lab.host_name(host),
+                    }))
+                    .await
+                    .map_err(|error| fail(error.to_string()))?;
+            }
             destination
                 .migrate_incoming(&listen)
                 .await
@@ -125,8 +181,15 @@ impl BareVm {
                 .await
                 .map_err(|error| fail(error.to_string()))?;
             if info.status != ferry_qemu::MigrationStatus::Completed {
+                // The destination often knows why (a refused peer, a bad stream).
+                let why = match destination.query_migrate().await {
+                    Ok(there) => there.error.unwrap_or_else(|| {
+                        RunDir::new(bare_run_dir(&self.lab, host, slot)).last_words()
+                    }),
+                    Err(error) => error.to_string(),
+                };
                 return Err(fail(format!(
-                    "{:?}: {}",
+                    "{:?}: {} (destination: {why})",
                     info.status,
                     info.error.clone().unwrap_or_default()
                 )));

@@ -129,6 +129,7 @@ mod tests {
             reset_serial: 0,
             migration: Default::default(),
             ha: Default::default(),
+            project: ferry_model::access::default_project(),
         }
     }
 

@@ -35,7 +35,9 @@ pub async fn decode_response<T: DeserializeOwned>(
         .await
         .map_err(|error| ApiError::Unavailable(format!("reading the reply: {error}")))?;
     if status.is_success() {
-        return serde_json::from_slice(&bytes)
+        // 204 No Content: the answer is "done", nothing more.
+        let bytes: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
+        return serde_json::from_slice(bytes)
             .map_err(|error| ApiError::Internal(format!("unexpected reply ({error})")));
     }
     match serde_json::from_slice::<ErrorBody>(&bytes) {
@@ -461,6 +463,103 @@ impl ApiClient {
             Duration::from_secs(30),
         )
         .await
+    }
+
+    async fn delete(&self, path: &str) -> Result<(), ApiError> {
+        self.call(
+            reqwest::Method::DELETE,
+            path,
+            None::<&()>,
+            Duration::from_secs(30),
+        )
+        .await
+    }
+
+    pub async fn create_token(
+        &self,
+        request: &crate::types::CreateTokenRequest,
+    ) -> Result<crate::types::TokenCreated, ApiError> {
+        self.post("/tokens", Some(request), Duration::from_secs(30))
+            .await
+    }
+
+    pub async fn list_tokens(&self) -> Result<Vec<crate::types::TokenView>, ApiError> {
+        self.get("/tokens").await
+    }
+
+    pub async fn revoke_token(&self, id: &str) -> Result<(), ApiError> {
+        self.delete(&format!("/tokens/{id}")).await
+    }
+
+    pub async fn create_project(
+        &self,
+        request: &crate::types::CreateProjectRequest,
+    ) -> Result<crate::types::ProjectView, ApiError> {
+        self.post("/projects", Some(request), Duration::from_secs(30))
+            .await
+    }
+
+    pub async fn list_projects(&self) -> Result<Vec<crate::types::ProjectView>, ApiError> {
+        self.get("/projects").await
+    }
+
+    pub async fn get_project(&self, name: &str) -> Result<crate::types::ProjectView, ApiError> {
+        self.get(&format!("/projects/{name}")).await
+    }
+
+    pub async fn delete_project(&self, name: &str) -> Result<(), ApiError> {
+        self.delete(&format!("/projects/{name}")).await
+    }
+
+    pub async fn create_user(
+        &self,
+        request: &crate::types::CreateUserRequest,
+    ) -> Result<crate::types::UserView, ApiError> {
+        self.post("/users", Some(request), Duration::from_secs(30))
+            .await
+    }
+
+    pub async fn list_users(&self) -> Result<Vec<crate::types::UserView>, ApiError> {
+        self.get("/users").await
+    }
+
+    pub async fn delete_user(&self, name: &str) -> Result<(), ApiError> {
+        self.delete(&format!("/users/{name}")).await
+    }
+
+    pub async fn set_password(&self, name: &str, password: &str) -> Result<(), ApiError> {
+        self.post(
+            &format!("/users/{name}/password"),
+            Some(&crate::types::PasswordRequest {
+                password: password.to_string(),
+            }),
+            Duration::from_secs(30),
+        )
+        .await
+    }
+
+    pub async fn login(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> Result<crate::types::TokenCreated, ApiError> {
+        self.post(
+            "/login",
+            Some(&crate::types::LoginRequest {
+                user: user.to_string(),
+                password: password.to_string(),
+            }),
+            Duration::from_secs(30),
+        )
+        .await
+    }
+
+    /// The same agents and CA with another token.
+    pub fn with_token(&self, token: &str) -> ApiClient {
+        ApiClient {
+            token: token.to_string(),
+            ..self.clone()
+        }
     }
 
     pub async fn list_ops(&self) -> Result<Vec<OpView>, ApiError> {

@@ -2,6 +2,7 @@
 //! the REST handlers in [`rest`], the CLI (through [`client::ApiClient`]) and the portal
 //! all go through it, so no business logic lives in an HTTP handler or a CLI command.
 
+pub mod access;
 pub mod auth;
 pub mod client;
 pub mod client_config;
@@ -12,6 +13,7 @@ pub mod images;
 pub mod migrate;
 pub mod monitors;
 pub mod ops;
+pub mod policy;
 pub mod provision;
 pub mod rest;
 pub mod serve;

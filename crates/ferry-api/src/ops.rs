@@ -238,6 +238,12 @@ impl ClusterApi {
         if request.cpus == 0 {
             return Err(ApiError::BadRequest("cpus: must be at least 1".into()));
         }
+        let project = match request.project.as_deref() {
+            Some(text) => text
+                .parse::<ferry_model::ProjectName>()
+                .map_err(|error| ApiError::BadRequest(format!("project: {error}")))?,
+            None => ferry_model::access::default_project(),
+        };
         let keys = self.store.keys().clone();
         let sources = [
             request.image.is_some(),
@@ -576,10 +582,29 @@ impl ClusterApi {
                 return Err(ApiError::BadRequest(error));
             }
         };
+        let mut wanted = ferry_model::access::Usage::default();
+        wanted.add(
+            planned.spec.cpus,
+            planned.spec.memory,
+            Bytes(
+                planned
+                    .spec
+                    .disks
+                    .iter()
+                    .filter_map(|disk| disk.size)
+                    .map(|size| size.0)
+                    .sum(),
+            ),
+        );
+        if let Err(refused) = self.check_quota(&project, &wanted).await {
+            self.release_addresses(&addresses).await;
+            return Err(refused);
+        }
         // The record first, create-only and stopped: it reserves the name, so only this
         // create makes (and may remove) the VM's files, and the VM runs only once they
         // are all there.
         let record = VmRecord {
+            project: project.clone(),
             version: ferry_model::cluster::RECORD_VERSION,
             spec: planned.spec.clone(),
             desired: PowerState::Stopped,
@@ -1244,6 +1269,7 @@ pub fn vm_view(entry: &VmEntry) -> Option<VmView> {
     let state = vm_state(entry)?;
     Some(VmView {
         name: record.spec.name.to_string(),
+        project: record.project.to_string(),
         state: state.as_str().into(),
         desired: match record.desired {
             PowerState::Running => "running".into(),

@@ -17,14 +17,16 @@ use futures::Stream;
 use serde::Deserialize;
 use utoipa::OpenApi;
 
-use crate::auth::{role_of, Role, TokenConfig};
+use crate::auth::{Identity, Role, Scope, TokenConfig};
 use crate::ops::{ClusterApi, Hop};
 use crate::serve::Peer;
 use crate::types::{
-    AddMonitorRequest, CdromRequest, CdromView, CloudInitRequest, CreateVmRequest, DiskRequest,
-    DiskView, ErrorBody, ErrorDetail, EventView, ExecRequest, ExecResponse, HostMonitorView,
-    HostView, ImageView, MigrateRequest, MonitorView, MoveDiskRequest, NicRequest, NicView, OpView,
-    ProgressView, UpdateHaRequest, VmView,
+    AddMonitorRequest, CdromRequest, CdromView, CloudInitRequest, CreateProjectRequest,
+    CreateTokenRequest, CreateUserRequest, CreateVmRequest, DiskRequest, DiskView, ErrorBody,
+    ErrorDetail, EventView, ExecRequest, ExecResponse, HostMonitorView, HostView, ImageView,
+    LoginRequest, MigrateRequest, MonitorView, MoveDiskRequest, NicRequest, NicView, OpView,
+    PasswordRequest, ProgressView, ProjectView, TokenCreated, TokenView, UpdateHaRequest, UserView,
+    VmView,
 };
 use crate::ApiError;
 
@@ -34,16 +36,31 @@ pub struct RestState {
     pub tokens: Arc<Vec<TokenConfig>>,
 }
 
-/// Who is calling: the role and the token (forwarded when another host must act), and
-/// whether another agent forwarded the call.
+/// Who is calling: the role and what it reaches, the token (forwarded when another
+/// host must act), and whether another agent forwarded the call.
 #[derive(Clone)]
 pub struct Caller {
     pub role: Role,
+    pub scope: Scope,
+    /// The token's id, for the audit trail.
+    pub token_id: String,
     pub token: String,
     pub hop: Hop,
 }
 
 impl Caller {
+    /// The cluster's own objects (hosts' images, projects, users): for callers of the
+    /// whole cluster only.
+    fn require_cluster(&self, needed: Role) -> Result<(), ApiError> {
+        self.require(needed)?;
+        match &self.scope {
+            Scope::Cluster => Ok(()),
+            Scope::Project(project) => Err(ApiError::Forbidden(format!(
+                "this needs a token of the whole cluster; this one is of project {project}"
+            ))),
+        }
+    }
+
     fn require(&self, needed: Role) -> Result<(), ApiError> {
         if self.role >= needed {
             Ok(())
@@ -108,17 +125,104 @@ async fn authenticate(
         Ok(Some(_)) => Hop::Forwarded,
         Err(error) => return error.into_response(),
     };
-    match role_of(&state.tokens, &presented) {
-        Some(role) => {
-            request.extensions_mut().insert(Caller {
-                role,
-                token: presented,
-                hop,
-            });
-            next.run(request).await
+    let identity: Identity = match state.api.authenticate(&state.tokens, &presented).await {
+        Ok(identity) => identity,
+        Err(error) => return error.into_response(),
+    };
+    let caller = Caller {
+        role: identity.role,
+        scope: identity.scope,
+        token_id: identity.token_id,
+        token: presented,
+        hop,
+    };
+    let method_name = request.method().as_str().to_string();
+    match crate::policy::rule(&method_name, request.uri().path()) {
+        // No such route: the router's fallback answers.
+        None => {}
+        Some(access) => {
+            if let Err(why) = crate::policy::admit(access, caller.role, &caller.scope) {
+                let response = ApiError::Forbidden(why).into_response();
+                audit(
+                    &state,
+                    &caller,
+                    request.method(),
+                    request.uri().path(),
+                    response.status(),
+                )
+                .await;
+                return response;
+            }
         }
-        None => ApiError::Unauthorized.into_response(),
     }
+    // A VM route of a VM out of the caller's reach answers as if it did not exist.
+    if let Some(vm) = vm_of_path(request.uri().path()) {
+        if let Err(error) = check_vm_reach(&state, &caller, &vm).await {
+            return error.into_response();
+        }
+    }
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    request.extensions_mut().insert(caller.clone());
+    let response = next.run(request).await;
+    if method != axum::http::Method::GET {
+        audit(&state, &caller, &method, &path, response.status()).await;
+    }
+    response
+}
+
+/// The VM a `/api/v1/vms/{name}…` path names.
+fn vm_of_path(path: &str) -> Option<String> {
+    let rest = path.strip_prefix("/api/v1/vms/")?;
+    let name = rest.split('/').next()?;
+    (!name.is_empty()).then(|| name.to_string())
+}
+
+async fn check_vm_reach(state: &RestState, caller: &Caller, vm: &str) -> Result<(), ApiError> {
+    let Scope::Project(own) = &caller.scope else {
+        return Ok(());
+    };
+    let name = crate::ops::parse_vm_name(vm)?;
+    match state.api.vm_project(&name).await? {
+        Some(project) if project == *own => Ok(()),
+        _ => Err(ApiError::NotFound(format!("VM {name} does not exist"))),
+    }
+}
+
+/// Every call that changes something is an event: the token (its id), the project,
+/// the call and its result.
+async fn audit(
+    state: &RestState,
+    caller: &Caller,
+    method: &axum::http::Method,
+    path: &str,
+    status: StatusCode,
+) {
+    let subject = match vm_of_path(path) {
+        Some(vm) => format!("vm/{vm}"),
+        None => "api".to_string(),
+    };
+    let project = caller
+        .scope
+        .project()
+        .map_or("the cluster".to_string(), |project| {
+            format!("project {project}")
+        });
+    state
+        .api
+        .events()
+        .record(
+            &subject,
+            ferry_model::events::EventKind::ApiCall,
+            &format!(
+                "token {} ({}, {}): {method} {path} → {}",
+                caller.token_id,
+                caller.role.as_str(),
+                project,
+                status.as_u16()
+            ),
+        )
+        .await;
 }
 
 /// The host that forwarded this request, checked against the certificate it presented:
@@ -178,9 +282,20 @@ pub fn router(state: RestState) -> Router {
         .route("/api/v1/ops/{id}/cancel", post(cancel_op))
         .route("/api/v1/events", get(list_events))
         .route("/api/v1/events/stream", get(stream_events))
+        .route("/api/v1/tokens", get(list_tokens).post(create_token))
+        .route("/api/v1/tokens/{id}", axum::routing::delete(revoke_token))
+        .route("/api/v1/projects", get(list_projects).post(create_project))
+        .route(
+            "/api/v1/projects/{name}",
+            get(get_project).delete(delete_project),
+        )
+        .route("/api/v1/users", get(list_users).post(create_user))
+        .route("/api/v1/users/{name}", axum::routing::delete(delete_user))
+        .route("/api/v1/users/{name}/password", post(set_password))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     Router::new()
         .route("/api/v1/openapi.json", get(openapi))
+        .route("/api/v1/login", post(login))
         .merge(protected)
         .fallback(|| async {
             ApiError::NotFound("no such API route; see /api/v1/openapi.json".into())
@@ -202,8 +317,54 @@ async fn get_host(
 }
 
 #[utoipa::path(get, path = "/api/v1/vms", responses((status = 200, body = [VmView]), (status = 401, body = ErrorBody)), security(("bearer" = [])))]
-async fn list_vms(State(state): State<RestState>) -> Result<Json<Vec<VmView>>, ApiError> {
-    Ok(Json(state.api.list_vms().await?))
+async fn list_vms(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Vec<VmView>>, ApiError> {
+    let vms = state.api.list_vms().await?;
+    Ok(Json(
+        vms.into_iter()
+            .filter(|vm| in_scope(&caller.scope, &vm.project))
+            .collect(),
+    ))
+}
+
+fn in_scope(scope: &Scope, project: &str) -> bool {
+    match scope {
+        Scope::Cluster => true,
+        Scope::Project(own) => own.as_str() == project,
+    }
+}
+
+/// The VMs a project's caller reaches (None: a cluster caller reaches all).
+async fn vms_in_reach(
+    state: &RestState,
+    scope: &Scope,
+) -> Result<Option<std::collections::BTreeSet<String>>, ApiError> {
+    match scope {
+        Scope::Cluster => Ok(None),
+        Scope::Project(_) => Ok(Some(
+            state
+                .api
+                .list_vms()
+                .await?
+                .into_iter()
+                .filter(|vm| in_scope(scope, &vm.project))
+                .map(|vm| vm.name)
+                .collect(),
+        )),
+    }
+}
+
+/// Whether an event is about something within reach: a project's caller sees its
+/// VMs' events only.
+fn event_in_reach(reach: &Option<std::collections::BTreeSet<String>>, subject: &str) -> bool {
+    match reach {
+        None => true,
+        Some(vms) => subject
+            .strip_prefix("vm/")
+            .is_some_and(|vm| vms.contains(vm)),
+    }
 }
 
 #[utoipa::path(post, path = "/api/v1/vms", request_body = CreateVmRequest,
@@ -211,9 +372,21 @@ async fn list_vms(State(state): State<RestState>) -> Result<Json<Vec<VmView>>, A
 async fn create_vm(
     State(state): State<RestState>,
     Extension(caller): Extension<Caller>,
-    ApiJson(request): ApiJson<CreateVmRequest>,
+    ApiJson(mut request): ApiJson<CreateVmRequest>,
 ) -> Result<(StatusCode, Json<VmView>), ApiError> {
     caller.require(Role::Admin)?;
+    // A project's caller creates in its project only.
+    if let Scope::Project(own) = &caller.scope {
+        match request.project.as_deref() {
+            None => request.project = Some(own.to_string()),
+            Some(wanted) if wanted == own.as_str() => {}
+            Some(other) => {
+                return Err(ApiError::Forbidden(format!(
+                    "a token of project {own} creates VMs in project {own}, not {other}"
+                )))
+            }
+        }
+    }
     Ok((
         StatusCode::CREATED,
         Json(
@@ -324,7 +497,7 @@ async fn import_image(
     Query(query): Query<ImportQuery>,
     body: axum::body::Body,
 ) -> Result<(StatusCode, Json<ImageView>), ApiError> {
-    caller.require(Role::Admin)?;
+    caller.require_cluster(Role::Admin)?;
     let format = query
         .format
         .as_deref()
@@ -349,7 +522,7 @@ async fn delete_image(
     Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    caller.require(Role::Admin)?;
+    caller.require_cluster(Role::Admin)?;
     state.api.delete_image(&name).await?;
     Ok(Json(serde_json::json!({"deleted": name})))
 }
@@ -494,15 +667,37 @@ async fn move_disk(
 }
 
 #[utoipa::path(get, path = "/api/v1/ops", responses((status = 200, body = [OpView])), security(("bearer" = [])))]
-async fn list_ops(State(state): State<RestState>) -> Result<Json<Vec<OpView>>, ApiError> {
-    Ok(Json(state.api.list_ops().await?))
+async fn list_ops(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Vec<OpView>>, ApiError> {
+    let reach = vms_in_reach(&state, &caller.scope).await?;
+    let ops = state.api.list_ops().await?;
+    Ok(Json(
+        ops.into_iter()
+            .filter(|op| reach.as_ref().is_none_or(|vms| vms.contains(&op.vm)))
+            .collect(),
+    ))
+}
+
+/// An op of a VM out of the caller's reach answers as if it did not exist.
+async fn op_in_reach(state: &RestState, caller: &Caller, id: &str) -> Result<(), ApiError> {
+    let op = state.api.get_op(id).await?;
+    match vms_in_reach(state, &caller.scope).await? {
+        Some(vms) if !vms.contains(&op.vm) => {
+            Err(ApiError::NotFound(format!("op {id} does not exist")))
+        }
+        _ => Ok(()),
+    }
 }
 
 #[utoipa::path(get, path = "/api/v1/ops/{id}", params(("id" = String, Path)), responses((status = 200, body = OpView), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
 async fn get_op(
     State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<OpView>, ApiError> {
+    op_in_reach(&state, &caller, &id).await?;
     Ok(Json(state.api.get_op(&id).await?))
 }
 
@@ -513,6 +708,7 @@ async fn cancel_op(
     Path(id): Path<String>,
 ) -> Result<Json<OpView>, ApiError> {
     caller.require(Role::Operator)?;
+    op_in_reach(&state, &caller, &id).await?;
     Ok(Json(state.api.cancel_op(&id).await?))
 }
 
@@ -524,29 +720,50 @@ struct EventQuery {
 #[utoipa::path(get, path = "/api/v1/events", params(("limit" = Option<usize>, Query)), responses((status = 200, body = [EventView])), security(("bearer" = [])))]
 async fn list_events(
     State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
     Query(query): Query<EventQuery>,
 ) -> Result<Json<Vec<EventView>>, ApiError> {
+    let reach = vms_in_reach(&state, &caller.scope).await?;
+    let events = state
+        .api
+        .list_events(query.limit.unwrap_or(100).min(10_000))
+        .await?;
     Ok(Json(
-        state
-            .api
-            .list_events(query.limit.unwrap_or(100).min(10_000))
-            .await?,
+        events
+            .into_iter()
+            .filter(|event| event_in_reach(&reach, &event.subject))
+            .collect(),
     ))
 }
 
 #[utoipa::path(get, path = "/api/v1/events/stream", responses((status = 200, description = "server-sent events, one EventView per `data:` line")), security(("bearer" = [])))]
 async fn stream_events(
     State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     let store = state.api.store().clone();
     let prefix = store.keys().events();
     // Start after what exists now: the stream shows new events.
     let (_, revision) = store.list_raw(&prefix).await?;
     let mut watch = ferry_store::PrefixWatch::resume(&store, &prefix, revision + 1);
+    let state = state.clone();
     let stream = async_stream(move |sender| async move {
         while let Some(change) = watch.next().await {
             if let ferry_store::WatchEvent::Put { value, .. } = change {
                 if let Ok(event) = serde_json::from_slice::<ferry_model::cluster::Event>(&value) {
+                    // A project's VMs change while the stream runs: ask each time.
+                    if caller.scope != Scope::Cluster {
+                        let reach = match vms_in_reach(&state, &caller.scope).await {
+                            Ok(reach) => reach,
+                            Err(error) => {
+                                tracing::warn!("event stream: the project's VMs: {error}");
+                                continue;
+                            }
+                        };
+                        if !event_in_reach(&reach, &event.subject) {
+                            continue;
+                        }
+                    }
                     let view = EventView {
                         at_ms: event.at_ms,
                         source: event.source,
@@ -582,6 +799,147 @@ where
     })
 }
 
+#[utoipa::path(post, path = "/api/v1/tokens", request_body = CreateTokenRequest,
+    responses((status = 201, body = TokenCreated), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)), security(("bearer" = [])))]
+async fn create_token(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    ApiJson(request): ApiJson<CreateTokenRequest>,
+) -> Result<(StatusCode, Json<TokenCreated>), ApiError> {
+    caller.require(Role::Admin)?;
+    let identity = Identity {
+        role: caller.role,
+        scope: caller.scope.clone(),
+        token_id: caller.token_id.clone(),
+    };
+    Ok((
+        StatusCode::CREATED,
+        Json(state.api.create_token(&identity, &request).await?),
+    ))
+}
+
+#[utoipa::path(get, path = "/api/v1/tokens", responses((status = 200, body = [TokenView]), (status = 403, body = ErrorBody)), security(("bearer" = [])))]
+async fn list_tokens(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Vec<TokenView>>, ApiError> {
+    caller.require(Role::Admin)?;
+    Ok(Json(state.api.list_tokens(&caller.scope).await?))
+}
+
+#[utoipa::path(delete, path = "/api/v1/tokens/{id}", params(("id" = String, Path)), responses((status = 204), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn revoke_token(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.require(Role::Admin)?;
+    state.api.revoke_token(&caller.scope, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/api/v1/projects", request_body = CreateProjectRequest,
+    responses((status = 201, body = ProjectView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+async fn create_project(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    ApiJson(request): ApiJson<CreateProjectRequest>,
+) -> Result<(StatusCode, Json<ProjectView>), ApiError> {
+    caller.require_cluster(Role::Admin)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(state.api.create_project(&request).await?),
+    ))
+}
+
+#[utoipa::path(get, path = "/api/v1/projects", responses((status = 200, body = [ProjectView])), security(("bearer" = [])))]
+async fn list_projects(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Vec<ProjectView>>, ApiError> {
+    Ok(Json(state.api.list_projects(&caller.scope).await?))
+}
+
+#[utoipa::path(get, path = "/api/v1/projects/{name}", params(("name" = String, Path)), responses((status = 200, body = ProjectView), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn get_project(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<Json<ProjectView>, ApiError> {
+    Ok(Json(state.api.get_project(&caller.scope, &name).await?))
+}
+
+#[utoipa::path(delete, path = "/api/v1/projects/{name}", params(("name" = String, Path)), responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+async fn delete_project(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_cluster(Role::Admin)?;
+    state.api.delete_project(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/api/v1/users", request_body = CreateUserRequest,
+    responses((status = 201, body = UserView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+async fn create_user(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    ApiJson(request): ApiJson<CreateUserRequest>,
+) -> Result<(StatusCode, Json<UserView>), ApiError> {
+    caller.require_cluster(Role::Admin)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(state.api.create_user(&request).await?),
+    ))
+}
+
+#[utoipa::path(get, path = "/api/v1/users", responses((status = 200, body = [UserView]), (status = 403, body = ErrorBody)), security(("bearer" = [])))]
+async fn list_users(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Vec<UserView>>, ApiError> {
+    caller.require_cluster(Role::Admin)?;
+    Ok(Json(state.api.list_users().await?))
+}
+
+#[utoipa::path(delete, path = "/api/v1/users/{name}", params(("name" = String, Path)), responses((status = 204), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn delete_user(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_cluster(Role::Admin)?;
+    state.api.delete_user(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/api/v1/users/{name}/password", params(("name" = String, Path)), request_body = PasswordRequest,
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn set_password(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    ApiJson(request): ApiJson<PasswordRequest>,
+) -> Result<StatusCode, ApiError> {
+    caller.require_cluster(Role::Admin)?;
+    state.api.set_password(&name, &request.password).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A user's password for a session token (12 hours).
+#[utoipa::path(post, path = "/api/v1/login", request_body = LoginRequest,
+    responses((status = 201, body = TokenCreated), (status = 401, body = ErrorBody)))]
+async fn login(
+    State(state): State<RestState>,
+    ApiJson(request): ApiJson<LoginRequest>,
+) -> Result<(StatusCode, Json<TokenCreated>), ApiError> {
+    Ok((
+        StatusCode::CREATED,
+        Json(state.api.login(&request.user, &request.password).await?),
+    ))
+}
+
 async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
 }
@@ -602,8 +960,8 @@ impl utoipa::Modify for BearerAuth {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Ferry API", description = "A high-availability virtualization cluster for QEMU/KVM."),
-    paths(list_hosts, get_host, list_vms, create_vm, change_cdrom, serial_console, vnc_console, list_images, get_image, import_image, delete_image, get_vm, delete_vm, start_vm, stop_vm, reset_vm, update_ha, list_monitors, add_monitor, remove_monitor, exec_vm, migrate_vm, move_disk, list_ops, get_op, cancel_op, list_events, stream_events),
-    components(schemas(HostView, HostMonitorView, VmView, CreateVmRequest, DiskRequest, NicRequest, CloudInitRequest, ImageView, CdromRequest, DiskView, CdromView, NicView, UpdateHaRequest, AddMonitorRequest, MonitorView, ExecRequest, ExecResponse, EventView, ErrorBody, ErrorDetail, MigrateRequest, MoveDiskRequest, OpView, ProgressView)),
+    paths(list_hosts, get_host, list_vms, create_vm, change_cdrom, serial_console, vnc_console, list_images, get_image, import_image, delete_image, get_vm, delete_vm, start_vm, stop_vm, reset_vm, update_ha, list_monitors, add_monitor, remove_monitor, exec_vm, migrate_vm, move_disk, list_ops, get_op, cancel_op, list_events, stream_events, create_token, list_tokens, revoke_token, create_project, list_projects, get_project, delete_project, create_user, list_users, delete_user, set_password, login),
+    components(schemas(HostView, HostMonitorView, VmView, CreateVmRequest, DiskRequest, NicRequest, CloudInitRequest, ImageView, CdromRequest, DiskView, CdromView, NicView, UpdateHaRequest, AddMonitorRequest, MonitorView, ExecRequest, ExecResponse, EventView, ErrorBody, ErrorDetail, MigrateRequest, MoveDiskRequest, OpView, ProgressView, CreateTokenRequest, TokenView, TokenCreated, CreateProjectRequest, ProjectView, CreateUserRequest, UserView, PasswordRequest, LoginRequest)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

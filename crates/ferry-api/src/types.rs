@@ -40,6 +40,8 @@ pub struct HostMonitorView {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct VmView {
     pub name: String,
+    /// The project the VM belongs to.
+    pub project: String,
     /// `running`, `stopped`, `starting`, `stopping`, `migrating`, `failed`.
     pub state: String,
     /// What the user asked for: `running` or `stopped`.
@@ -163,6 +165,10 @@ pub struct MonitorView {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct CreateVmRequest {
     pub name: String,
+    /// The project the VM belongs to and counts against (default: the caller's, or
+    /// `default`).
+    #[serde(default)]
+    pub project: Option<String>,
     /// An image of the library: a disk image (the first disk is a copy of it) or the
     /// appliance. With none of `image`, `iso` and `blank`: the appliance.
     #[serde(default)]
@@ -518,4 +524,109 @@ pub struct OpView {
     pub postcopy: Option<bool>,
     pub cancel_requested: bool,
     pub error: Option<String>,
+}
+
+/// `POST /api/v1/tokens`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTokenRequest {
+    /// `viewer`, `operator` or `admin`.
+    pub role: String,
+    /// Scope the token to one project (default: the whole cluster).
+    #[serde(default)]
+    pub project: Option<String>,
+    /// How long it is valid, e.g. `30d`, `12h` (default: until revoked).
+    #[serde(default)]
+    pub expires: Option<String>,
+    #[serde(default)]
+    pub comment: Option<String>,
+}
+
+/// A token as listed: never its secret.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TokenView {
+    pub id: String,
+    pub role: String,
+    pub project: Option<String>,
+    pub created_ms: u64,
+    pub expires_ms: Option<u64>,
+    pub comment: String,
+    /// The user a login session belongs to.
+    pub user: Option<String>,
+}
+
+/// A token just made: its secret is shown this once.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TokenCreated {
+    pub token: TokenView,
+    pub secret: String,
+}
+
+/// `POST /api/v1/projects`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateProjectRequest {
+    pub name: String,
+    #[serde(default)]
+    pub max_vms: Option<u32>,
+    #[serde(default)]
+    pub max_vcpus: Option<u32>,
+    /// e.g. `64G`.
+    #[serde(default)]
+    pub max_memory: Option<String>,
+    /// e.g. `2T`.
+    #[serde(default)]
+    pub max_disk: Option<String>,
+    #[serde(default)]
+    pub max_backups: Option<u32>,
+}
+
+/// A project with its quota and what it uses.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ProjectView {
+    pub name: String,
+    pub max_vms: Option<u32>,
+    pub max_vcpus: Option<u32>,
+    pub max_memory_mib: Option<u64>,
+    pub max_disk_gib: Option<u64>,
+    pub max_backups: Option<u32>,
+    pub vms: u32,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+}
+
+/// `POST /api/v1/users`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUserRequest {
+    pub name: String,
+    pub password: String,
+    /// `viewer`, `operator` or `admin`.
+    pub role: String,
+    #[serde(default)]
+    pub project: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UserView {
+    pub name: String,
+    pub role: String,
+    pub project: Option<String>,
+    pub created_ms: u64,
+}
+
+/// `POST /api/v1/users/{name}/password`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordRequest {
+    pub password: String,
+}
+
+/// `POST /api/v1/login`: a session token for a user.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    pub user: String,
+    pub password: String,
 }

@@ -318,6 +318,7 @@ mod tests {
             reset_serial: 0,
             migration: MigrationPolicy::default(),
             ha: Default::default(),
+            project: ferry_model::access::default_project(),
         }
     }
 

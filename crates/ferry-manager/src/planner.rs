@@ -1030,6 +1030,7 @@ mod tests {
                         enabled: true,
                         ..HaPolicy::default()
                     },
+                    project: ferry_model::access::default_project(),
                 },
                 mod_revision: 10,
             }),

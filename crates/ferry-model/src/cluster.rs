@@ -111,6 +111,9 @@ pub struct VmRecord {
     pub migration: MigrationPolicy,
     #[serde(default)]
     pub ha: crate::ha::HaPolicy,
+    /// The project the VM belongs to (and counts against).
+    #[serde(default = "crate::access::default_project")]
+    pub project: crate::ProjectName,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -77,6 +77,7 @@ event_kinds! {
     MonitorAction => "monitor-action",
     MonitorExhausted => "monitor-exhausted",
     MonitorRecovered => "monitor-recovered",
+    ApiCall => "api-call",
     // Ops.
     MigrationRequested => "migration-requested",
     MoveDiskRequested => "move-disk-requested",

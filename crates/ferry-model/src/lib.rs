@@ -2,6 +2,7 @@
 //! value of them valid. Nothing here performs I/O, so every rule is unit-testable and a
 //! value that passed validation can be trusted by the drivers above.
 
+pub mod access;
 mod bytes;
 pub mod cluster;
 pub mod events;
@@ -12,7 +13,7 @@ pub mod ops;
 mod vm;
 
 pub use bytes::{Bytes, BytesError};
-pub use names::{HostName, MacAddr, NameError, VmName};
+pub use names::{HostName, MacAddr, NameError, ProjectName, UserName, VmName};
 pub use vm::{
     default_boot_order, default_cpu_model as vm_default_cpu_model, default_network, Boot,
     BootDevice, CacheMode, CdromSpec, DiskBus, DiskFormat, DiskSpec, Firmware, HostLimits,

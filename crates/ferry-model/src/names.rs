@@ -104,6 +104,16 @@ label_type!(
     HostName,
     "host"
 );
+label_type!(
+    /// A project (a team's VMs within a quota), unique in the cluster.
+    ProjectName,
+    "project"
+);
+label_type!(
+    /// A portal user's name.
+    UserName,
+    "user"
+);
 
 /// An Ethernet MAC address, kept in its canonical lowercase `aa:bb:cc:dd:ee:ff` form.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

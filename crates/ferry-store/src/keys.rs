@@ -21,6 +21,33 @@ impl Keys {
         &self.prefix
     }
 
+    /// API tokens (`ferry_model::access::TokenRecord`), by id.
+    pub fn tokens(&self) -> String {
+        format!("{}tokens/", self.prefix)
+    }
+
+    pub fn token(&self, id: &str) -> String {
+        format!("{}tokens/{id}", self.prefix)
+    }
+
+    /// Portal users (`ferry_model::access::UserRecord`).
+    pub fn users(&self) -> String {
+        format!("{}users/", self.prefix)
+    }
+
+    pub fn user(&self, name: &ferry_model::UserName) -> String {
+        format!("{}users/{name}", self.prefix)
+    }
+
+    /// Projects (`ferry_model::access::ProjectRecord`).
+    pub fn projects(&self) -> String {
+        format!("{}projects/", self.prefix)
+    }
+
+    pub fn project(&self, name: &ferry_model::ProjectName) -> String {
+        format!("{}projects/{name}", self.prefix)
+    }
+
     pub fn hosts(&self) -> String {
         format!("{}hosts/", self.prefix)
     }

@@ -403,6 +403,7 @@ async fn api_latency(count: u32, requests: u32, lab_name: &str, json: bool) -> a
             reset_serial: 0,
             migration: Default::default(),
             ha: Default::default(),
+            project: ferry_model::access::default_project(),
         };
         store
             .create(&store.keys().vm_spec(name), &record, &format!("VM {name}"))

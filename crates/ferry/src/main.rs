@@ -2,6 +2,7 @@
 //! adapter that parses arguments, calls the library, and prints a table or `--json`.
 //! Failures end with one line on stderr and a non-zero exit code.
 
+mod access;
 mod agent;
 mod bench;
 mod bench_chaos;
@@ -54,6 +55,21 @@ enum Noun {
     Op {
         #[command(subcommand)]
         verb: ops::OpVerb,
+    },
+    /// API tokens (hashed in etcd, shown once).
+    Token {
+        #[command(subcommand)]
+        verb: access::TokenVerb,
+    },
+    /// Projects: a team's VMs within a quota.
+    Project {
+        #[command(subcommand)]
+        verb: access::ProjectVerb,
+    },
+    /// Portal users (argon2-hashed passwords).
+    User {
+        #[command(subcommand)]
+        verb: access::UserVerb,
     },
     /// The event log.
     Events {
@@ -113,6 +129,9 @@ fn main() {
             Noun::Host { verb } => cluster::run_host(&cli.endpoint, verb).await,
             Noun::Vm { verb } => cluster::run_vm(&cli.endpoint, verb).await,
             Noun::Op { verb } => ops::run_op(&cli.endpoint, verb).await,
+            Noun::Token { verb } => access::run_token(&cli.endpoint, verb).await,
+            Noun::Project { verb } => access::run_project(&cli.endpoint, verb).await,
+            Noun::User { verb } => access::run_user(&cli.endpoint, verb).await,
             Noun::Events {
                 follow,
                 limit,

@@ -120,11 +120,11 @@ impl Cluster {
             .unwrap();
             config.api.tokens = vec![
                 TokenConfig {
-                    token: ADMIN.into(),
+                    sha256: ferry_api::auth::sha256_hex(ADMIN),
                     role: Role::Admin,
                 },
                 TokenConfig {
-                    token: VIEWER.into(),
+                    sha256: ferry_api::auth::sha256_hex(VIEWER),
                     role: Role::Viewer,
                 },
             ];
@@ -632,4 +632,283 @@ async fn a_vm_that_fits_on_no_host_is_refused_and_leaves_nothing_behind() {
         "no network here, so no address was taken: {addresses:?}"
     );
     client.delete_vm("first").await.unwrap();
+}
+
+// ----- tokens, users, projects -----
+
+fn token_request(role: &str, project: Option<&str>) -> ferry_api::types::CreateTokenRequest {
+    ferry_api::types::CreateTokenRequest {
+        role: role.into(),
+        project: project.map(str::to_string),
+        ..Default::default()
+    }
+}
+
+/// Every route of the OpenAPI document has a rule in the policy table, and every role,
+/// of the whole cluster or of a project, gets what the rule says: refused (403), or for
+/// a project's caller another project's VM hidden (404), or let through.
+#[tokio::test]
+async fn every_route_has_a_rule_and_each_role_and_project_gets_what_it_says() {
+    use ferry_api::policy::{admit, rule, Access, POLICY};
+    use ferry_model::access::{Role, Scope};
+    let cluster = Cluster::start(1).await;
+    let admin = cluster.client(0);
+    admin
+        .create_project(&ferry_api::types::CreateProjectRequest {
+            name: "team-a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    admin
+        .create_vm(&CreateVmRequest {
+            project: Some("team-a".into()),
+            ..request("own-vm")
+        })
+        .await
+        .unwrap();
+    admin.create_vm(&request("other-vm")).await.unwrap();
+
+    let http = cluster.http();
+    let base = cluster.url(0);
+    let document: serde_json::Value = http
+        .get(format!("{base}/api/v1/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut documented = 0;
+    for (path, item) in document["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            let method = method.to_uppercase();
+            assert!(
+                rule(&method, path).is_some(),
+                "{method} {path} is documented but has no rule in ferry_api::policy::POLICY"
+            );
+            documented += 1;
+        }
+    }
+    // The document does not describe itself.
+    assert_eq!(
+        documented,
+        POLICY.len() - 1,
+        "a rule of POLICY names a route the OpenAPI document does not have"
+    );
+
+    let mut callers = Vec::new();
+    for project in [None, Some("team-a")] {
+        for role in [Role::Viewer, Role::Operator, Role::Admin] {
+            let created = admin
+                .create_token(&token_request(role.as_str(), project))
+                .await
+                .unwrap();
+            let scope = Scope::from_project(project.map(|name| name.parse().unwrap()));
+            callers.push((role, scope, created.secret));
+        }
+    }
+    let mut checked = 0;
+    for (method, template, access) in POLICY {
+        if *access == Access::Public {
+            continue;
+        }
+        for (role, scope, secret) in &callers {
+            for target in ["own-vm", "other-vm"] {
+                let is_vm_route = template.starts_with("/api/v1/vms/{name}");
+                if !is_vm_route && target == "other-vm" {
+                    continue;
+                }
+                let path = template
+                    .replacen("{name}", if is_vm_route { target } else { "nope" }, 1)
+                    .replace("{id}", "nope")
+                    .replace("{disk}", "nope")
+                    .replace("{drive}", "nope");
+                let allowed = admit(*access, *role, scope);
+                let hidden =
+                    is_vm_route && target == "other-vm" && matches!(scope, Scope::Project(_));
+                let expected = match (&allowed, hidden) {
+                    (Err(_), _) => Some(403),
+                    (Ok(()), true) => Some(404),
+                    (Ok(()), false) => None,
+                };
+                // A call the rule lets through is sent only when it changes nothing.
+                if expected.is_none() && *method != "GET" {
+                    continue;
+                }
+                let response = http
+                    .request(method.parse().unwrap(), format!("{base}{path}"))
+                    .bearer_auth(secret)
+                    .header("content-type", "application/json")
+                    .body("{}")
+                    .send()
+                    .await
+                    .unwrap();
+                let status = response.status().as_u16();
+                let who = format!("{method} {path} as {} of {scope:?}", role.as_str());
+                match expected {
+                    Some(wanted) => assert_eq!(status, wanted, "{who}"),
+                    None => {
+                        assert!(![401, 403].contains(&status), "{who}: {status}");
+                        if is_vm_route && *template == "/api/v1/vms/{name}" {
+                            assert_eq!(status, 200, "{who}");
+                        }
+                    }
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 150, "only {checked} calls checked");
+
+    // Lists show a project's caller its own objects only.
+    let team_viewer = &callers[3].2;
+    let team = ApiClient::new(&base, team_viewer, &cluster.trust).unwrap();
+    let names: Vec<String> = team
+        .list_vms()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|vm| vm.name)
+        .collect();
+    assert_eq!(names, vec!["own-vm".to_string()]);
+    assert!(team
+        .list_events(500)
+        .await
+        .unwrap()
+        .iter()
+        .all(|event| event.subject == "vm/own-vm"));
+    let projects: Vec<String> = team
+        .list_projects()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|project| project.name)
+        .collect();
+    assert_eq!(projects, vec!["team-a".to_string()]);
+}
+
+#[tokio::test]
+async fn a_quota_refuses_the_vm_that_would_pass_it_and_tokens_users_and_audit_behave() {
+    let cluster = Cluster::start(1).await;
+    let admin = cluster.client(0);
+    admin
+        .create_project(&ferry_api::types::CreateProjectRequest {
+            name: "team-q".into(),
+            max_vms: Some(1),
+            max_vcpus: Some(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let team_admin = admin
+        .create_token(&token_request("admin", Some("team-q")))
+        .await
+        .unwrap();
+    let team = admin.with_token(&team_admin.secret);
+    let first = team.create_vm(&request("q1")).await.unwrap();
+    assert_eq!(first.project, "team-q");
+    let refused = team.create_vm(&request("q2")).await.unwrap_err();
+    assert!(
+        matches!(refused, ApiError::Forbidden(ref message)
+            if message == "project team-q: quota max-vms is 1, 1 in use, this needs 1 more"),
+        "{refused:?}"
+    );
+    assert!(team.get_vm("q2").await.is_err(), "nothing was left behind");
+    let elsewhere = team
+        .create_vm(&CreateVmRequest {
+            project: Some("default".into()),
+            ..request("q3")
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(elsewhere, ApiError::Forbidden(_)), "{elsewhere:?}");
+    let shown = admin.get_project("team-q").await.unwrap();
+    assert_eq!((shown.vms, shown.vcpus), (1, 1));
+    let busy = admin.delete_project("team-q").await.unwrap_err();
+    assert!(busy.to_string().contains("still holds VMs: q1"), "{busy}");
+
+    // etcd keeps a hash, never the secret; a revoked or expired token is refused.
+    let viewer = admin
+        .create_token(&ferry_api::types::CreateTokenRequest {
+            expires: Some("2s".into()),
+            comment: Some("short-lived".into()),
+            ..token_request("viewer", None)
+        })
+        .await
+        .unwrap();
+    let (stored, _) = cluster
+        .store
+        .list_raw(&cluster.store.keys().tokens())
+        .await
+        .unwrap();
+    let text: String = stored
+        .iter()
+        .map(|(_, value, _)| String::from_utf8_lossy(value).into_owned())
+        .collect();
+    assert!(!text.contains(&viewer.secret) && !text.contains(&team_admin.secret));
+    let short = admin.with_token(&viewer.secret);
+    short.list_vms().await.unwrap();
+    let listed = admin.list_tokens().await.unwrap();
+    assert!(listed.iter().any(|token| token.comment == "short-lived"));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(matches!(
+        short.list_vms().await.unwrap_err(),
+        ApiError::Unauthorized
+    ));
+    admin.revoke_token(&team_admin.token.id).await.unwrap();
+    assert!(matches!(
+        team.list_vms().await.unwrap_err(),
+        ApiError::Unauthorized
+    ));
+
+    // A user logs in with a password; a wrong one and an unknown user look alike.
+    admin
+        .create_user(&ferry_api::types::CreateUserRequest {
+            name: "ada".into(),
+            password: "correct horse battery".into(),
+            role: "operator".into(),
+            project: Some("team-q".into()),
+        })
+        .await
+        .unwrap();
+    let session = admin.login("ada", "correct horse battery").await.unwrap();
+    assert_eq!(session.token.project.as_deref(), Some("team-q"));
+    let ada = admin.with_token(&session.secret);
+    let seen: Vec<String> = ada
+        .list_vms()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|vm| vm.name)
+        .collect();
+    assert_eq!(seen, vec!["q1".to_string()]);
+    let wrong = admin.login("ada", "wrong horse battery").await.unwrap_err();
+    let unknown = admin
+        .login("bob", "correct horse battery")
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.to_string(), unknown.to_string());
+    admin.delete_user("ada").await.unwrap();
+    assert!(matches!(
+        ada.list_vms().await.unwrap_err(),
+        ApiError::Unauthorized
+    ));
+
+    // Each change is in the audit trail with the token's id, never its secret.
+    let events = admin.list_events(1000).await.unwrap();
+    let audit: Vec<&str> = events
+        .iter()
+        .filter(|event| event.kind == "api-call")
+        .map(|event| event.message.as_str())
+        .collect();
+    let created = format!(
+        "token {} (admin, project team-q): POST /api/v1/vms → 201",
+        team_admin.token.id
+    );
+    assert!(audit.iter().any(|line| *line == created), "{audit:#?}");
+    assert!(audit
+        .iter()
+        .any(|line| line.contains("POST /api/v1/vms → 403")));
+    assert!(audit.iter().all(|line| !line.contains(&team_admin.secret)));
 }

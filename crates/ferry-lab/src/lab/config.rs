@@ -55,7 +55,7 @@ pub fn agent_config(
             listen: SocketAddr::from((spec.host_address(host, LabNet::Management), API_PORT)),
             advertise: Some(spec.api_url(host)),
             tokens: vec![TokenConfig {
-                token: token.to_string(),
+                sha256: ferry_api::auth::sha256_hex(token),
                 role: Role::Admin,
             }],
         },

@@ -13,7 +13,7 @@
 //! Every client trusts the cluster CA alone, never the system's roots: a certificate
 //! from any other CA is refused.
 //!
-//! Rotation: issue new host certificates from the same CA (`ferry cluster cert issue`)
+//! Rotation: issue new host certificates from the same CA (`ferry cert issue`)
 //! and restart each agent; a new CA is rolled out by putting both CAs in `ca.pem` on
 //! every host first, then replacing the host certificates, then removing the old CA.
 

@@ -10,6 +10,7 @@ mod bench_downtime;
 mod bench_faults;
 mod bench_ha;
 mod bench_migrate;
+mod cert;
 mod cluster;
 mod console;
 mod demo;
@@ -55,6 +56,11 @@ enum Noun {
     Op {
         #[command(subcommand)]
         verb: ops::OpVerb,
+    },
+    /// The cluster CA and host certificates.
+    Cert {
+        #[command(subcommand)]
+        verb: cert::CertVerb,
     },
     /// API tokens (hashed in etcd, shown once).
     Token {
@@ -129,6 +135,7 @@ fn main() {
             Noun::Host { verb } => cluster::run_host(&cli.endpoint, verb).await,
             Noun::Vm { verb } => cluster::run_vm(&cli.endpoint, verb).await,
             Noun::Op { verb } => ops::run_op(&cli.endpoint, verb).await,
+            Noun::Cert { verb } => cert::run_cert(verb),
             Noun::Token { verb } => access::run_token(&cli.endpoint, verb).await,
             Noun::Project { verb } => access::run_project(&cli.endpoint, verb).await,
             Noun::User { verb } => access::run_user(&cli.endpoint, verb).await,

@@ -912,3 +912,74 @@ async fn a_quota_refuses_the_vm_that_would_pass_it_and_tokens_users_and_audit_be
         .any(|line| line.contains("POST /api/v1/vms → 403")));
     assert!(audit.iter().all(|line| !line.contains(&team_admin.secret)));
 }
+
+/// Where `scripts/setup-host` installs schemathesis.
+const SCHEMATHESIS: &str = "/opt/ferry-tools/schemathesis/bin/st";
+
+/// schemathesis (PyPI) fuzzes every documented route with a token of each role: no
+/// answer is a 5xx, and every documented answer matches its schema.
+#[tokio::test]
+async fn the_api_holds_under_schemathesis_with_a_token_of_each_role() {
+    assert!(
+        Path::new(SCHEMATHESIS).exists(),
+        "{SCHEMATHESIS} is missing: run scripts/setup-host"
+    );
+    let cluster = Cluster::start(1).await;
+    let admin = cluster.client(0);
+    admin
+        .create_project(&ferry_api::types::CreateProjectRequest {
+            name: "team-a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let ca = cluster.dir.path().join("tls/etcd/ca.pem");
+    let mut requests = 0u64;
+    // A project's viewer and operator, and an admin of the whole cluster (who reaches
+    // the cluster's own routes too).
+    for (role, project) in [
+        ("viewer", Some("team-a")),
+        ("operator", Some("team-a")),
+        ("admin", None),
+    ] {
+        let token = admin
+            .create_token(&token_request(role, project))
+            .await
+            .unwrap()
+            .secret;
+        let output = Command::new(SCHEMATHESIS)
+            .arg("run")
+            .arg(format!("{}/api/v1/openapi.json", cluster.url(0)))
+            .args(["--checks", "not_a_server_error,response_schema_conformance"])
+            .args(["--phases", "examples,coverage,fuzzing"])
+            .args(["--max-examples", "12", "--seed", "16"])
+            // A stream never ends.
+            .args(["--exclude-path", "/api/v1/events/stream"])
+            .args(["--request-timeout", "20"])
+            .arg("--tls-verify")
+            .arg(&ca)
+            .arg("-H")
+            .arg(format!("Authorization: Bearer {token}"))
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "schemathesis as {role}:\n{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        // "Test cases:" then "  N generated, N passed"
+        let count = stdout
+            .lines()
+            .skip_while(|line| line.trim() != "Test cases:")
+            .nth(1)
+            .and_then(|line| line.split_whitespace().next())
+            .and_then(|number| number.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no test case count in:\n{stdout}"));
+        eprintln!("schemathesis as {role} ({project:?}): {count} requests");
+        requests += count;
+    }
+    eprintln!("schemathesis: {requests} requests, no 5xx, every documented answer in its schema");
+    assert!(requests > 300, "only {requests} requests");
+}

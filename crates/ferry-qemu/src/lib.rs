@@ -10,6 +10,7 @@
 
 pub mod accel;
 pub mod block;
+mod bounded;
 pub mod cmdline;
 mod error;
 pub mod image;

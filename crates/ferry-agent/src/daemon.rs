@@ -1065,6 +1065,12 @@ async fn report_status(
 ) {
     let me = runtime.config.host.clone();
     for vm in runtime.local_names().await {
+        if let Err(error) = runtime
+            .run_dir(&vm)
+            .rotate_console_log(ferry_qemu::CONSOLE_LOG_LIMIT)
+        {
+            tracing::warn!("VM {vm}: cannot rotate its console log: {error}");
+        }
         let placed_here = view
             .get(vm.as_str())
             .and_then(|entry| entry.placement.as_ref())

@@ -625,6 +625,16 @@ impl AgentConfig {
                     "api.advertise: {advertise} is not an https:// URL (the API is served over TLS only)"
                 ));
             }
+            if let Some(problem) = unreachable_from_elsewhere(advertise) {
+                return Err(format!(
+                    "api.advertise: {advertise} {problem}; give an address the other hosts reach"
+                ));
+            }
+        } else if self.api.listen.ip().is_unspecified() {
+            return Err(format!(
+                "api.advertise: must be set when api.listen ({}) is a wildcard address; give the URL the other hosts reach",
+                self.api.listen
+            ));
         }
         if self.lease.ttl_seconds < 2 {
             return Err(format!(
@@ -696,6 +706,31 @@ impl AgentConfig {
 
     pub fn shared_pool(&self) -> Option<&PoolConfig> {
         self.pools.iter().find(|pool| pool.shared)
+    }
+}
+
+/// Why other hosts could not reach this advertised URL (their own loopback, or no
+/// address at all), if they could not.
+fn unreachable_from_elsewhere(url: &str) -> Option<&'static str> {
+    let parsed = match reqwest::Url::parse(url) {
+        Ok(parsed) => parsed,
+        Err(_) => return Some("is not a URL"),
+    };
+    let Some(host) = parsed.host_str() else {
+        return Some("names no host");
+    };
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let Ok(ip) = bare.parse::<std::net::IpAddr>() else {
+        let name = host.to_ascii_lowercase();
+        let local = name == "localhost" || name.ends_with(".localhost");
+        return local.then_some("is a loopback name");
+    };
+    if ip.is_loopback() {
+        Some("is a loopback address")
+    } else if ip.is_unspecified() {
+        Some("is an unspecified address")
+    } else {
+        None
     }
 }
 
@@ -971,6 +1006,38 @@ mod tests {
             assert!(problem.contains(reason), "{extra}: {problem}");
             assert!(problem.starts_with("monitor[0]"), "{problem}");
         }
+    }
+
+    #[test]
+    fn an_advertised_api_address_other_hosts_cannot_reach_is_refused() {
+        for (advertise, problem) in [
+            ("https://127.0.0.1:8700", "is a loopback address"),
+            ("https://127.1.2.3:8700", "is a loopback address"),
+            ("https://[::1]:8700", "is a loopback address"),
+            ("https://0.0.0.0:8700", "is an unspecified address"),
+            ("https://localhost:8700", "is a loopback name"),
+        ] {
+            let refused = AgentConfig::parse(&format!(
+                "host = \"h\"\n[api]\nadvertise = \"{advertise}\"\n"
+            ))
+            .unwrap_err();
+            assert_eq!(
+                refused,
+                format!(
+                    "api.advertise: {advertise} {problem}; give an address the other hosts reach"
+                )
+            );
+        }
+        AgentConfig::parse("host = \"h\"\n[api]\nadvertise = \"https://10.0.0.11:8700\"\n")
+            .unwrap();
+        AgentConfig::parse("host = \"h\"\n[api]\nadvertise = \"https://host1.example:8700\"\n")
+            .unwrap();
+        let wildcard =
+            AgentConfig::parse("host = \"h\"\n[api]\nlisten = \"0.0.0.0:8700\"\n").unwrap_err();
+        assert!(
+            wildcard.starts_with("api.advertise: must be set"),
+            "{wildcard}"
+        );
     }
 
     #[test]

@@ -162,6 +162,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let router = rest::router(RestState {
         api: api.clone(),
         tokens: Arc::new(config.api.tokens.clone()),
+        streams: Default::default(),
     });
     let server_tls = identity.server_config().map_err(AgentError::Tls)?;
     tokio::spawn(async move {

@@ -15,6 +15,7 @@ pub mod ops;
 pub mod provision;
 pub mod rest;
 pub mod serve;
+pub mod streams;
 pub mod types;
 
 pub use error::ApiError;

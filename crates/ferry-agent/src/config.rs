@@ -11,6 +11,9 @@ use ferry_model::monitor::{default_host_monitors, Check, Ladder, Monitor};
 use ferry_model::{Bytes, HostName};
 use serde::{Deserialize, Serialize};
 
+use crate::fence_device::{AllowedAgents, FencePolicy};
+use crate::secrets::{is_secret, seal_options, ClusterKey};
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
@@ -29,6 +32,9 @@ pub struct AgentConfig {
     /// How other hosts power this one off when it dies (a ClusterLabs fence agent).
     #[serde(default)]
     pub fence: Option<FenceConfig>,
+    /// Which fence agents this host runs when it leads and fences another.
+    #[serde(default)]
+    pub fencing: FencingConfig,
     #[serde(default)]
     pub capacity: CapacityConfig,
     #[serde(default)]
@@ -78,6 +84,12 @@ pub struct ClusterConfig {
     pub etcd: Vec<String>,
     /// Key prefix of this cluster in etcd.
     pub prefix: String,
+    /// The cluster key: a file of 32 random bytes, mode 0600, the same on every host
+    /// (`head -c 32 /dev/urandom > /etc/ferry/cluster.key`). Fence options that are
+    /// secrets (`password`, `passwd`, any key containing `password` or `secret`) are
+    /// sealed with it before they go to etcd, and opened with it by the leader that runs
+    /// the fence agent. Needed when `[fence]` has such an option.
+    pub secret_key_file: Option<PathBuf>,
 }
 
 impl Default for ClusterConfig {
@@ -85,6 +97,7 @@ impl Default for ClusterConfig {
         ClusterConfig {
             etcd: vec!["https://127.0.0.1:2379".into()],
             prefix: "/ferry/".into(),
+            secret_key_file: None,
         }
     }
 }
@@ -224,6 +237,26 @@ fn default_fence_timeout_ms() -> u64 {
     20_000
 }
 
+/// What the leader may run as another host's fence agent: the record naming it comes
+/// from etcd, so its path must match one of these (checked before every run).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FencingConfig {
+    /// Glob patterns (`*` does not cross `/`) or exact absolute paths.
+    pub allowed_agents: Vec<String>,
+}
+
+impl Default for FencingConfig {
+    fn default() -> Self {
+        FencingConfig {
+            allowed_agents: AllowedAgents::DEFAULT
+                .iter()
+                .map(|pattern| pattern.to_string())
+                .collect(),
+        }
+    }
+}
+
 impl AgentConfig {
     /// The fence device this host publishes for the others, if it has one.
     pub fn fence_device(&self) -> Option<ferry_model::ha::FenceDevice> {
@@ -236,6 +269,33 @@ impl AgentConfig {
                 options: fence.options.clone(),
                 timeout_ms: fence.timeout_ms,
             })
+    }
+
+    /// The allowlist and the cluster key (read from its file) the leader fences with.
+    pub fn fence_policy(&self) -> Result<FencePolicy, String> {
+        let key = match &self.cluster.secret_key_file {
+            Some(path) => Some(
+                ClusterKey::load(path)
+                    .map_err(|problem| format!("cluster.secret_key_file: {problem}"))?,
+            ),
+            None => None,
+        };
+        Ok(FencePolicy {
+            allowed: AllowedAgents::new(&self.fencing.allowed_agents)?,
+            key,
+        })
+    }
+
+    /// This host's fence device as it is written to etcd: its secrets sealed.
+    pub fn sealed_fence_device(
+        &self,
+        key: Option<&ClusterKey>,
+    ) -> Result<Option<ferry_model::ha::FenceDevice>, String> {
+        let Some(mut device) = self.fence_device() else {
+            return Ok(None);
+        };
+        device.options = seal_options(key, self.host.as_str(), &device.options)?;
+        Ok(Some(device))
     }
 
     /// The watchdog's timeout, if the host has one.
@@ -565,6 +625,16 @@ impl AgentConfig {
                     "api.advertise: {advertise} is not an https:// URL (the API is served over TLS only)"
                 ));
             }
+            if let Some(problem) = unreachable_from_elsewhere(advertise) {
+                return Err(format!(
+                    "api.advertise: {advertise} {problem}; give an address the other hosts reach"
+                ));
+            }
+        } else if self.api.listen.ip().is_unspecified() {
+            return Err(format!(
+                "api.advertise: must be set when api.listen ({}) is a wildcard address; give the URL the other hosts reach",
+                self.api.listen
+            ));
         }
         if self.lease.ttl_seconds < 2 {
             return Err(format!(
@@ -573,8 +643,26 @@ impl AgentConfig {
             ));
         }
         self.ha_timing().check()?;
+        let allowed = AllowedAgents::new(&self.fencing.allowed_agents)?;
+        if let Some(path) = &self.cluster.secret_key_file {
+            if !path.is_absolute() {
+                return Err(format!(
+                    "cluster.secret_key_file: {} must be an absolute path",
+                    path.display()
+                ));
+            }
+        }
         if let Some(device) = self.fence_device() {
             device.check()?;
+            allowed
+                .check(&device.agent)
+                .map_err(|problem| format!("fence.agent: {problem}"))?;
+            let secret = device.options.keys().find(|option| is_secret(option));
+            if let (Some(option), None) = (secret, &self.cluster.secret_key_file) {
+                return Err(format!(
+                    "fence.options.{option}: a secret is sealed in etcd with the cluster key; set cluster.secret_key_file"
+                ));
+            }
         }
         if self.ha.watchdog.is_some() && !(1000..=600_000).contains(&self.ha.watchdog_timeout_ms) {
             return Err(format!(
@@ -621,6 +709,31 @@ impl AgentConfig {
     }
 }
 
+/// Why other hosts could not reach this advertised URL (their own loopback, or no
+/// address at all), if they could not.
+fn unreachable_from_elsewhere(url: &str) -> Option<&'static str> {
+    let parsed = match reqwest::Url::parse(url) {
+        Ok(parsed) => parsed,
+        Err(_) => return Some("is not a URL"),
+    };
+    let Some(host) = parsed.host_str() else {
+        return Some("names no host");
+    };
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let Ok(ip) = bare.parse::<std::net::IpAddr>() else {
+        let name = host.to_ascii_lowercase();
+        let local = name == "localhost" || name.ends_with(".localhost");
+        return local.then_some("is a loopback name");
+    };
+    if ip.is_loopback() {
+        Some("is a loopback address")
+    } else if ip.is_unspecified() {
+        Some("is an unspecified address")
+    } else {
+        None
+    }
+}
+
 /// A commented configuration with every option at its default.
 pub const EXAMPLE: &str = r#"# Ferry agent configuration. Every option but `host` has a default.
 
@@ -632,6 +745,12 @@ host = "host1"
 etcd = ["https://127.0.0.1:2379"]
 # Key prefix of this cluster in etcd.
 prefix = "/ferry/"
+# The cluster key: 32 random bytes in a file only root reads (mode 0600), the same on
+# every host (head -c 32 /dev/urandom > /etc/ferry/cluster.key). Fence options that are
+# secrets (password, passwd, anything with "password" or "secret" in its name) are
+# sealed with it before they go to etcd; the leader opens them to fence. Needed when
+# [fence] has a secret.
+# secret_key_file = "/etc/ferry/cluster.key"
 
 [api]
 # Address the REST API listens on.
@@ -672,6 +791,12 @@ fence_after_ms = 4000
 # agent = "/usr/sbin/fence_ipmilan"
 # timeout_ms = 20000
 # options = { ip = "10.0.9.11", username = "admin", password = "secret", lanplus = "1" }
+
+[fencing]
+# The fence agents this host runs when it leads and fences another host: glob patterns
+# (* does not cross /) or exact paths. A device naming any other path is refused, here
+# at start-up and by the leader before every run.
+allowed_agents = ["/usr/sbin/fence_*"]
 
 [capacity]
 # vCPUs and memory VMs may use here (default: all CPUs, 80% of memory).
@@ -789,6 +914,53 @@ mod tests {
     }
 
     #[test]
+    fn a_fence_agent_off_the_allowlist_is_refused_at_start_up() {
+        let device = "[fence]\nagent = \"/usr/local/bin/fence_custom\"\n";
+        let problem = AgentConfig::parse(&format!("host = \"h\"\n{device}")).unwrap_err();
+        assert_eq!(
+            problem,
+            "fence.agent: fence agent /usr/local/bin/fence_custom refused: not in fencing.allowed_agents [/usr/sbin/fence_*]"
+        );
+        let allowed = format!(
+            "host = \"h\"\n{device}[fencing]\nallowed_agents = [\"/usr/local/bin/fence_custom\"]\n"
+        );
+        AgentConfig::parse(&allowed).unwrap();
+        let problem = AgentConfig::parse(
+            "host = \"h\"\n[fence]\nagent = \"/usr/sbin/../bin/fence_x\"\n[fencing]\nallowed_agents = [\"/usr/*/fence_x\"]\n",
+        )
+        .unwrap_err();
+        assert!(problem.contains("without . or .."), "{problem}");
+    }
+
+    #[test]
+    fn a_fence_secret_needs_the_cluster_key_and_is_sealed_for_etcd() {
+        let device = "[fence]\nagent = \"/usr/sbin/fence_ipmilan\"\noptions = { ip = \"10.0.9.11\", password = \"hunter2\" }\n";
+        let problem = AgentConfig::parse(&format!("host = \"h\"\n{device}")).unwrap_err();
+        assert!(
+            problem.starts_with("fence.options.password: ")
+                && problem.contains("cluster.secret_key_file"),
+            "{problem}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("cluster.key");
+        ClusterKey::generate().unwrap().write(&key_file).unwrap();
+        let config = AgentConfig::parse(&format!(
+            "host = \"h\"\n[cluster]\nsecret_key_file = \"{}\"\n{device}",
+            key_file.display()
+        ))
+        .unwrap();
+        let policy = config.fence_policy().unwrap();
+        let sealed = config
+            .sealed_fence_device(policy.key.as_ref())
+            .unwrap()
+            .unwrap();
+        assert_eq!(sealed.options["ip"], "10.0.9.11");
+        let written = serde_json::to_string(&sealed).unwrap();
+        assert!(!written.contains("hunter2"), "{written}");
+        assert!(sealed.options["password"].starts_with("enc:v1:"));
+    }
+
+    #[test]
     fn host_monitors_default_to_links_and_storage_and_bad_ones_are_named() {
         let base = "host = \"h\"\n[[pools]]\nname = \"shared\"\npath = \"/srv/shared\"\n[networks.business]\ninterface = \"eth2\"\n";
         let defaults = AgentConfig::parse(base).unwrap().host_monitors().unwrap();
@@ -834,6 +1006,38 @@ mod tests {
             assert!(problem.contains(reason), "{extra}: {problem}");
             assert!(problem.starts_with("monitor[0]"), "{problem}");
         }
+    }
+
+    #[test]
+    fn an_advertised_api_address_other_hosts_cannot_reach_is_refused() {
+        for (advertise, problem) in [
+            ("https://127.0.0.1:8700", "is a loopback address"),
+            ("https://127.1.2.3:8700", "is a loopback address"),
+            ("https://[::1]:8700", "is a loopback address"),
+            ("https://0.0.0.0:8700", "is an unspecified address"),
+            ("https://localhost:8700", "is a loopback name"),
+        ] {
+            let refused = AgentConfig::parse(&format!(
+                "host = \"h\"\n[api]\nadvertise = \"{advertise}\"\n"
+            ))
+            .unwrap_err();
+            assert_eq!(
+                refused,
+                format!(
+                    "api.advertise: {advertise} {problem}; give an address the other hosts reach"
+                )
+            );
+        }
+        AgentConfig::parse("host = \"h\"\n[api]\nadvertise = \"https://10.0.0.11:8700\"\n")
+            .unwrap();
+        AgentConfig::parse("host = \"h\"\n[api]\nadvertise = \"https://host1.example:8700\"\n")
+            .unwrap();
+        let wildcard =
+            AgentConfig::parse("host = \"h\"\n[api]\nlisten = \"0.0.0.0:8700\"\n").unwrap_err();
+        assert!(
+            wildcard.starts_with("api.advertise: must be set"),
+            "{wildcard}"
+        );
     }
 
     #[test]

@@ -29,9 +29,11 @@ use tokio::sync::watch;
 
 use crate::config::{AccelChoice, AgentConfig};
 use crate::executor::{self, Executor, ManagerMemory};
+use crate::fence_device::FencePolicy;
 use crate::migration::{self, Context};
 use crate::reconcile::{decide, Local, Step};
 use crate::runtime::{LocalExec, Runtime};
+use crate::secrets::ClusterKey;
 use crate::storage;
 
 /// How often everything is re-checked even without a change in etcd.
@@ -65,6 +67,9 @@ pub enum AgentError {
     /// QEMU is missing or older than Ferry supports.
     #[error("{0}")]
     Qemu(ferry_qemu::QemuError),
+    /// The fence-agent allowlist or the cluster key cannot be used.
+    #[error("{0}")]
+    Fencing(String),
 }
 
 pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
@@ -86,6 +91,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         ),
         None => None,
     };
+    let fencing = config.fence_policy().map_err(AgentError::Fencing)?;
     let identity = ferry_tls::Identity::load(&config.tls.files()).map_err(AgentError::Tls)?;
     if identity.name != host.as_str() {
         return Err(AgentError::Tls(ferry_tls::TlsError::Config(format!(
@@ -156,6 +162,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let router = rest::router(RestState {
         api: api.clone(),
         tokens: Arc::new(config.api.tokens.clone()),
+        streams: Default::default(),
     });
     let server_tls = identity.server_config().map_err(AgentError::Tls)?;
     tokio::spawn(async move {
@@ -198,7 +205,11 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         migration_limit: config.migration.max_concurrent,
         started_ms: now_ms(),
     };
-    tokio::spawn(publish_fence_device(store.clone(), config.clone()));
+    tokio::spawn(publish_fence_device(
+        store.clone(),
+        config.clone(),
+        fencing.key.clone(),
+    ));
     // A request to be fenced is answered by this very start (the host was powered off).
     if let Err(error) = store.delete(&store.keys().fence_request(&host)).await {
         tracing::warn!("cannot remove this host's old fence request: {error}");
@@ -235,6 +246,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         lease_rx,
         api.clone(),
         runtime.clone(),
+        fencing,
     ));
     // Checked when the config was loaded.
     let host_monitors = config.host_monitors().unwrap_or_default();
@@ -371,10 +383,18 @@ async fn hold_lease(
 
 /// Tells the other hosts how to power this one off (or that they cannot). Not under the
 /// lease: a dead host's device is what the leader needs.
-async fn publish_fence_device(store: Store, config: AgentConfig) {
+async fn publish_fence_device(store: Store, config: AgentConfig, cluster_key: Option<ClusterKey>) {
     let key = store.keys().fence_device(&config.host);
+    // The config check made sure every secret has a key: this fails only if the random
+    // source does, and then no device is better than one with a secret in clear.
+    let device = config
+        .sealed_fence_device(cluster_key.as_ref())
+        .unwrap_or_else(|problem| {
+            tracing::error!("cannot seal this host's fence device, publishing none: {problem}");
+            None
+        });
     loop {
-        let written = match config.fence_device() {
+        let written = match &device {
             Some(device) => store.put(&key, &device, None).await.map(|_| ()),
             None => store.delete(&key).await,
         };
@@ -395,6 +415,7 @@ async fn lead_when_elected(
     mut lease: watch::Receiver<Option<i64>>,
     api: Arc<ClusterApi>,
     runtime: Arc<Runtime>,
+    fencing: FencePolicy,
 ) {
     loop {
         let Some(lease_id) = *lease.borrow_and_update() else {
@@ -431,6 +452,7 @@ async fn lead_when_elected(
             events: api.events(),
             leader_key: String::from_utf8_lossy(&election.leader_key).into_owned(),
             timing: runtime.ha.timing,
+            fencing: fencing.clone(),
         };
         loop {
             let heartbeats = runtime.ha.observed_heartbeats();
@@ -1044,6 +1066,12 @@ async fn report_status(
 ) {
     let me = runtime.config.host.clone();
     for vm in runtime.local_names().await {
+        if let Err(error) = runtime
+            .run_dir(&vm)
+            .rotate_console_log(ferry_qemu::CONSOLE_LOG_LIMIT)
+        {
+            tracing::warn!("VM {vm}: cannot rotate its console log: {error}");
+        }
         let placed_here = view
             .get(vm.as_str())
             .and_then(|entry| entry.placement.as_ref())

@@ -16,7 +16,7 @@ use ferry_model::ops::{OpState, OpStep};
 use ferry_model::{HostName, VmName};
 use ferry_store::{encode, Change, ClusterSnapshot, EventLog, Guard, Store, StoreError};
 
-use crate::fence_device::FenceJob;
+use crate::fence_device::{FenceJob, FencePolicy};
 
 /// What the leader keeps between passes: its fence jobs and what it last reported,
 /// so that each verdict is one event. Fresh for each term.
@@ -32,6 +32,8 @@ pub struct Executor<'a> {
     /// This agent's election key: it exists exactly while this agent leads.
     pub leader_key: String,
     pub timing: HaTiming,
+    /// Which fence agents may run and the key that opens their secrets.
+    pub fencing: FencePolicy,
 }
 
 impl Executor<'_> {
@@ -103,7 +105,9 @@ impl Executor<'_> {
                 }
             }
             Action::StartFence { host, device } => {
-                memory.fences.insert(host, FenceJob::start(device));
+                memory
+                    .fences
+                    .insert(host, FenceJob::start(self.fencing.clone(), device));
             }
             Action::DropFence { host } => {
                 memory.fences.remove(&host);

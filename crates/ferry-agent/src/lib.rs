@@ -10,4 +10,5 @@ pub mod migration;
 pub mod monitors;
 pub mod reconcile;
 pub mod runtime;
+pub mod secrets;
 pub mod storage;

@@ -494,25 +494,7 @@ impl Watch {
                     return Probe::Failed("the VM has no address to connect to".into());
                 };
                 let url = format!("http://{ip}:{port}{path}");
-                bounded(
-                    tokio::time::timeout(timeout, async {
-                        let client = reqwest::Client::builder()
-                            .timeout(timeout)
-                            .build()
-                            .map_err(|error| error.to_string())?;
-                        let response = client
-                            .get(&url)
-                            .send()
-                            .await
-                            .map_err(|error| format!("GET {url}: {}", without_url(&error)))?;
-                        if response.status().is_success() {
-                            Ok(())
-                        } else {
-                            Err(format!("GET {url}: {}", response.status()))
-                        }
-                    })
-                    .await,
-                )
+                bounded(tokio::time::timeout(timeout, http_probe(&url, timeout)).await)
             }
             Check::Carrier { .. }
             | Check::Ping { .. }
@@ -737,6 +719,28 @@ impl Watch {
     }
 }
 
+/// One GET from the host: passes on a 2xx. A redirect is the guest's answer, not an
+/// address to follow (it could point the root-run probe anywhere): a 3xx fails.
+async fn http_probe(url: &str, timeout: Duration) -> Result<(), String> {
+    let client = reqwest::Client::builder()
+        .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        // Straight to the VM: a proxy in the agent's environment must not see the probe.
+        .no_proxy()
+        .build()
+        .map_err(|error| error.to_string())?;
+    let response = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|error| format!("GET {url}: {}", without_url(&error)))?;
+    if response.status().is_success() {
+        Ok(())
+    } else {
+        Err(format!("GET {url}: {}", response.status()))
+    }
+}
+
 /// reqwest's error without the URL it repeats.
 fn without_url(error: &reqwest::Error) -> String {
     let text = error.to_string();
@@ -747,4 +751,43 @@ fn without_url(error: &reqwest::Error) -> String {
         cause = inner.source();
     }
     deepest.unwrap_or(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Answers every connection with `response`; returns its address.
+    async fn serve(response: String) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut request = [0; 1024];
+                let _read = stream.read(&mut request).await;
+                let _written = stream.write_all(response.as_bytes()).await;
+            }
+        });
+        address
+    }
+
+    #[tokio::test]
+    async fn the_http_probe_takes_a_redirect_as_the_answer_and_never_follows_it() {
+        let healthy =
+            serve("HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".into()).await;
+        let redirecting = serve(format!(
+            "HTTP/1.1 302 Found\r\nlocation: http://{healthy}/\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        ))
+        .await;
+        let timeout = Duration::from_secs(5);
+        http_probe(&format!("http://{healthy}/"), timeout)
+            .await
+            .unwrap();
+        let url = format!("http://{redirecting}/health");
+        assert_eq!(
+            http_probe(&url, timeout).await.unwrap_err(),
+            format!("GET {url}: 302 Found")
+        );
+    }
 }

@@ -23,6 +23,9 @@ pub enum ApiError {
     /// The token's role may not do this.
     #[error("{0}")]
     Forbidden(String),
+    /// The caller holds too much already (open streams).
+    #[error("{0}")]
+    TooManyRequests(String),
     /// A dependency (etcd, another host) is not reachable.
     #[error("{0}")]
     Unavailable(String),
@@ -39,6 +42,7 @@ impl ApiError {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::Unauthorized => "unauthorized",
             ApiError::Forbidden(_) => "forbidden",
+            ApiError::TooManyRequests(_) => "too_many_requests",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
         }
@@ -51,6 +55,7 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -65,6 +70,7 @@ impl ApiError {
             "bad_request" => ApiError::BadRequest(message),
             "unauthorized" => ApiError::Unauthorized,
             "forbidden" => ApiError::Forbidden(message),
+            "too_many_requests" => ApiError::TooManyRequests(message),
             "unavailable" => ApiError::Unavailable(message),
             _ => ApiError::Internal(format!("HTTP {status}: {message}")),
         }

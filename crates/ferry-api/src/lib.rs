@@ -17,6 +17,7 @@ pub mod policy;
 pub mod provision;
 pub mod rest;
 pub mod serve;
+pub mod streams;
 pub mod types;
 
 pub use error::ApiError;

@@ -145,6 +145,7 @@ pub fn monitor_from(
         builtin: false,
     };
     monitor.validate().map_err(bad)?;
+    set.check_addition(&monitor).map_err(bad)?;
     Ok(monitor)
 }
 
@@ -261,5 +262,28 @@ mod tests {
         let mut via = request("tcp", Some("80"));
         via.via = Some("moon".into());
         assert!(error(via).contains("host or guest"));
+    }
+
+    #[test]
+    fn a_vm_gets_at_most_32_monitors_probing_at_most_once_a_second() {
+        let mut fast = request("tcp", Some("22"));
+        fast.interval = Some("500ms".into());
+        let refused = monitor_from(&fast, &MonitorSet::default(), None).unwrap_err();
+        assert_eq!(refused.status(), axum::http::StatusCode::BAD_REQUEST);
+        assert_eq!(
+            refused.to_string(),
+            "interval 500 ms: a VM monitor probes at most once every 1000 ms"
+        );
+        fast.interval = Some("1s".into());
+        monitor_from(&fast, &MonitorSet::default(), None).unwrap();
+
+        let mut set = MonitorSet::default();
+        for _ in 0..ferry_model::monitor::MAX_VM_MONITORS {
+            let monitor = monitor_from(&request("tcp", Some("22")), &set, None).unwrap();
+            set.monitors.push(monitor);
+        }
+        let refused = monitor_from(&request("tcp", Some("22")), &set, None).unwrap_err();
+        assert_eq!(refused.status(), axum::http::StatusCode::BAD_REQUEST);
+        assert!(refused.to_string().contains("the limit of 32"), "{refused}");
     }
 }

@@ -20,6 +20,7 @@ use utoipa::OpenApi;
 use crate::auth::{Identity, Role, Scope, TokenConfig};
 use crate::ops::{ClusterApi, Hop};
 use crate::serve::Peer;
+use crate::streams::{StreamLimits, StreamPermit};
 use crate::types::{
     AddMonitorRequest, CdromRequest, CdromView, CloudInitRequest, CreateProjectRequest,
     CreateTokenRequest, CreateUserRequest, CreateVmRequest, DiskRequest, DiskView, ErrorBody,
@@ -34,6 +35,8 @@ use crate::ApiError;
 pub struct RestState {
     pub api: Arc<ClusterApi>,
     pub tokens: Arc<Vec<TokenConfig>>,
+    /// The event stream and the consoles open per token.
+    pub streams: StreamLimits,
 }
 
 /// Who is calling: the role and what it reaches, the token (forwarded when another
@@ -416,7 +419,7 @@ async fn change_cdrom(
 }
 
 /// The serial console as a binary websocket (bytes both ways).
-#[utoipa::path(get, path = "/api/v1/vms/{name}/console", params(("name" = String, Path)), responses((status = 101), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/vms/{name}/console", params(("name" = String, Path)), responses((status = 101), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 429, body = ErrorBody, description = "the token has 8 streams open")), security(("bearer" = [])))]
 async fn serial_console(
     state: State<RestState>,
     caller: Extension<Caller>,
@@ -434,7 +437,7 @@ async fn serial_console(
 }
 
 /// The graphical console: RFB (VNC) over a binary websocket, what noVNC speaks.
-#[utoipa::path(get, path = "/api/v1/vms/{name}/vnc", params(("name" = String, Path)), responses((status = 101), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/vms/{name}/vnc", params(("name" = String, Path)), responses((status = 101), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 429, body = ErrorBody, description = "the token has 8 streams open")), security(("bearer" = [])))]
 async fn vnc_console(
     state: State<RestState>,
     caller: Extension<Caller>,
@@ -459,11 +462,15 @@ async fn console(
     kind: crate::console::ConsoleKind,
 ) -> Result<Response, ApiError> {
     caller.require(Role::Operator)?;
+    let permit = state.streams.acquire(&caller.token_id)?;
     let target = state.api.console_target(&name, kind, caller.hop).await?;
     let token = caller.token.clone();
     Ok(upgrade
         .protocols(["binary"])
-        .on_upgrade(move |socket| crate::console::serve(socket, target, token)))
+        .on_upgrade(move |socket| async move {
+            crate::console::serve(socket, target, token).await;
+            drop(permit);
+        }))
 }
 
 #[utoipa::path(get, path = "/api/v1/images", responses((status = 200, body = [ImageView])), security(("bearer" = [])))]
@@ -736,18 +743,19 @@ async fn list_events(
     ))
 }
 
-#[utoipa::path(get, path = "/api/v1/events/stream", responses((status = 200, description = "server-sent events, one EventView per `data:` line")), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/events/stream", responses((status = 200, description = "server-sent events, one EventView per `data:` line"), (status = 429, body = ErrorBody, description = "the token has 8 streams open")), security(("bearer" = [])))]
 async fn stream_events(
     State(state): State<RestState>,
     Extension(caller): Extension<Caller>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let permit = state.streams.acquire(&caller.token_id)?;
     let store = state.api.store().clone();
     let prefix = store.keys().events();
     // Start after what exists now: the stream shows new events.
     let (_, revision) = store.list_raw(&prefix).await?;
     let mut watch = ferry_store::PrefixWatch::resume(&store, &prefix, revision + 1);
     let state = state.clone();
-    let stream = async_stream(move |sender| async move {
+    let stream = async_stream(permit, move |sender| async move {
         while let Some(change) = watch.next().await {
             if let ferry_store::WatchEvent::Put { value, .. } = change {
                 if let Ok(event) = serde_json::from_slice::<ferry_model::cluster::Event>(&value) {
@@ -787,15 +795,20 @@ async fn stream_events(
 }
 
 /// A stream fed by a task through a channel (the task ends when the client goes away).
-fn async_stream<F, Fut>(producer: F) -> impl Stream<Item = Result<SseEvent, Infallible>>
+/// The stream holds `permit`: the client's place is freed when the response is dropped,
+/// even while no event comes to show the task that nobody listens.
+fn async_stream<F, Fut>(
+    permit: StreamPermit,
+    producer: F,
+) -> impl Stream<Item = Result<SseEvent, Infallible>>
 where
     F: FnOnce(tokio::sync::mpsc::Sender<Result<SseEvent, Infallible>>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let (sender, receiver) = tokio::sync::mpsc::channel(64);
     tokio::spawn(producer(sender));
-    futures::stream::unfold(receiver, |mut receiver| async move {
-        receiver.recv().await.map(|item| (item, receiver))
+    futures::stream::unfold((receiver, permit), |(mut receiver, permit)| async move {
+        receiver.recv().await.map(|item| (item, (receiver, permit)))
     })
 }
 

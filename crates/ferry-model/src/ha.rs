@@ -179,6 +179,8 @@ pub struct FenceDevice {
     /// The fence agent's executable.
     pub agent: PathBuf,
     /// Passed on the agent's stdin as `key=value` lines (`ip`, `username`, `plug`, …).
+    /// In etcd, a secret's value (`password`, …) is sealed with the cluster key
+    /// (`enc:v1:…`, see `ferry_agent::secrets`); the leader opens it just before it runs.
     pub options: BTreeMap<String, String>,
     /// One attempt longer than this is killed and counts as failed.
     pub timeout_ms: u64,

@@ -16,6 +16,12 @@ pub const MAX_FAILURES: u32 = 100;
 /// The shortest interval: probes faster than this would load a TCG guest for nothing.
 pub const MIN_INTERVAL_MS: u64 = 100;
 pub const MAX_INTERVAL_MS: u64 = 3_600_000;
+/// A VM has at most this many monitors of its own (besides the built-in ones): each is a
+/// task probing the guest on its host.
+pub const MAX_VM_MONITORS: usize = 32;
+/// A monitor added to a VM probes no more often than this (host monitors and the
+/// built-in ones may go down to `MIN_INTERVAL_MS`).
+pub const MIN_VM_MONITOR_INTERVAL_MS: u64 = 1_000;
 
 /// What a monitor checks.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -460,6 +466,24 @@ impl MonitorSet {
             .map(|number| format!("m{number}"))
             .find(|id| self.monitors.iter().all(|monitor| &monitor.id != id))
             .unwrap_or_else(|| "m0".into())
+    }
+
+    /// Whether `monitor` may join this set: the per-VM limits (`validate` checks the
+    /// monitor itself).
+    pub fn check_addition(&self, monitor: &Monitor) -> Result<(), String> {
+        if self.monitors.len() >= MAX_VM_MONITORS {
+            return Err(format!(
+                "the VM already has {} monitors, the limit of {MAX_VM_MONITORS}; remove one first",
+                self.monitors.len()
+            ));
+        }
+        if monitor.interval_ms < MIN_VM_MONITOR_INTERVAL_MS {
+            return Err(format!(
+                "interval {} ms: a VM monitor probes at most once every {MIN_VM_MONITOR_INTERVAL_MS} ms",
+                monitor.interval_ms
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -10,6 +10,7 @@
 
 pub mod accel;
 pub mod block;
+mod bounded;
 pub mod cmdline;
 mod error;
 pub mod image;
@@ -28,4 +29,4 @@ pub use machine::{
 };
 pub use qga::{ExecOutput, GuestAgent, GuestInterface, QgaError};
 pub use qmp::{Qmp, QmpError, QmpEvent};
-pub use run_dir::RunDir;
+pub use run_dir::{RunDir, CONSOLE_LOG_LIMIT};

@@ -15,11 +15,21 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::Mutex;
 
+use crate::bounded::{read_line, LineRead};
+
 const DELIMITER: u8 = 0xFF;
+/// A reply line longer than this is a protocol error (the agent is resynchronised): the
+/// guest decides what it sends, the host must not hold all of it. It fits
+/// `guest-exec-status` with about 3 MiB of output.
+pub const MAX_REPLY: usize = 4 << 20;
+/// Each of an exec's stdout and stderr is kept up to this, then cut with
+/// `TRUNCATED_MARKER`.
+pub const MAX_EXEC_OUTPUT: usize = 1 << 20;
+pub const TRUNCATED_MARKER: &str = "\n[output truncated]\n";
 /// `guest-exec-status` polling interval: short, because most commands finish quickly.
 const EXEC_POLL: Duration = Duration::from_millis(50);
 
@@ -145,8 +155,8 @@ impl GuestAgent {
                 return Ok(ExecOutput {
                     exit_code: status["exitcode"].as_i64(),
                     signal: status["signal"].as_i64(),
-                    stdout: decode_output(&status["out-data"])?,
-                    stderr: decode_output(&status["err-data"])?,
+                    stdout: decode_output(&status["out-data"], &status["out-truncated"])?,
+                    stderr: decode_output(&status["err-data"], &status["err-truncated"])?,
                 });
             }
             tokio::time::sleep(EXEC_POLL.min(left)).await;
@@ -294,16 +304,24 @@ async fn resync(connection: &mut Connection, id: u64) -> Result<(), QgaError> {
     }
 }
 
-async fn read_reply<R: AsyncBufReadExt + Unpin>(reader: &mut R) -> Result<Value, QgaError> {
+async fn read_reply<R: AsyncBufRead + Unpin>(reader: &mut R) -> Result<Value, QgaError> {
+    read_reply_within(reader, MAX_REPLY).await
+}
+
+async fn read_reply_within<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    limit: usize,
+) -> Result<Value, QgaError> {
     loop {
-        let mut line = Vec::new();
-        let read = reader
-            .read_until(b'\n', &mut line)
-            .await
-            .map_err(|_| QgaError::Closed)?;
-        if read == 0 {
-            return Err(QgaError::Closed);
-        }
+        let line = match read_line(reader, limit).await {
+            Err(_) | Ok(LineRead::Eof) => return Err(QgaError::Closed),
+            Ok(LineRead::TooLong) => {
+                return Err(QgaError::Protocol(format!(
+                    "a reply longer than the limit of {limit} bytes (skipped)"
+                )))
+            }
+            Ok(LineRead::Line(line)) => line,
+        };
         let text: Vec<u8> = line.into_iter().filter(|byte| *byte != DELIMITER).collect();
         if text.iter().all(u8::is_ascii_whitespace) {
             continue;
@@ -335,12 +353,61 @@ fn parse_reply(command: &str, reply: Value) -> Result<Value, QgaError> {
     )))
 }
 
-fn decode_output(data: &Value) -> Result<String, QgaError> {
+/// An exec's output, cut at `MAX_EXEC_OUTPUT` (or where the agent cut it) with the
+/// marker.
+fn decode_output(data: &Value, truncated_by_agent: &Value) -> Result<String, QgaError> {
     let Some(encoded) = data.as_str() else {
         return Ok(String::new());
     };
-    let bytes = base64::engine::general_purpose::STANDARD
+    let mut bytes = base64::engine::general_purpose::STANDARD
         .decode(encoded)
         .map_err(|error| QgaError::Protocol(format!("guest-exec output is not base64: {error}")))?;
-    Ok(String::from_utf8_lossy(&bytes).into_owned())
+    let truncated = bytes.len() > MAX_EXEC_OUTPUT || truncated_by_agent.as_bool() == Some(true);
+    bytes.truncate(MAX_EXEC_OUTPUT);
+    let mut text = String::from_utf8_lossy(&bytes).into_owned();
+    if truncated {
+        text.push_str(TRUNCATED_MARKER);
+    }
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_qga_reply_over_the_limit_is_an_error_naming_it() {
+        let input = format!(
+            "{{\"return\": \"{}\"}}\n{{\"return\": 7}}\n",
+            "x".repeat(64)
+        );
+        let mut reader = BufReader::with_capacity(16, input.as_bytes());
+        let problem = read_reply_within(&mut reader, 32).await.unwrap_err();
+        assert_eq!(
+            problem.to_string(),
+            "guest agent protocol error: a reply longer than the limit of 32 bytes (skipped)"
+        );
+        assert_eq!(
+            read_reply_within(&mut reader, 32).await.unwrap(),
+            json!({"return": 7})
+        );
+    }
+
+    #[test]
+    fn exec_output_past_the_cap_is_cut_with_a_marker() {
+        let encode = |bytes: &[u8]| json!(base64::engine::general_purpose::STANDARD.encode(bytes));
+        let big = vec![b'a'; MAX_EXEC_OUTPUT + 10];
+        let text = decode_output(&encode(&big), &Value::Null).unwrap();
+        assert_eq!(text.len(), MAX_EXEC_OUTPUT + TRUNCATED_MARKER.len());
+        assert!(text.ends_with(TRUNCATED_MARKER));
+        assert_eq!(
+            decode_output(&encode(b"ok\n"), &Value::Null).unwrap(),
+            "ok\n"
+        );
+        // The agent's own cut (its `out-truncated`) is marked too.
+        assert_eq!(
+            decode_output(&encode(b"ok"), &json!(true)).unwrap(),
+            format!("ok{TRUNCATED_MARKER}")
+        );
+    }
 }

@@ -18,16 +18,19 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::{broadcast, oneshot, watch};
 
+use crate::bounded::{read_line, LineRead};
+
 /// The default time a command may take. Migration-related commands return at once (the
 /// work happens in the background), so this bounds only a QEMU that stopped answering.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
-/// A line longer than this is not a QMP message (the largest replies are a few KiB).
-const MAX_LINE: usize = 16 << 20;
+/// A line longer than this is not a QMP message (the largest replies are a few KiB): it
+/// is skipped without being held, and reported as a protocol error naming the limit.
+pub const MAX_LINE: usize = 16 << 20;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum QmpError {
@@ -232,22 +235,27 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Reads one JSON message; `Ok(None)` on EOF. Blank lines are skipped; a line that is not
-/// JSON is reported as a protocol error to the caller, which decides whether to go on.
-async fn read_message<R: AsyncBufReadExt + Unpin>(
+/// JSON, or is longer than `MAX_LINE`, is reported as a protocol error to the caller,
+/// which decides whether to go on.
+async fn read_message<R: AsyncBufRead + Unpin>(reader: &mut R) -> Result<Option<Value>, QmpError> {
+    read_message_within(reader, MAX_LINE).await
+}
+
+async fn read_message_within<R: AsyncBufRead + Unpin>(
     reader: &mut R,
+    limit: usize,
 ) -> Result<Option<Value>, QmpError> {
     loop {
-        let mut line = Vec::new();
-        let read = reader
-            .read_until(b'\n', &mut line)
-            .await
-            .map_err(|_| QmpError::Closed)?;
-        if read == 0 {
-            return Ok(None);
-        }
-        if line.len() > MAX_LINE {
-            return Err(QmpError::Protocol(format!("line of {} bytes", line.len())));
-        }
+        let line = match read_line(reader, limit).await {
+            Err(_) => return Err(QmpError::Closed),
+            Ok(LineRead::Eof) => return Ok(None),
+            Ok(LineRead::TooLong) => {
+                return Err(QmpError::Protocol(format!(
+                    "a line longer than the limit of {limit} bytes (skipped)"
+                )))
+            }
+            Ok(LineRead::Line(line)) => line,
+        };
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
@@ -260,7 +268,7 @@ async fn read_message<R: AsyncBufReadExt + Unpin>(
     }
 }
 
-async fn read_loop<R: AsyncBufReadExt + Unpin>(
+async fn read_loop<R: AsyncBufRead + Unpin>(
     mut reader: R,
     pending: Pending,
     events: broadcast::Sender<QmpEvent>,
@@ -322,4 +330,25 @@ async fn read_loop<R: AsyncBufReadExt + Unpin>(
     }
     // Dropping the senders wakes every waiter with `Closed`.
     lock(&pending).clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_qmp_line_over_the_limit_is_an_error_naming_it_and_the_next_message_is_read() {
+        let input = format!(
+            "{{\"event\": \"{}\"}}\n{{\"return\": {{}}}}\n",
+            "x".repeat(64)
+        );
+        let mut reader = BufReader::with_capacity(16, input.as_bytes());
+        let problem = read_message_within(&mut reader, 32).await.unwrap_err();
+        assert_eq!(
+            problem.to_string(),
+            "QMP protocol error: a line longer than the limit of 32 bytes (skipped)"
+        );
+        let next = read_message_within(&mut reader, 32).await.unwrap();
+        assert_eq!(next, Some(json!({"return": {}})));
+    }
 }

@@ -11,6 +11,22 @@ use crate::{Store, StoreError};
 
 /// Events live this long (they are written under a lease of this TTL).
 const EVENT_TTL_SECONDS: i64 = 3600;
+/// A message is kept up to this many bytes: parts of it come from guests and peers
+/// (a console's last words, an agent's stderr), and every event sits in etcd for an hour.
+pub const MAX_MESSAGE: usize = 1024;
+
+/// `message` cut to at most `MAX_MESSAGE` bytes on a character boundary, ending in "…".
+pub fn capped(message: &str) -> std::borrow::Cow<'_, str> {
+    if message.len() <= MAX_MESSAGE {
+        return message.into();
+    }
+    let ellipsis = "…";
+    let mut end = MAX_MESSAGE - ellipsis.len();
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{ellipsis}", &message[..end]).into()
+}
 
 pub struct EventLog {
     store: Store,
@@ -36,6 +52,7 @@ impl EventLog {
     /// Records an event; a failure is logged, never raised (an event must not fail an
     /// operation).
     pub async fn record(&self, subject: &str, kind: EventKind, message: &str) {
+        let message = &*capped(message);
         if let Err(error) = self.try_record(subject, kind, message).await {
             tracing::warn!("cannot record event {kind} for {subject}: {error}");
         }
@@ -83,5 +100,24 @@ impl EventLog {
         );
         self.store.put(&key, &event, Some(lease)).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_event_message_is_cut_on_a_character_boundary_with_an_ellipsis() {
+        assert_eq!(capped("VM web-1 started"), "VM web-1 started");
+        let exact = "a".repeat(MAX_MESSAGE);
+        assert_eq!(capped(&exact), exact);
+        // Three-byte characters: no cut can land on a boundary by luck.
+        let long = "€".repeat(MAX_MESSAGE);
+        let cut = capped(&long);
+        assert!(cut.len() <= MAX_MESSAGE, "{}", cut.len());
+        assert!(cut.ends_with('…'));
+        assert!(cut.trim_end_matches('…').chars().all(|c| c == '€'));
+        assert!(cut.len() > MAX_MESSAGE - 6);
     }
 }

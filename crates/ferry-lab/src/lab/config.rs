@@ -3,17 +3,19 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ferry_agent::config::{
-    AccelChoice, AgentConfig, ApiConfig, CapacityConfig, ClusterConfig, FenceConfig, LeaseConfig,
-    NetworkConfig, PathsConfig, PoolConfig, QemuConfig, TlsConfig,
+    AccelChoice, AgentConfig, ApiConfig, CapacityConfig, ClusterConfig, FenceConfig, FencingConfig,
+    LeaseConfig, NetworkConfig, PathsConfig, PoolConfig, QemuConfig, TlsConfig,
 };
+use ferry_agent::fence_device::AllowedAgents;
 use ferry_api::auth::{Role, TokenConfig};
 use ferry_api::client_config::ClientConfig;
 use ferry_model::{Bytes, HostName};
 use ferry_qemu::Accel;
 
+use super::fence::FENCE_AGENT_NAME;
 use super::spec::{LabNet, LabSpec, API_PORT, HOST_BUSINESS_BRIDGE};
 
 /// What each lab host may give its VMs: small, so that a laptop holds three hosts.
@@ -50,6 +52,7 @@ pub fn agent_config(
         cluster: ClusterConfig {
             etcd: vec![spec.etcd_url()],
             prefix: CLUSTER_PREFIX.into(),
+            secret_key_file: Some(cluster_key_file(spec, host)),
         },
         api: ApiConfig {
             listen: SocketAddr::from((spec.host_address(host, LabNet::Management), API_PORT)),
@@ -81,6 +84,13 @@ pub fn agent_config(
         migration: Default::default(),
         ha: Default::default(),
         fence: None,
+        fencing: FencingConfig {
+            allowed_agents: AllowedAgents::DEFAULT
+                .iter()
+                .map(|pattern| pattern.to_string())
+                .chain([AllowedAgents::exact(&spec.state_dir.join(FENCE_AGENT_NAME))])
+                .collect(),
+        },
         pools: vec![
             PoolConfig {
                 name: "shared".into(),
@@ -100,6 +110,16 @@ pub fn agent_config(
     })
 }
 
+/// Host `host`'s copy of the lab's cluster key (each host's config names its own file,
+/// as on real hosts; the bytes are the same).
+pub fn cluster_key_file(spec: &LabSpec, host: u32) -> PathBuf {
+    spec.state_dir.join(format!("host{host}-cluster.key"))
+}
+
+/// The "BMC password" of a lab host: `fence_ferry_lab` refuses to act on a sealed one,
+/// so every lab fence shows that the leader opened the secret the host sealed.
+pub const LAB_FENCE_PASSWORD: &str = "lab-bmc";
+
 /// The lab host's fence device: `fence_ferry_lab` powers it off.
 pub fn fence_config(spec: &LabSpec, host: u32, agent: &Path) -> FenceConfig {
     FenceConfig {
@@ -108,6 +128,7 @@ pub fn fence_config(spec: &LabSpec, host: u32, agent: &Path) -> FenceConfig {
         options: BTreeMap::from([
             ("lab_dir".to_string(), spec.state_dir.display().to_string()),
             ("plug".to_string(), spec.host_name(host)),
+            ("password".to_string(), LAB_FENCE_PASSWORD.to_string()),
         ]),
     }
 }
@@ -153,6 +174,25 @@ mod tests {
             Some("migr0")
         );
         assert_eq!(parsed.qemu.accel, AccelChoice::Tcg);
+    }
+
+    #[test]
+    fn a_lab_host_may_run_the_lab_fence_agent_and_seals_its_password() {
+        let spec = LabSpec::default();
+        let agent = spec.state_dir.join(FENCE_AGENT_NAME);
+        let mut config =
+            agent_config(&spec, 2, "abc123", Accel::Tcg, Path::new("/usr/bin/qemu")).unwrap();
+        config.fence = Some(fence_config(&spec, 2, &agent));
+        // The agent's own check: the lab agent is on the allowlist, and the password
+        // has a cluster key to be sealed with.
+        let parsed = AgentConfig::parse(&toml::to_string(&config).unwrap()).unwrap();
+        assert_eq!(
+            parsed.cluster.secret_key_file,
+            Some(cluster_key_file(&spec, 2))
+        );
+        let allowed = AllowedAgents::new(&parsed.fencing.allowed_agents).unwrap();
+        allowed.check(&agent).unwrap();
+        allowed.check(Path::new("/usr/sbin/fence_ipmilan")).unwrap();
     }
 
     #[test]

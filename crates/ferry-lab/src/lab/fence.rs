@@ -1,7 +1,8 @@
 //! `fence_ferry_lab`: the lab's fence agent, with the ClusterLabs interface
 //! (`key=value` lines on stdin; `action=off|on|reboot|status|monitor`), so the cluster
 //! fences a lab host exactly as it would call `fence_ipmilan` on real hardware.
-//! Options: `lab_dir` (the lab's state directory) and `plug` (the host, `host2`).
+//! Options: `lab_dir` (the lab's state directory), `plug` (the host, `host2`) and
+//! `password` (sealed in etcd like a BMC's, so it must arrive opened).
 //! "Off" is the lab's power-off: the host's agent and QEMUs are SIGKILLed together.
 //! "On" starts the host again (links up, agent started).
 
@@ -28,6 +29,13 @@ fn act(stdin: &str) -> Result<(FenceAction, Option<Power>), String> {
         .get("lab_dir")
         .map(PathBuf::from)
         .ok_or("no lab_dir= option: which lab?")?;
+    match options.get("password").map(String::as_str) {
+        Some(super::config::LAB_FENCE_PASSWORD) => {}
+        Some(other) if other.starts_with(ferry_agent::secrets::SEALED_PREFIX) => {
+            return Err("password= is still sealed: the leader did not open it".into())
+        }
+        _ => return Err("password= is not the lab's fence password".into()),
+    }
     let mut lab = Lab::load(&lab_dir).map_err(|error| error.to_string())?;
     if action == FenceAction::Monitor {
         return Ok((action, None));

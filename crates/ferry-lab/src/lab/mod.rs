@@ -26,6 +26,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use ferry_agent::secrets::ClusterKey;
 use ferry_api::client_config::ClientConfig;
 use ferry_model::cluster::ImageRecord;
 use ferry_model::Bytes;
@@ -368,7 +369,12 @@ impl Lab {
         self.state.accel = Some(accel);
         self.save()?;
         let fence_agent = self.install_fence_agent()?;
+        let cluster_key = self.cluster_key()?;
         for host in spec.host_numbers() {
+            let key_file = config::cluster_key_file(&spec, host);
+            cluster_key
+                .write(&key_file)
+                .map_err(|error| self.fail(format!("cluster key {}", key_file.display()), error))?;
             let path = spec.agent_config_path(host);
             let object = format!("agent config {}", path.display());
             let mut config = agent_config(&spec, host, &token, accel, &defaults::qemu_binary())
@@ -409,6 +415,16 @@ impl Lab {
             None => std::env::current_exe()
                 .map_err(|error| self.fail(object, format!("cannot find ferry: {error}"))),
         }
+    }
+
+    /// The lab's cluster key: host1's copy if there is one (agents still running keep
+    /// theirs), else a fresh one.
+    fn cluster_key(&mut self) -> Result<ClusterKey, LabError> {
+        let first = config::cluster_key_file(&self.state.spec, 1);
+        if first.exists() {
+            return ClusterKey::load(&first).map_err(|error| self.fail("cluster key", error));
+        }
+        ClusterKey::generate().map_err(|error| self.fail("cluster key", error))
     }
 
     /// `fence_ferry_lab` in the state directory: a link to `ferry`, which acts as the

@@ -88,8 +88,10 @@ impl LabState {
     }
 }
 
-/// Writes a file only root can read (it holds the admin token).
+/// Writes a file only root can read (it holds the admin token). `mode` applies only to
+/// a file it creates: an existing one is set to 0600 too, before anything is written.
 pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -97,6 +99,25 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
         .mode(0o600)
         .open(path)
         .map_err(|error| format!("{}: {error}", path.display()))?;
-    file.write_all(bytes)
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| file.write_all(bytes))
         .map_err(|error| format!("{}: {error}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn write_private_also_closes_an_existing_readable_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("host1.toml");
+        std::fs::write(&path, "old").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_private(&path, b"token = \"t0k\"").unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "token = \"t0k\"");
+    }
 }

@@ -44,6 +44,9 @@ pub enum LabVerb {
         /// Second octet B of the lab's addresses, 10.B.0.0/16.
         #[arg(long, value_name = "B", default_value_t = 213)]
         subnet: u8,
+        /// Migration streams in the clear (to measure what their TLS costs).
+        #[arg(long)]
+        no_migration_tls: bool,
         #[command(flatten)]
         lab: LabName,
         #[arg(long)]
@@ -131,9 +134,10 @@ pub async fn run(verb: LabVerb) -> anyhow::Result<()> {
         LabVerb::Up {
             hosts,
             subnet,
+            no_migration_tls,
             lab,
             json,
-        } => up(hosts, subnet, &lab, json).await,
+        } => up(hosts, subnet, !no_migration_tls, &lab, json).await,
         LabVerb::Status { lab, json } => {
             let status = lab.load()?.status().await;
             if json {
@@ -183,7 +187,13 @@ pub async fn run(verb: LabVerb) -> anyhow::Result<()> {
     }
 }
 
-async fn up(hosts: u32, subnet: u8, name: &LabName, json: bool) -> anyhow::Result<()> {
+async fn up(
+    hosts: u32,
+    subnet: u8,
+    migration_tls: bool,
+    name: &LabName,
+    json: bool,
+) -> anyhow::Result<()> {
     if Lab::exists(&name.state_dir()) {
         let lab = name.load()?;
         let spec = lab.spec();
@@ -207,6 +217,7 @@ async fn up(hosts: u32, subnet: u8, name: &LabName, json: bool) -> anyhow::Resul
     let spec = LabSpec {
         hosts,
         subnet_base: subnet,
+        migration_tls,
         ..LabSpec::named(&name.name)
     };
     ferry_lab::lab::require_root(&spec)?;

@@ -111,3 +111,90 @@ async fn a_lab_vm_answers_on_the_business_network_survives_its_agent_and_goes_wi
     lab.down().unwrap();
     assert!(!alive(pid), "lab down kills the lab's QEMUs");
 }
+
+/// The resident memory of a process, in KiB.
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .unwrap()
+}
+
+/// A guest that floods its serial console and answers its guest agent with far more
+/// than a reply may hold: the agent's memory stays bounded, the console log is
+/// rotated, and the host keeps serving the API.
+#[tokio::test]
+async fn a_guest_flooding_its_console_and_its_guest_agent_leaves_the_agent_bounded_and_serving() {
+    let (lab, _guard, client) = common::lab(8, 1).await;
+    let vm = common::vm_on(&client, "noisy", "host1").await;
+    assert!(vm.guest_agent, "{vm:?}");
+    let agent = lab.state().agents[&1].pid;
+    let before = rss_kib(agent);
+
+    // The console: as fast as the guest can write, for 25 s, beside the rest.
+    let flood = ferry_api::types::ExecRequest {
+        command: vec![
+            "sh".into(),
+            "-c".into(),
+            "end=$(( $(date +%s) + 25 )); while [ $(date +%s) -lt $end ]; do \
+             cat /proc/cpuinfo /proc/meminfo; done > /dev/console 2>&1"
+                .into(),
+        ],
+        timeout_seconds: Some(60),
+    };
+    let flooding = {
+        let client = client.clone();
+        tokio::spawn(async move { client.exec_vm("noisy", &flood).await })
+    };
+    // The guest agent: 8 MiB of output per command, past what a reply may hold.
+    let big = ferry_api::types::ExecRequest {
+        command: vec![
+            "sh".into(),
+            "-c".into(),
+            "head -c 8388608 /dev/zero | tr '\\0' x".into(),
+        ],
+        timeout_seconds: Some(60),
+    };
+    let console_log = lab.spec().host_run_dir(1).join("vms/noisy/console.log");
+    let mut largest_log = 0;
+    for _ in 0..6 {
+        match client.exec_vm("noisy", &big).await {
+            // Cut at the cap, with the marker…
+            Ok(output) => {
+                assert!(
+                    output.stdout.len() <= 1024 * 1024 + 64,
+                    "{}",
+                    output.stdout.len()
+                );
+                assert!(output.stdout.ends_with("[output truncated]\n"));
+            }
+            // …or refused whole as a reply over the limit: either way, not held.
+            Err(error) => assert!(error.to_string().contains("limit"), "{error}"),
+        }
+        // The host keeps serving.
+        assert_eq!(client.get_vm("noisy").await.unwrap().state, "running");
+        client.list_hosts().await.unwrap();
+        largest_log = largest_log.max(std::fs::metadata(&console_log).map_or(0, |meta| meta.len()));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let flooded = flooding.await.unwrap().unwrap();
+    assert_eq!(flooded.exit_code, Some(0), "{flooded:?}");
+    let after = rss_kib(agent);
+    assert!(
+        after < before + 64 * 1024,
+        "the agent grew from {before} KiB to {after} KiB"
+    );
+    let rotated = console_log.with_extension("log.1");
+    assert!(
+        rotated.exists(),
+        "the flooded console log was never rotated (at most {largest_log} bytes)"
+    );
+    assert!(
+        largest_log < 16 * 1024 * 1024,
+        "the console log reached {largest_log} bytes"
+    );
+    eprintln!("agent RSS {before} KiB → {after} KiB; console log at most {largest_log} bytes");
+}

@@ -379,6 +379,7 @@ impl Lab {
             let object = format!("agent config {}", path.display());
             let mut config = agent_config(&spec, host, &token, accel, &defaults::qemu_binary())
                 .map_err(|error| self.fail(&object, error))?;
+            config.migration.tls = spec.migration_tls;
             if spec.fence_devices {
                 config.fence = Some(config::fence_config(&spec, host, &fence_agent));
             }

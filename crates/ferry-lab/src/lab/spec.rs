@@ -122,6 +122,10 @@ pub struct LabSpec {
     /// watchdog is what stops it when its agent hangs.
     #[serde(default = "yes")]
     pub fence_devices: bool,
+    /// Live-migration and disk-copy streams over TLS (the agents' `migration.tls`);
+    /// off only to measure what TLS costs.
+    #[serde(default = "yes")]
+    pub migration_tls: bool,
 }
 
 fn yes() -> bool {
@@ -148,6 +152,7 @@ impl LabSpec {
             client_config: ferry_api::client_config::default_path(),
             ferry_binary: None,
             fence_devices: true,
+            migration_tls: true,
         }
     }
 

@@ -109,7 +109,8 @@ pub struct ApiConfig {
     pub listen: SocketAddr,
     /// URL other hosts and clients use to reach this API (default: from `listen`).
     pub advertise: Option<String>,
-    /// Bearer tokens and their roles (`admin`, `operator`, `viewer`).
+    /// Bootstrap bearer tokens (their SHA-256) and their roles (`admin`, `operator`,
+    /// `viewer`); the others live in etcd.
     pub tokens: Vec<TokenConfig>,
 }
 
@@ -757,8 +758,10 @@ prefix = "/ferry/"
 listen = "127.0.0.1:8700"
 # URL other hosts and clients use to reach this API (default: from listen).
 # advertise = "https://10.0.0.11:8700"
-# Bearer tokens and their roles: admin, operator, viewer.
-# tokens = [{ token = "change-me", role = "admin" }]
+# Bootstrap bearer tokens of the whole cluster and their roles (admin, operator,
+# viewer), as the SHA-256 of the secret (`echo -n SECRET | ferry token hash`). Make the
+# rest with `ferry token create`: etcd keeps their hashes.
+# tokens = [{ sha256 = "…64 hex digits…", role = "admin" }]
 
 [tls]
 # ca.pem (the cluster CA, the only one trusted), host.pem and host-key.pem (this

@@ -252,7 +252,18 @@ impl ClusterApi {
         self.store
             .delete_if_unchanged(&key, current.mod_revision)
             .await?;
+        // Only the library's own files go: a record (etcd is not trusted with the
+        // file system) may name a file anywhere, and the agent runs as root.
+        let library = self.shared_pool.join("images");
         for file in current.value.content.files() {
+            if !inside(&library, file) {
+                tracing::warn!(
+                    "image {name}: {} is outside the image library {}, left in place",
+                    file.display(),
+                    library.display()
+                );
+                continue;
+            }
             if let Err(error) = std::fs::remove_file(file) {
                 if error.kind() != std::io::ErrorKind::NotFound {
                     tracing::warn!("image {name}: cannot remove {}: {error}", file.display());
@@ -267,6 +278,15 @@ impl ClusterApi {
             )
             .await;
         Ok(())
+    }
+}
+
+/// Whether `file` is within `dir`, links resolved (a path that cannot be resolved is
+/// not).
+fn inside(dir: &std::path::Path, file: &std::path::Path) -> bool {
+    match (dir.canonicalize(), file.canonicalize()) {
+        (Ok(dir), Ok(file)) => file.starts_with(dir),
+        _ => false,
     }
 }
 
@@ -350,5 +370,31 @@ fn remove_quietly(path: &std::path::Path) {
         if error.kind() != std::io::ErrorKind::NotFound {
             tracing::warn!("cannot remove {}: {error}", path.display());
         }
+    }
+}
+
+#[cfg(test)]
+mod library_tests {
+    #![allow(clippy::unwrap_used)] // a test fails loudly by design
+
+    use super::inside;
+
+    #[test]
+    fn only_files_within_the_library_count_as_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let library = dir.path().join("pool/images");
+        std::fs::create_dir_all(library.join("appliance")).unwrap();
+        let own = library.join("appliance/vmlinuz");
+        std::fs::write(&own, "k").unwrap();
+        let outside = dir.path().join("build/vmlinuz");
+        std::fs::create_dir_all(outside.parent().unwrap()).unwrap();
+        std::fs::write(&outside, "k").unwrap();
+        assert!(inside(&library, &own));
+        assert!(!inside(&library, &outside));
+        assert!(!inside(&library, &library.join("../../build/vmlinuz")));
+        assert!(!inside(&library, &library.join("gone")));
+        let link = library.join("link");
+        std::os::unix::fs::symlink(&outside, &link).unwrap();
+        assert!(!inside(&library, &link), "a link out of the library");
     }
 }

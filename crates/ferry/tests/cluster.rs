@@ -95,12 +95,13 @@ impl Cluster {
             .await
             .unwrap()
             .accel;
-        let image = ImageRecord::appliance(
-            "appliance",
-            appliance.kernel(),
-            appliance.initrd(),
-            Bytes(256 * Bytes::MIB),
-        );
+        // A copy in this cluster's image library: what the API may delete is its own.
+        let library = dir.path().join("shared/images/appliance");
+        std::fs::create_dir_all(&library).unwrap();
+        let (kernel, initrd) = (library.join("vmlinuz"), library.join("initramfs.img"));
+        std::fs::copy(appliance.kernel(), &kernel).unwrap();
+        std::fs::copy(appliance.initrd(), &initrd).unwrap();
+        let image = ImageRecord::appliance("appliance", kernel, initrd, Bytes(256 * Bytes::MIB));
         store
             .put(&store.keys().image("appliance"), &image, None)
             .await

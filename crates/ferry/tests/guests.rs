@@ -317,7 +317,12 @@ async fn images_and_vm_definitions_are_checked_before_anything_is_made() {
             "disk_bus",
         ),
     ] {
-        let response = reqwest::Client::new()
+        let ca = std::fs::read(lab.spec().ca_file()).unwrap();
+        let response = reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+            .build()
+            .unwrap()
             .post(format!("{}/api/v1/vms", lab.spec().api_url(1)))
             .bearer_auth(lab.token().unwrap())
             .header("content-type", "application/json")
@@ -484,6 +489,7 @@ async fn an_installer_iso_boots_under_bios_and_uefi_and_its_cdrom_is_swapped_whi
         ])
         .env("FERRY_API", lab.spec().api_url(2))
         .env("FERRY_TOKEN", lab.token().unwrap())
+        .env("FERRY_CA", lab.spec().ca_file())
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();

@@ -49,6 +49,14 @@ fn token_view(record: &TokenRecord) -> TokenView {
     }
 }
 
+/// A cluster admin reaches every token, a project's admin its project's tokens.
+fn token_in_reach(scope: &Scope, token: &TokenRecord) -> bool {
+    token
+        .project
+        .as_ref()
+        .map_or(*scope == Scope::Cluster, |project| scope.reaches(project))
+}
+
 fn unreadable(what: &str, detail: impl std::fmt::Display) -> ApiError {
     ApiError::Unavailable(format!("{what} cannot be read: {detail}"))
 }
@@ -161,11 +169,7 @@ impl ClusterApi {
             .readable()
             .into_iter()
             .map(|(_, record)| record)
-            .filter(|record| match (scope, &record.value.project) {
-                (Scope::Cluster, _) => true,
-                (Scope::Project(own), Some(project)) => own == project,
-                (Scope::Project(_), None) => false,
-            })
+            .filter(|record| token_in_reach(scope, &record.value))
             .map(|record| token_view(&record.value))
             .collect())
     }
@@ -184,12 +188,7 @@ impl ClusterApi {
                 return Ok(());
             }
         };
-        let reaches = match (scope, &record.project) {
-            (Scope::Cluster, _) => true,
-            (Scope::Project(own), Some(project)) => own == project,
-            (Scope::Project(_), None) => false,
-        };
-        if !reaches {
+        if !token_in_reach(scope, &record) {
             return Err(ApiError::NotFound(format!("token {id} does not exist")));
         }
         self.store.delete(&key).await?;

@@ -51,34 +51,6 @@ pub struct Caller {
     pub hop: Hop,
 }
 
-impl Caller {
-    /// The cluster's own objects (hosts' images, projects, users): for callers of the
-    /// whole cluster only.
-    fn require_cluster(&self, needed: Role) -> Result<(), ApiError> {
-        self.require(needed)?;
-        match &self.scope {
-            Scope::Cluster => Ok(()),
-            Scope::Project(project) => Err(ApiError::Forbidden(format!(
-                "this needs a token of the whole cluster; this one is of project {project}"
-            ))),
-        }
-    }
-
-    fn require(&self, needed: Role) -> Result<(), ApiError> {
-        if self.role >= needed {
-            Ok(())
-        } else {
-            Err(ApiError::Forbidden(
-                format!(
-                    "this needs the {needed:?} role; the token has {:?}",
-                    self.role
-                )
-                .to_lowercase(),
-            ))
-        }
-    }
-}
-
 /// JSON bodies whose errors come back in the API's error format.
 pub struct ApiJson<T>(pub T);
 
@@ -377,7 +349,6 @@ async fn create_vm(
     Extension(caller): Extension<Caller>,
     ApiJson(mut request): ApiJson<CreateVmRequest>,
 ) -> Result<(StatusCode, Json<VmView>), ApiError> {
-    caller.require(Role::Admin)?;
     // A project's caller creates in its project only.
     if let Scope::Project(own) = &caller.scope {
         match request.project.as_deref() {
@@ -409,7 +380,6 @@ async fn change_cdrom(
     Path((name, drive)): Path<(String, String)>,
     ApiJson(request): ApiJson<CdromRequest>,
 ) -> Result<Json<VmView>, ApiError> {
-    caller.require(Role::Operator)?;
     Ok(Json(
         state
             .api
@@ -461,7 +431,6 @@ async fn console(
     upgrade: axum::extract::WebSocketUpgrade,
     kind: crate::console::ConsoleKind,
 ) -> Result<Response, ApiError> {
-    caller.require(Role::Operator)?;
     let permit = state.streams.acquire(&caller.token_id)?;
     let target = state.api.console_target(&name, kind, caller.hop).await?;
     let token = caller.token.clone();
@@ -499,12 +468,10 @@ struct ImportQuery {
     responses((status = 201, body = ImageView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
 async fn import_image(
     State(state): State<RestState>,
-    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
     Query(query): Query<ImportQuery>,
     body: axum::body::Body,
 ) -> Result<(StatusCode, Json<ImageView>), ApiError> {
-    caller.require_cluster(Role::Admin)?;
     let format = query
         .format
         .as_deref()
@@ -526,10 +493,8 @@ async fn import_image(
 #[utoipa::path(delete, path = "/api/v1/images/{name}", params(("name" = String, Path)), responses((status = 200), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
 async fn delete_image(
     State(state): State<RestState>,
-    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    caller.require_cluster(Role::Admin)?;
     state.api.delete_image(&name).await?;
     Ok(Json(serde_json::json!({"deleted": name})))
 }
@@ -545,10 +510,8 @@ async fn get_vm(
 #[utoipa::path(delete, path = "/api/v1/vms/{name}", params(("name" = String, Path)), responses((status = 200), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
 async fn delete_vm(
     State(state): State<RestState>,
-    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    caller.require(Role::Admin)?;
     state.api.delete_vm(&name).await?;
     Ok(Json(serde_json::json!({"deleted": name})))
 }
@@ -556,52 +519,42 @@ async fn delete_vm(
 #[utoipa::path(post, path = "/api/v1/vms/{name}/start", params(("name" = String, Path)), responses((status = 200, body = VmView), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
 async fn start_vm(
     State(state): State<RestState>,
-    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> Result<Json<VmView>, ApiError> {
-    caller.require(Role::Operator)?;
     Ok(Json(state.api.start_vm(&name).await?))
 }
 
 #[utoipa::path(post, path = "/api/v1/vms/{name}/ha", params(("name" = String, Path)), request_body = UpdateHaRequest, responses((status = 200, body = VmView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
 async fn update_ha(
     State(state): State<RestState>,
-    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
     Json(update): Json<UpdateHaRequest>,
 ) -> Result<Json<VmView>, ApiError> {
-    caller.require(Role::Operator)?;
     Ok(Json(state.api.update_ha(&name, &update).await?))
 }
 
 #[utoipa::path(get, path = "/api/v1/vms/{name}/monitors", params(("name" = String, Path)), responses((status = 200, body = Vec<MonitorView>), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
 async fn list_monitors(
     State(state): State<RestState>,
-    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> Result<Json<Vec<MonitorView>>, ApiError> {
-    caller.require(Role::Viewer)?;
     Ok(Json(state.api.list_monitors(&name).await?))
 }
 
 #[utoipa::path(post, path = "/api/v1/vms/{name}/monitors", params(("name" = String, Path)), request_body = AddMonitorRequest, responses((status = 200, body = MonitorView), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
 async fn add_monitor(
     State(state): State<RestState>,
-    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
     Json(request): Json<AddMonitorRequest>,
 ) -> Result<Json<MonitorView>, ApiError> {
-    caller.require(Role::Operator)?;
     Ok(Json(state.api.add_monitor(&name, &request).await?))
 }
 
 #[utoipa::path(delete, path = "/api/v1/vms/{name}/monitors/{id}", params(("name" = String, Path), ("id" = String, Path)), responses((status = 200), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
 async fn remove_monitor(
     State(state): State<RestState>,
-    Extension(caller): Extension<Caller>,
     Path((name, id)): Path<(String, String)>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    caller.require(Role::Operator)?;
     state.api.remove_monitor(&name, &id).await?;
     Ok(Json(serde_json::json!({"removed": id})))
 }
@@ -609,20 +562,16 @@ async fn remove_monitor(
 #[utoipa::path(post, path = "/api/v1/vms/{name}/stop", params(("name" = String, Path)), responses((status = 200, body = VmView), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
 async fn stop_vm(
     State(state): State<RestState>,
-    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> Result<Json<VmView>, ApiError> {
-    caller.require(Role::Operator)?;
     Ok(Json(state.api.stop_vm(&name).await?))
 }
 
 #[utoipa::path(post, path = "/api/v1/vms/{name}/reset", params(("name" = String, Path)), responses((status = 200, body = VmView), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
 async fn reset_vm(
     State(state): State<RestState>,
-    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> Result<Json<VmView>, ApiError> {
-    caller.require(Role::Operator)?;
     Ok(Json(state.api.reset_vm(&name).await?))
 }
 
@@ -634,7 +583,6 @@ async fn exec_vm(
     Path(name): Path<String>,
     ApiJson(request): ApiJson<ExecRequest>,
 ) -> Result<Json<ExecResponse>, ApiError> {
-    caller.require(Role::Operator)?;
     Ok(Json(
         state
             .api
@@ -647,11 +595,9 @@ async fn exec_vm(
     responses((status = 202, body = OpView), (status = 409, body = ErrorBody, description = "refused: the reason names the check")), security(("bearer" = [])))]
 async fn migrate_vm(
     State(state): State<RestState>,
-    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
     ApiJson(request): ApiJson<MigrateRequest>,
 ) -> Result<(StatusCode, Json<OpView>), ApiError> {
-    caller.require(Role::Operator)?;
     Ok((
         StatusCode::ACCEPTED,
         Json(state.api.migrate_vm(&name, request).await?),
@@ -662,11 +608,9 @@ async fn migrate_vm(
     responses((status = 202, body = OpView), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
 async fn move_disk(
     State(state): State<RestState>,
-    Extension(caller): Extension<Caller>,
     Path((name, disk)): Path<(String, String)>,
     ApiJson(request): ApiJson<MoveDiskRequest>,
 ) -> Result<(StatusCode, Json<OpView>), ApiError> {
-    caller.require(Role::Operator)?;
     Ok((
         StatusCode::ACCEPTED,
         Json(state.api.move_disk(&name, &disk, request).await?),
@@ -688,13 +632,12 @@ async fn list_ops(
 }
 
 /// An op of a VM out of the caller's reach answers as if it did not exist.
-async fn op_in_reach(state: &RestState, caller: &Caller, id: &str) -> Result<(), ApiError> {
+async fn op_in_reach(state: &RestState, caller: &Caller, id: &str) -> Result<OpView, ApiError> {
     let op = state.api.get_op(id).await?;
-    match vms_in_reach(state, &caller.scope).await? {
-        Some(vms) if !vms.contains(&op.vm) => {
-            Err(ApiError::NotFound(format!("op {id} does not exist")))
-        }
-        _ => Ok(()),
+    match check_vm_reach(state, caller, &op.vm).await {
+        Err(ApiError::NotFound(_)) => Err(ApiError::NotFound(format!("op {id} does not exist"))),
+        Err(other) => Err(other),
+        Ok(()) => Ok(op),
     }
 }
 
@@ -704,8 +647,7 @@ async fn get_op(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<OpView>, ApiError> {
-    op_in_reach(&state, &caller, &id).await?;
-    Ok(Json(state.api.get_op(&id).await?))
+    Ok(Json(op_in_reach(&state, &caller, &id).await?))
 }
 
 #[utoipa::path(post, path = "/api/v1/ops/{id}/cancel", params(("id" = String, Path)), responses((status = 200, body = OpView), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
@@ -714,7 +656,6 @@ async fn cancel_op(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<OpView>, ApiError> {
-    caller.require(Role::Operator)?;
     op_in_reach(&state, &caller, &id).await?;
     Ok(Json(state.api.cancel_op(&id).await?))
 }
@@ -759,16 +700,16 @@ async fn stream_events(
         while let Some(change) = watch.next().await {
             if let ferry_store::WatchEvent::Put { value, .. } = change {
                 if let Ok(event) = serde_json::from_slice::<ferry_model::cluster::Event>(&value) {
-                    // A project's VMs change while the stream runs: ask each time.
+                    // A project's VMs change while the stream runs: ask, for each
+                    // event, the project of its VM.
                     if caller.scope != Scope::Cluster {
-                        let reach = match vms_in_reach(&state, &caller.scope).await {
-                            Ok(reach) => reach,
-                            Err(error) => {
-                                tracing::warn!("event stream: the project's VMs: {error}");
-                                continue;
-                            }
+                        let Some(vm) = event.subject.strip_prefix("vm/") else {
+                            continue;
                         };
-                        if !event_in_reach(&reach, &event.subject) {
+                        if let Err(error) = check_vm_reach(&state, &caller, vm).await {
+                            if !matches!(error, ApiError::NotFound(_)) {
+                                tracing::warn!("event stream: the project of VM {vm}: {error}");
+                            }
                             continue;
                         }
                     }
@@ -819,7 +760,6 @@ async fn create_token(
     Extension(caller): Extension<Caller>,
     ApiJson(request): ApiJson<CreateTokenRequest>,
 ) -> Result<(StatusCode, Json<TokenCreated>), ApiError> {
-    caller.require(Role::Admin)?;
     let identity = Identity {
         role: caller.role,
         scope: caller.scope.clone(),
@@ -836,7 +776,6 @@ async fn list_tokens(
     State(state): State<RestState>,
     Extension(caller): Extension<Caller>,
 ) -> Result<Json<Vec<TokenView>>, ApiError> {
-    caller.require(Role::Admin)?;
     Ok(Json(state.api.list_tokens(&caller.scope).await?))
 }
 
@@ -846,7 +785,6 @@ async fn revoke_token(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    caller.require(Role::Admin)?;
     state.api.revoke_token(&caller.scope, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -855,10 +793,8 @@ async fn revoke_token(
     responses((status = 201, body = ProjectView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
 async fn create_project(
     State(state): State<RestState>,
-    Extension(caller): Extension<Caller>,
     ApiJson(request): ApiJson<CreateProjectRequest>,
 ) -> Result<(StatusCode, Json<ProjectView>), ApiError> {
-    caller.require_cluster(Role::Admin)?;
     Ok((
         StatusCode::CREATED,
         Json(state.api.create_project(&request).await?),
@@ -885,10 +821,8 @@ async fn get_project(
 #[utoipa::path(delete, path = "/api/v1/projects/{name}", params(("name" = String, Path)), responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
 async fn delete_project(
     State(state): State<RestState>,
-    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    caller.require_cluster(Role::Admin)?;
     state.api.delete_project(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -897,10 +831,8 @@ async fn delete_project(
     responses((status = 201, body = UserView), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
 async fn create_user(
     State(state): State<RestState>,
-    Extension(caller): Extension<Caller>,
     ApiJson(request): ApiJson<CreateUserRequest>,
 ) -> Result<(StatusCode, Json<UserView>), ApiError> {
-    caller.require_cluster(Role::Admin)?;
     Ok((
         StatusCode::CREATED,
         Json(state.api.create_user(&request).await?),
@@ -908,21 +840,15 @@ async fn create_user(
 }
 
 #[utoipa::path(get, path = "/api/v1/users", responses((status = 200, body = [UserView]), (status = 403, body = ErrorBody)), security(("bearer" = [])))]
-async fn list_users(
-    State(state): State<RestState>,
-    Extension(caller): Extension<Caller>,
-) -> Result<Json<Vec<UserView>>, ApiError> {
-    caller.require_cluster(Role::Admin)?;
+async fn list_users(State(state): State<RestState>) -> Result<Json<Vec<UserView>>, ApiError> {
     Ok(Json(state.api.list_users().await?))
 }
 
 #[utoipa::path(delete, path = "/api/v1/users/{name}", params(("name" = String, Path)), responses((status = 204), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
 async fn delete_user(
     State(state): State<RestState>,
-    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    caller.require_cluster(Role::Admin)?;
     state.api.delete_user(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -931,11 +857,9 @@ async fn delete_user(
     responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
 async fn set_password(
     State(state): State<RestState>,
-    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
     ApiJson(request): ApiJson<PasswordRequest>,
 ) -> Result<StatusCode, ApiError> {
-    caller.require_cluster(Role::Admin)?;
     state.api.set_password(&name, &request.password).await?;
     Ok(StatusCode::NO_CONTENT)
 }

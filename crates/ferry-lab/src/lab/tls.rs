@@ -68,14 +68,19 @@ fn read(path: &std::path::Path) -> Result<String, TlsError> {
     })
 }
 
-/// The lab's own etcd client: `root`.
-pub fn root(spec: &LabSpec) -> Result<StoreTls, TlsError> {
-    let files = spec.identity_files("root");
+/// The etcd identity made for `name` (`root`, a host).
+fn store_tls(spec: &LabSpec, name: &str) -> Result<StoreTls, TlsError> {
+    let files = spec.identity_files(name);
     Ok(StoreTls {
         ca_pem: read(&files.ca)?,
         cert_pem: read(&files.cert)?,
         key_pem: read(&files.key)?,
     })
+}
+
+/// The lab's own etcd client: `root`.
+pub fn root(spec: &LabSpec) -> Result<StoreTls, TlsError> {
+    store_tls(spec, "root")
 }
 
 /// etcd's server side.
@@ -91,10 +96,5 @@ pub fn etcd(spec: &LabSpec) -> Result<EtcdTls, TlsError> {
 
 /// A lab host's etcd identity, as its agent connects.
 pub fn host_store_tls(spec: &LabSpec, host: u32) -> Result<StoreTls, TlsError> {
-    let files = spec.identity_files(&spec.host_name(host));
-    Ok(StoreTls {
-        ca_pem: read(&files.ca)?,
-        cert_pem: read(&files.cert)?,
-        key_pem: read(&files.key)?,
-    })
+    store_tls(spec, &spec.host_name(host))
 }

@@ -294,11 +294,22 @@ async fn live_source(
         let uri = incoming
             .uri
             .ok_or_else(|| Stopped::failed("the destination gave no migration address"))?;
+        // One set of credentials for both streams: the disks' and the memory's.
+        let tls = match context.runtime.config.migration.tls {
+            true => Some(
+                machine
+                    .send_migration_over_tls(
+                        &context.runtime.config.paths.qemu_tls_dir(),
+                        migrate.to.as_str(),
+                    )
+                    .await?,
+            ),
+            false => None,
+        };
         if !migrate.disk_copies.is_empty() {
             let nbd = incoming
                 .nbd
                 .ok_or_else(|| Stopped::failed("the destination exports no disk copies"))?;
-            let tls = source_tls(context, machine).await?;
             copy_disks(handle, migrate, machine, &nbd, tls).await?;
         }
         let mut capabilities = vec![("auto-converge", true), ("events", true)];
@@ -311,12 +322,10 @@ async fn live_source(
         let mut parameters = serde_json::json!({
             "downtime-limit": migrate.downtime_limit_ms,
             "max-bandwidth": migrate.bandwidth.0,
-            "tls-creds": "",
         });
-        if let Some(creds) = source_tls(context, machine).await? {
-            // The destination's certificate must name the destination host.
-            parameters["tls-creds"] = serde_json::json!(creds);
-            parameters["tls-hostname"] = serde_json::json!(migrate.to.as_str());
+        if tls.is_none() {
+            // A VM that came in over TLS still has the server side's credentials set.
+            parameters["tls-creds"] = serde_json::json!("");
         }
         machine.set_migration_parameters(parameters).await?;
         handle
@@ -505,23 +514,6 @@ async fn copy_disks(
         machine.wait_job_ready(&job, DISK_COPY_TIMEOUT).await?;
     }
     Ok(())
-}
-
-/// The source QEMU's TLS credentials, when streams are TLS.
-async fn source_tls(
-    context: &Context<'_>,
-    machine: &Machine,
-) -> Result<Option<&'static str>, Stopped> {
-    if !context.runtime.config.migration.tls {
-        return Ok(None);
-    }
-    let creds = machine
-        .ensure_tls_creds(
-            &context.runtime.config.paths.qemu_tls_dir(),
-            ferry_qemu::TlsEndpoint::Client,
-        )
-        .await?;
-    Ok(Some(creds))
 }
 
 fn mirror_job(disk: &str) -> String {
@@ -1253,27 +1245,15 @@ async fn prepare(
         }
         // Only the source host's QEMU, over TLS, may send the state.
         let tls = match context.runtime.config.migration.tls {
-            true => {
-                let creds = machine
-                    .ensure_tls_creds(
+            true => Some(
+                machine
+                    .accept_migration_over_tls(
                         &context.runtime.config.paths.qemu_tls_dir(),
-                        ferry_qemu::TlsEndpoint::Server,
+                        migrate.from.as_str(),
                     )
                     .await
-                    .map_err(fail)?;
-                let authz = machine
-                    .ensure_authz(migrate.from.as_str())
-                    .await
-                    .map_err(fail)?;
-                machine
-                    .set_migration_parameters(serde_json::json!({
-                        "tls-creds": creds,
-                        "tls-authz": authz,
-                    }))
-                    .await
-                    .map_err(fail)?;
-                Some((creds, authz))
-            }
+                    .map_err(fail)?,
+            ),
             false => None,
         };
         machine

@@ -340,6 +340,40 @@ impl Machine {
         Ok(id)
     }
 
+    /// Destination: migration streams over TLS with the host's certificate in `dir`,
+    /// from `peer`'s QEMU only. Returns the credentials and authz ids, which the NBD
+    /// server of a disk copy takes too.
+    pub async fn accept_migration_over_tls(
+        &self,
+        dir: &Path,
+        peer: &str,
+    ) -> Result<(&'static str, String), QemuError> {
+        let creds = self.ensure_tls_creds(dir, TlsEndpoint::Server).await?;
+        let authz = self.ensure_authz(peer).await?;
+        self.command(
+            "migrate-set-parameters",
+            Some(json!({"tls-creds": creds, "tls-authz": authz})),
+        )
+        .await?;
+        Ok((creds, authz))
+    }
+
+    /// Source: the migration stream to `peer` over TLS, whose certificate must name
+    /// `peer`. Returns the credentials id, which an NBD client of a disk copy takes too.
+    pub async fn send_migration_over_tls(
+        &self,
+        dir: &Path,
+        peer: &str,
+    ) -> Result<&'static str, QemuError> {
+        let creds = self.ensure_tls_creds(dir, TlsEndpoint::Client).await?;
+        self.command(
+            "migrate-set-parameters",
+            Some(json!({"tls-creds": creds, "tls-hostname": peer})),
+        )
+        .await?;
+        Ok(creds)
+    }
+
     /// Lets in only the peer whose certificate's distinguished name is `CN={peer}`.
     pub async fn ensure_authz(&self, peer: &str) -> Result<String, QemuError> {
         let id = authz_id(peer);

@@ -135,30 +135,12 @@ impl BareVm {
                     .map(|()| dir)
                     .map_err(fail)
                 };
-                let server = destination
-                    .ensure_tls_creds(&creds_of(host)?, ferry_qemu::TlsEndpoint::Server)
-                    .await
-                    .map_err(|error| fail(error.to_string()))?;
-                let authz = destination
-                    .ensure_authz(allowed)
-                    .await
-                    .map_err(|error| fail(error.to_string()))?;
                 destination
-                    .set_migration_parameters(
-                        serde_json::json!({"tls-creds": server, "tls-authz": authz}),
-                    )
+                    .accept_migration_over_tls(&creds_of(host)?, allowed)
                     .await
                     .map_err(|error| fail(error.to_string()))?;
-                let source = self.machine()?;
-                let client = source
-                    .ensure_tls_creds(&creds_of(self.host)?, ferry_qemu::TlsEndpoint::Client)
-                    .await
-                    .map_err(|error| fail(error.to_string()))?;
-                source
-                    .set_migration_parameters(serde_json::json!({
-                        "tls-creds": client,
-                        "tls-hostname": self.lab.host_name(host),
-                    }))
+                self.machine()?
+                    .send_migration_over_tls(&creds_of(self.host)?, &self.lab.host_name(host))
                     .await
                     .map_err(|error| fail(error.to_string()))?;
             }

@@ -350,11 +350,8 @@ impl Machine {
     ) -> Result<(&'static str, String), QemuError> {
         let creds = self.ensure_tls_creds(dir, TlsEndpoint::Server).await?;
         let authz = self.ensure_authz(peer).await?;
-        self.command(
-            "migrate-set-parameters",
-            Some(json!({"tls-creds": creds, "tls-authz": authz})),
-        )
-        .await?;
+        self.set_migration_parameters(json!({"tls-creds": creds, "tls-authz": authz}))
+            .await?;
         Ok((creds, authz))
     }
 
@@ -366,11 +363,8 @@ impl Machine {
         peer: &str,
     ) -> Result<&'static str, QemuError> {
         let creds = self.ensure_tls_creds(dir, TlsEndpoint::Client).await?;
-        self.command(
-            "migrate-set-parameters",
-            Some(json!({"tls-creds": creds, "tls-hostname": peer})),
-        )
-        .await?;
+        self.set_migration_parameters(json!({"tls-creds": creds, "tls-hostname": peer}))
+            .await?;
         Ok(creds)
     }
 

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_model::cluster::{
-    now_ms, Event, HostRecord, ImageRecord, NetworkRecord, Placement, PowerState, VmRecord, VmState,
+    now_ms, Event, HostRecord, ImageRecord, NetworkRecord, Placement, PowerState, VmRecord,
+    VmState, VmStatus,
 };
 use ferry_model::events::EventKind;
 use ferry_model::{Bytes, HostName, MacAddr, VmName, MIN_MEMORY};
@@ -1250,12 +1251,28 @@ fn host_view(
     }
 }
 
+/// The status as the VM's host wrote it. A status written by a host the VM is no
+/// longer placed on (or moving to) is that host's last word before an HA restart moved
+/// the VM: its pid and state describe a QEMU that no longer holds the VM.
+fn current_status(entry: &VmEntry) -> Option<&VmStatus> {
+    let status = &entry.status.as_ref()?.value;
+    let Some(writer) = &status.host else {
+        return Some(status);
+    };
+    match &entry.placement {
+        Some(placement) => (placement.value.host == *writer
+            || placement.value.migrating_to() == Some(writer))
+        .then_some(status),
+        None => Some(status),
+    }
+}
+
 /// The VM's state: what its agent reports, or `starting`/`stopped` before it has
 /// reported; `None` without a record.
 pub fn vm_state(entry: &VmEntry) -> Option<VmState> {
     let record = &entry.record.as_ref()?.value;
-    Some(match (&entry.status, record.desired) {
-        (Some(status), _) => status.value.state,
+    Some(match (current_status(entry), record.desired) {
+        (Some(status), _) => status.state,
         (None, PowerState::Running) => VmState::Starting,
         (None, PowerState::Stopped) => VmState::Stopped,
     })
@@ -1265,7 +1282,7 @@ pub fn vm_state(entry: &VmEntry) -> Option<VmState> {
 /// has reported, or `failed` with the reason.
 pub fn vm_view(entry: &VmEntry) -> Option<VmView> {
     let record = &entry.record.as_ref()?.value;
-    let status = entry.status.as_ref().map(|status| &status.value);
+    let status = current_status(entry);
     let state = vm_state(entry)?;
     Some(VmView {
         name: record.spec.name.to_string(),
@@ -1478,4 +1495,102 @@ pub(crate) fn free_space(path: &std::path::Path) -> Option<Bytes> {
     Some(Bytes(
         (stat.blocks_available() as u64).saturating_mul(stat.fragment_size() as u64),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // a test fails loudly by design
+
+    use ferry_model::cluster::{PlacementMigration, PlacementPhase};
+    use ferry_model::{Boot, Bytes, VmSpec};
+    use ferry_store::Versioned;
+
+    use super::*;
+
+    fn versioned<T>(value: T) -> Option<Versioned<T>> {
+        Some(Versioned {
+            value,
+            mod_revision: 1,
+        })
+    }
+
+    fn entry(placed_on: &str, migrating_to: Option<&str>, status_from: &str) -> VmEntry {
+        let record = VmRecord {
+            version: 1,
+            spec: VmSpec {
+                name: "app".parse().unwrap(),
+                cpus: 1,
+                memory: Bytes::mib(256),
+                cpu_model: "qemu64".into(),
+                disks: vec![],
+                nics: vec![],
+                boot: Boot::Kernel {
+                    kernel: "/k".into(),
+                    initrd: None,
+                    cmdline: String::new(),
+                },
+                firmware: Default::default(),
+                cdroms: Vec::new(),
+                boot_order: ferry_model::default_boot_order(),
+                guest_agent: true,
+                stop_command: None,
+            },
+            desired: PowerState::Running,
+            image: "appliance".into(),
+            preferred_host: None,
+            ip: None,
+            addresses: Vec::new(),
+            deleting: false,
+            reset_serial: 0,
+            migration: Default::default(),
+            ha: Default::default(),
+            project: ferry_model::access::default_project(),
+        };
+        VmEntry {
+            record: versioned(record),
+            placement: versioned(Placement {
+                version: 1,
+                host: placed_on.parse().unwrap(),
+                generation: 2,
+                phase: if migrating_to.is_some() {
+                    PlacementPhase::Migrating
+                } else {
+                    PlacementPhase::Assigned
+                },
+                migration: migrating_to.map(|to| PlacementMigration {
+                    to: to.parse().unwrap(),
+                    op: "op-1".into(),
+                }),
+            }),
+            status: versioned(VmStatus {
+                version: 1,
+                host: Some(status_from.parse().unwrap()),
+                state: VmState::Running,
+                pid: Some(30953),
+                guest_agent: true,
+                last_error: None,
+                updated_ms: 1,
+            }),
+            ..VmEntry::default()
+        }
+    }
+
+    #[test]
+    fn a_status_left_by_the_host_an_ha_restart_moved_the_vm_from_is_not_shown() {
+        // host1 fenced itself and wrote no more; the manager placed the VM on host2,
+        // which has not reported yet.
+        let view = vm_view(&entry("host2", None, "host1")).unwrap();
+        assert_eq!(view.host.as_deref(), Some("host2"));
+        assert_eq!(view.state, "starting");
+        assert_eq!(view.pid, None);
+        assert!(!view.guest_agent);
+    }
+
+    #[test]
+    fn the_placed_hosts_status_and_the_migration_targets_status_are_shown() {
+        let view = vm_view(&entry("host1", None, "host1")).unwrap();
+        assert_eq!((view.state.as_str(), view.pid), ("running", Some(30953)));
+        let view = vm_view(&entry("host1", Some("host2"), "host2")).unwrap();
+        assert_eq!((view.state.as_str(), view.pid), ("running", Some(30953)));
+    }
 }

@@ -807,7 +807,26 @@ async fn carry_out(
         (Step::Start, Some(record)) => {
             write_status(VmState::Starting, None, None).await;
             let started = Instant::now();
-            match runtime.start(&record).await {
+            let tag = record.resume_checkpoint.clone();
+            let clear = async {
+                let Some(tag) = tag else { return Ok(()) };
+                store
+                    .update(&keys.vm_spec(vm), |current: Option<&VmRecord>| {
+                        let mut next = current.cloned().ok_or_else(|| {
+                            ferry_store::StoreError::Conflict {
+                                key: keys.vm_spec(vm),
+                            }
+                        })?;
+                        if next.resume_checkpoint.as_deref() == Some(tag.as_str()) {
+                            next.resume_checkpoint = None;
+                        }
+                        Ok::<_, ferry_store::StoreError>(next)
+                    })
+                    .await
+                    .map(drop)
+                    .map_err(|error| format!("cannot clear it from the record: {error}"))
+            };
+            match runtime.start_then(&record, clear).await {
                 Ok(machine) => {
                     write_status(VmState::Running, Some(machine.pid()), None).await;
                     events

@@ -1,5 +1,6 @@
 //! The Ferry agent: one per host. See [`daemon`] for what it does.
 
+pub mod checkpoint;
 pub mod config;
 pub mod daemon;
 pub mod executor;

@@ -127,6 +127,7 @@ mod tests {
             addresses: Vec::new(),
             deleting: false,
             reset_serial: 0,
+            resume_checkpoint: None,
             migration: Default::default(),
             ha: Default::default(),
             project: ferry_model::access::default_project(),

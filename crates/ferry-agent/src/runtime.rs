@@ -204,6 +204,18 @@ impl Runtime {
     /// start began under is still held (a launch that outlived a lease loss, even one
     /// followed by a new lease, may be racing an HA restart elsewhere).
     pub async fn start(&self, record: &VmRecord) -> Result<Arc<Machine>, String> {
+        self.start_then(record, async { Ok(()) }).await
+    }
+
+    /// [`Runtime::start`], loading the checkpoint the record says to resume from (if
+    /// any) while the vCPUs are still stopped, then running `before_run` (which
+    /// clears that checkpoint from the record, so that no later start loads it
+    /// again), and only then running the guest.
+    pub async fn start_then(
+        &self,
+        record: &VmRecord,
+        before_run: impl std::future::Future<Output = Result<(), String>>,
+    ) -> Result<Arc<Machine>, String> {
         let epoch = self.ha.epoch();
         if !self.ha.may_start() {
             return Err("this host has no fresh lease".into());
@@ -219,6 +231,24 @@ impl Runtime {
                     format!("the lease was lost while QEMU started, and killing it failed: {error}")
                 }
             });
+        }
+        if let Some(tag) = &record.resume_checkpoint {
+            let loaded = crate::checkpoint::load_at_start(&machine, &record.spec, tag).await;
+            let ready = match loaded {
+                Ok(()) => before_run.await,
+                Err(error) => Err(error),
+            };
+            if let Err(error) = ready {
+                let killed = self
+                    .kill(vm)
+                    .await
+                    .err()
+                    .map(|kill| format!(" (and killing it failed: {kill})"));
+                return Err(format!(
+                    "checkpoint {tag} could not be resumed: {error}{}",
+                    killed.unwrap_or_default()
+                ));
+            }
         }
         if let Err(error) = machine.resume().await {
             let killed = self
@@ -512,6 +542,27 @@ impl ferry_api::ops::LocalVms for LocalExec {
                 None => machine.cdrom_eject(&drive).await,
             };
             changed.map_err(|error| ApiError::Conflict(error.to_string()))
+        })
+    }
+
+    fn checkpoint<'a>(
+        &'a self,
+        record: &'a VmRecord,
+        action: &'a ferry_model::ops::CheckpointAction,
+        nvram_copy: Option<&'a std::path::Path>,
+    ) -> BoxFuture<'a, Result<ferry_api::types::CheckpointDone, ApiError>> {
+        Box::pin(async move {
+            crate::checkpoint::run(&self.0, record, action, nvram_copy)
+                .await
+                .map_err(ApiError::Conflict)
+        })
+    }
+
+    fn flatten<'a>(&'a self, record: &'a VmRecord) -> BoxFuture<'a, Result<(), ApiError>> {
+        Box::pin(async move {
+            crate::checkpoint::flatten(&self.0, record)
+                .await
+                .map_err(ApiError::Conflict)
         })
     }
 

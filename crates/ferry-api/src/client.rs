@@ -7,8 +7,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::types::{
+    CheckpointView, CloneVmRequest, CreateCheckpointRequest, CreateTemplateRequest,
     CreateVmRequest, ErrorBody, EventView, ExecRequest, ExecResponse, HostView, ImageView,
-    MigrateRequest, MoveDiskRequest, OpView, VmView,
+    MigrateRequest, MoveDiskRequest, OpView, TemplateView, VmView,
 };
 use crate::ApiError;
 
@@ -449,6 +450,83 @@ impl ApiClient {
             Duration::from_secs(30),
         )
         .await
+    }
+
+    /// Long calls: a memory save of a large guest, a full copy of a large disk.
+    const LONG_CALL: Duration = Duration::from_secs(3600);
+
+    pub async fn create_checkpoint(
+        &self,
+        name: &str,
+        request: &CreateCheckpointRequest,
+    ) -> Result<OpView, ApiError> {
+        self.post(
+            &format!("/vms/{name}/checkpoints"),
+            Some(request),
+            Self::LONG_CALL,
+        )
+        .await
+    }
+
+    pub async fn list_checkpoints(&self, name: &str) -> Result<Vec<CheckpointView>, ApiError> {
+        self.get(&format!("/vms/{name}/checkpoints")).await
+    }
+
+    pub async fn revert_checkpoint(&self, name: &str, tag: &str) -> Result<OpView, ApiError> {
+        self.post(
+            &format!("/vms/{name}/checkpoints/{tag}/revert"),
+            None::<&()>,
+            Self::LONG_CALL,
+        )
+        .await
+    }
+
+    pub async fn delete_checkpoint(&self, name: &str, tag: &str) -> Result<OpView, ApiError> {
+        self.call(
+            reqwest::Method::DELETE,
+            &format!("/vms/{name}/checkpoints/{tag}"),
+            None::<&()>,
+            Self::LONG_CALL,
+        )
+        .await
+    }
+
+    pub async fn flatten_vm(&self, name: &str) -> Result<OpView, ApiError> {
+        self.post(
+            &format!("/vms/{name}/flatten"),
+            None::<&()>,
+            Self::LONG_CALL,
+        )
+        .await
+    }
+
+    pub async fn clone_vm(&self, name: &str, request: &CloneVmRequest) -> Result<VmView, ApiError> {
+        self.post(
+            &format!("/vms/{name}/clone"),
+            Some(request),
+            Self::LONG_CALL,
+        )
+        .await
+    }
+
+    pub async fn create_template(
+        &self,
+        request: &CreateTemplateRequest,
+    ) -> Result<TemplateView, ApiError> {
+        self.post("/templates", Some(request), Self::LONG_CALL)
+            .await
+    }
+
+    pub async fn list_templates(&self) -> Result<Vec<TemplateView>, ApiError> {
+        self.get("/templates").await
+    }
+
+    pub async fn get_template(&self, name: &str) -> Result<TemplateView, ApiError> {
+        self.get(&format!("/templates/{name}")).await
+    }
+
+    pub async fn delete_template(&self, name: &str) -> Result<(), ApiError> {
+        self.delete(&format!("/templates/{name}")).await
     }
 
     pub async fn move_disk(

@@ -4,6 +4,7 @@
 
 pub mod access;
 pub mod auth;
+pub mod checkpoints;
 pub mod client;
 pub mod client_config;
 pub mod cloud_init;
@@ -18,6 +19,7 @@ pub mod provision;
 pub mod rest;
 pub mod serve;
 pub mod streams;
+pub mod templates;
 pub mod types;
 
 pub use error::ApiError;

@@ -6,7 +6,9 @@
 use ferry_manager::migration::{check_destination, choose_destination, local_pool, Candidate};
 use ferry_model::cluster::{now_ms, HostRecord, PlacementPhase, VmState, RECORD_VERSION};
 use ferry_model::events::EventKind;
-use ferry_model::ops::{DiskCopy, MigrateOp, MigrationMode, MoveDiskOp, OpKind, OpRecord, OpState};
+use ferry_model::ops::{
+    CheckpointAction, DiskCopy, MigrateOp, MigrationMode, MoveDiskOp, OpKind, OpRecord, OpState,
+};
 use ferry_model::{Bytes, HostName};
 use ferry_store::{encode, Change, Guard, Read};
 
@@ -293,6 +295,18 @@ impl ClusterApi {
     /// Creates the op and takes the VM's op lock in one transaction: a second op of
     /// the same VM, however close behind, finds the lock taken and is refused.
     async fn create_op(&self, kind: OpKind) -> Result<OpRecord, ApiError> {
+        self.create_op_as(kind, OpState::Queued, "waiting for a migration slot")
+            .await
+    }
+
+    /// Creates an op in `state` (an op its host carries out at once starts
+    /// `Running`), with the VM's op lock, in one transaction.
+    pub(crate) async fn create_op_as(
+        &self,
+        kind: OpKind,
+        state: OpState,
+        phase: &str,
+    ) -> Result<OpRecord, ApiError> {
         let keys = self.store().keys();
         let vm = kind.vm().clone();
         let lock_key = keys.vm_op(&vm);
@@ -308,10 +322,10 @@ impl ClusterApi {
                 version: RECORD_VERSION,
                 id: id.clone(),
                 kind: kind.clone(),
-                state: OpState::Queued,
-                phase: "waiting for a migration slot".into(),
+                state,
+                phase: phase.into(),
                 created_ms: now_ms(),
-                started_ms: None,
+                started_ms: (state == OpState::Running).then(now_ms),
                 finished_ms: None,
                 progress: None,
                 outcome: None,
@@ -355,8 +369,14 @@ impl ClusterApi {
                                 revision: holder.mod_revision,
                             };
                             if !ended {
+                                let what = match &holder_op {
+                                    Read::Present(record) => {
+                                        format!("a {} op", record.value.kind.name())
+                                    }
+                                    _ => "an op".to_string(),
+                                };
                                 return Err(ApiError::Conflict(format!(
-                                    "VM {vm} already has an op in flight (op {})",
+                                    "VM {vm} already has {what} in flight (op {}); wait for it or cancel it",
                                     holder.value.op
                                 )));
                             }
@@ -518,6 +538,15 @@ pub fn op_view(op: &OpRecord) -> OpView {
             view.disk = Some(move_disk.disk.clone());
             view.pool = Some(move_disk.to_pool.clone());
         }
+        OpKind::Checkpoint(checkpoint) => {
+            view.from = Some(checkpoint.host.to_string());
+            view.tag = Some(match &checkpoint.action {
+                CheckpointAction::Create { tag, .. }
+                | CheckpointAction::Revert { tag, .. }
+                | CheckpointAction::Delete { tag } => tag.clone(),
+            });
+        }
+        OpKind::Flatten(flatten) => view.from = Some(flatten.host.to_string()),
     }
     if let Some(outcome) = &op.outcome {
         view.qemu_downtime_ms = outcome.qemu_downtime_ms;
@@ -577,6 +606,24 @@ mod tests {
         ) -> BoxFuture<'a, Result<std::path::PathBuf, ApiError>> {
             Box::pin(async move { Err(ApiError::NotFound(format!("VM {vm} is not here"))) })
         }
+
+        fn checkpoint<'a>(
+            &'a self,
+            record: &'a ferry_model::cluster::VmRecord,
+            _: &'a ferry_model::ops::CheckpointAction,
+            _: Option<&'a std::path::Path>,
+        ) -> BoxFuture<'a, Result<crate::types::CheckpointDone, ApiError>> {
+            let vm = record.spec.name.clone();
+            Box::pin(async move { Err(ApiError::NotFound(format!("VM {vm} is not here"))) })
+        }
+
+        fn flatten<'a>(
+            &'a self,
+            record: &'a ferry_model::cluster::VmRecord,
+        ) -> BoxFuture<'a, Result<(), ApiError>> {
+            let vm = record.spec.name.clone();
+            Box::pin(async move { Err(ApiError::NotFound(format!("VM {vm} is not here"))) })
+        }
     }
 
     fn test_peer_tls(dir: &std::path::Path) -> rustls::ClientConfig {
@@ -627,7 +674,7 @@ mod tests {
         assert_eq!(
             busy.to_string(),
             ApiError::Conflict(format!(
-                "VM web already has an op in flight (op {})",
+                "VM web already has a migrate op in flight (op {}); wait for it or cancel it",
                 first.id
             ))
             .to_string()

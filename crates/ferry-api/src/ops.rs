@@ -48,6 +48,19 @@ pub trait LocalVms: Send + Sync {
         iso: Option<PathBuf>,
     ) -> BoxFuture<'_, Result<(), ApiError>>;
 
+    /// Carries out a checkpoint action on a VM running here, or on the disks of a
+    /// stopped VM this host holds. `nvram_copy`: the checkpoint's copy of the UEFI
+    /// variable store.
+    fn checkpoint<'a>(
+        &'a self,
+        record: &'a VmRecord,
+        action: &'a ferry_model::ops::CheckpointAction,
+        nvram_copy: Option<&'a std::path::Path>,
+    ) -> BoxFuture<'a, Result<crate::types::CheckpointDone, ApiError>>;
+
+    /// Copies the template base into the VM's linked disks (running or stopped here).
+    fn flatten<'a>(&'a self, record: &'a VmRecord) -> BoxFuture<'a, Result<(), ApiError>>;
+
     /// The unix socket of a console of a VM running here.
     fn console_socket<'a>(
         &'a self,
@@ -226,7 +239,76 @@ impl ClusterApi {
         token: &str,
         hop: Hop,
     ) -> Result<VmView, ApiError> {
+        let template = match &request.template {
+            Some(name) => Some(crate::templates::TemplateSource {
+                record: self.template_record(name).await?,
+                linked: request.linked.unwrap_or(true),
+                snapshot: None,
+            }),
+            None => {
+                if request.linked.is_some() {
+                    return Err(ApiError::BadRequest(
+                        "linked: applies to a VM made from a template".into(),
+                    ));
+                }
+                None
+            }
+        };
+        self.create_vm_from(request, template, token, hop).await
+    }
+
+    /// Creates a VM, from `template` when given (a template of the cluster, or a VM
+    /// being cloned described as one).
+    pub(crate) async fn create_vm_from(
+        &self,
+        mut request: CreateVmRequest,
+        template: Option<crate::templates::TemplateSource>,
+        token: &str,
+        hop: Hop,
+    ) -> Result<VmView, ApiError> {
         let name = parse_vm_name(&request.name)?;
+        if let Some(template) = &template {
+            let record = &template.record;
+            if request.cpus == 0 {
+                request.cpus = record.cpus;
+            }
+            if request.memory.is_empty() {
+                request.memory = record.memory.to_string();
+            }
+            if request.nics.is_empty() {
+                request.nics = record
+                    .nics
+                    .iter()
+                    .map(|nic| crate::types::NicRequest {
+                        network: nic.network.clone(),
+                        mac: None,
+                        model: Some(nic.model),
+                    })
+                    .collect();
+            }
+            request.firmware = request.firmware.or(Some(if record.uefi {
+                crate::types::FirmwareKind::Uefi
+            } else {
+                crate::types::FirmwareKind::Bios
+            }));
+            request.disk_bus = request.disk_bus.or(Some(record.bus));
+            request.cpu_model = request
+                .cpu_model
+                .clone()
+                .or_else(|| Some(record.cpu_model.clone()));
+            if request.stop_command.is_none() {
+                if let Some(stop) = &record.stop_command {
+                    request.stop_command = Some(stop.command.clone());
+                    request.stop_timeout_seconds = Some(stop.timeout_seconds);
+                }
+            }
+            if request.firmware == Some(crate::types::FirmwareKind::Uefi) && !record.uefi {
+                return Err(ApiError::BadRequest(format!(
+                    "firmware: template {} boots with BIOS",
+                    record.name
+                )));
+            }
+        }
         let memory: Bytes = request
             .memory
             .parse()
@@ -250,16 +332,27 @@ impl ClusterApi {
             request.image.is_some(),
             request.iso.is_some(),
             request.blank,
+            template.is_some(),
         ]
         .iter()
         .filter(|given| **given)
         .count();
         if sources > 1 {
             return Err(ApiError::BadRequest(
-                "give one of image, iso and blank".into(),
+                "give one of image, iso, blank and template".into(),
             ));
         }
+        if let Some(template) = &template {
+            let shared = ferry_model::access::default_project();
+            if template.record.project != project && template.record.project != shared {
+                return Err(ApiError::NotFound(format!(
+                    "template {} does not exist",
+                    template.record.name
+                )));
+            }
+        }
         let image = match (&request.image, &request.iso, request.blank) {
+            _ if template.is_some() => None,
             (Some(image), _, _) => Some(self.image_named(image, "image").await?),
             (None, Some(iso), _) => Some(self.image_named(iso, "iso").await?),
             (None, None, true) => None,
@@ -420,6 +513,12 @@ impl ClusterApi {
                     self.host
                 )));
             }
+            if template.is_some() && request.template.is_none() {
+                return Err(ApiError::BadRequest(format!(
+                    "disks[{index}]: a clone's disks go on the shared pool or a pool of {}",
+                    self.host
+                )));
+            }
             let mut forwarded = request.clone();
             forwarded.host = Some(owner.name.to_string());
             return self.forward_create(&owner.api_url, &forwarded, token).await;
@@ -533,10 +632,15 @@ impl ClusterApi {
                 cmdline.push_str(&format!(" ferry.gw={gateway}"));
             }
         }
-        let source = match (&image, request.iso.is_some()) {
-            (Some(image), true) => crate::provision::Source::Iso(image),
-            (Some(image), false) => crate::provision::Source::Image(image),
-            (None, _) => crate::provision::Source::Blank,
+        let source = match (&image, request.iso.is_some(), &template) {
+            (_, _, Some(template)) => crate::provision::Source::Template {
+                template: &template.record,
+                linked: template.linked,
+                snapshot: template.snapshot.as_deref(),
+            },
+            (Some(image), true, None) => crate::provision::Source::Iso(image),
+            (Some(image), false, None) => crate::provision::Source::Image(image),
+            (None, _, None) => crate::provision::Source::Blank,
         };
         let stop_command = request
             .stop_command
@@ -609,10 +713,11 @@ impl ClusterApi {
             version: ferry_model::cluster::RECORD_VERSION,
             spec: planned.spec.clone(),
             desired: PowerState::Stopped,
-            image: image
-                .as_ref()
-                .map(|image| image.name.clone())
-                .unwrap_or_default(),
+            image: match (&image, &template) {
+                (_, Some(template)) => template.record.image.clone(),
+                (Some(image), None) => image.name.clone(),
+                (None, None) => String::new(),
+            },
             preferred_host,
             ip: addresses.first().map(|(_, address)| address.to_string()),
             addresses: addresses
@@ -624,6 +729,7 @@ impl ClusterApi {
                 .collect(),
             deleting: false,
             reset_serial: 0,
+            resume_checkpoint: None,
             migration: Default::default(),
             ha,
         };
@@ -675,12 +781,19 @@ impl ClusterApi {
             let error = undo(format!("cannot start it: {error}")).await;
             return Err(ApiError::Unavailable(format!("VM {name}: {error}")));
         }
+        let origin = match &template {
+            Some(template) if template.linked => {
+                format!(", a linked clone of template {}", template.record.name)
+            }
+            Some(template) => format!(", a full copy of {}", template.record.name),
+            None => String::new(),
+        };
         self.events
             .record(
                 &name.subject(),
                 EventKind::Created,
                 &format!(
-                    "VM {name} created ({} vCPU, {memory}, {} disk(s), {})",
+                    "VM {name} created ({} vCPU, {memory}, {} disk(s), {}{origin})",
                     request.cpus,
                     planned.spec.disks.len(),
                     planned.spec.firmware.name()
@@ -826,7 +939,7 @@ impl ClusterApi {
     }
 
     /// Changes a VM's record with compare-and-swap, retrying on concurrent changes.
-    async fn update_record(
+    pub(crate) async fn update_record(
         &self,
         name: &VmName,
         change: impl Fn(&mut VmRecord) -> Result<(), ApiError>,
@@ -1542,6 +1655,7 @@ mod tests {
             addresses: Vec::new(),
             deleting: false,
             reset_serial: 0,
+            resume_checkpoint: None,
             migration: Default::default(),
             ha: Default::default(),
             project: ferry_model::access::default_project(),

@@ -94,6 +94,48 @@ pub const POLICY: &[(&str, &str, Access)] = &[
         "/api/v1/vms/{name}/vnc",
         Access::Role(Role::Operator),
     ),
+    (
+        "GET",
+        "/api/v1/vms/{name}/checkpoints",
+        Access::Role(Role::Viewer),
+    ),
+    (
+        "POST",
+        "/api/v1/vms/{name}/checkpoints",
+        Access::Role(Role::Operator),
+    ),
+    (
+        "DELETE",
+        "/api/v1/vms/{name}/checkpoints/{tag}",
+        Access::Role(Role::Operator),
+    ),
+    (
+        "POST",
+        "/api/v1/vms/{name}/checkpoints/{tag}/revert",
+        Access::Role(Role::Operator),
+    ),
+    (
+        "POST",
+        "/api/v1/vms/{name}/flatten",
+        Access::Role(Role::Operator),
+    ),
+    (
+        "POST",
+        "/api/v1/vms/{name}/clone",
+        Access::Role(Role::Admin),
+    ),
+    ("GET", "/api/v1/templates", Access::Role(Role::Viewer)),
+    ("POST", "/api/v1/templates", Access::Role(Role::Admin)),
+    (
+        "GET",
+        "/api/v1/templates/{name}",
+        Access::Role(Role::Viewer),
+    ),
+    (
+        "DELETE",
+        "/api/v1/templates/{name}",
+        Access::Role(Role::Admin),
+    ),
     ("GET", "/api/v1/images", Access::Role(Role::Viewer)),
     ("GET", "/api/v1/images/{name}", Access::Role(Role::Viewer)),
     ("PUT", "/api/v1/images/{name}", Access::ClusterAdmin),

@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
+use ferry_model::checkpoint::TemplateRecord;
 use ferry_model::cluster::{ImageContent, ImageRecord};
 use ferry_model::{
     Boot, BootDevice, Bytes, CacheMode, CdromSpec, DiskBus, DiskFormat, DiskSpec, Firmware,
@@ -40,6 +41,13 @@ pub enum Source<'a> {
     /// An installer ISO: in the CD-ROM, with a blank first disk.
     Iso(&'a ImageRecord),
     Blank,
+    /// A template (or a VM being cloned, described as one): its disks as overlays on
+    /// its base (`linked`) or copies of them (of checkpoint `snapshot` when given).
+    Template {
+        template: &'a TemplateRecord,
+        linked: bool,
+        snapshot: Option<&'a str>,
+    },
 }
 
 /// A NIC to give the VM, with its address from the network's pool if it has one.
@@ -95,6 +103,25 @@ pub enum Step {
     Nvram {
         path: PathBuf,
     },
+    /// A qcow2 overlay on a template's read-only base (a linked clone's disk).
+    Overlay {
+        base: PathBuf,
+        to: PathBuf,
+        size: Option<Bytes>,
+    },
+    /// A standalone copy of a template's base or a VM's disk (of checkpoint
+    /// `snapshot` when given).
+    FlatCopy {
+        from: PathBuf,
+        snapshot: Option<String>,
+        to: PathBuf,
+        size: Option<Bytes>,
+    },
+    /// The UEFI variable store copied from a template's (or a checkpoint's).
+    NvramFrom {
+        from: PathBuf,
+        path: PathBuf,
+    },
     Seed {
         path: PathBuf,
         files: SeedFiles,
@@ -104,8 +131,11 @@ pub enum Step {
 impl Step {
     fn target(&self) -> &Path {
         match self {
-            Step::Blank { path, .. } | Step::Nvram { path } | Step::Seed { path, .. } => path,
-            Step::Copy { to, .. } => to,
+            Step::Blank { path, .. }
+            | Step::Nvram { path }
+            | Step::Seed { path, .. }
+            | Step::NvramFrom { path, .. } => path,
+            Step::Copy { to, .. } | Step::Overlay { to, .. } | Step::FlatCopy { to, .. } => to,
         }
     }
 }
@@ -160,6 +190,7 @@ pub fn plan(request: &Request<'_>) -> Result<Plan, String> {
                         wanted: &WantedDisk,
                         id: String,
                         content: Option<(&Path, DiskFormat, Bytes)>,
+                        from_template: Option<(&str, bool, Option<&str>)>,
                         steps: &mut Vec<Step>,
                         dirs: &mut Vec<PathBuf>|
      -> Result<DiskSpec, String> {
@@ -192,14 +223,29 @@ pub fn plan(request: &Request<'_>) -> Result<Plan, String> {
                 ));
             }
         }
-        match content {
-            Some((from, format, _)) => steps.push(Step::Copy {
+        let mut base = None;
+        match (content, from_template) {
+            (Some((from, _, _)), Some((template, true, _))) => {
+                base = Some(template.to_string());
+                steps.push(Step::Overlay {
+                    base: from.to_path_buf(),
+                    to: path.clone(),
+                    size: wanted.size,
+                })
+            }
+            (Some((from, _, _)), Some((_, false, snapshot))) => steps.push(Step::FlatCopy {
+                from: from.to_path_buf(),
+                snapshot: snapshot.map(str::to_string),
+                to: path.clone(),
+                size: wanted.size,
+            }),
+            (Some((from, format, _)), None) => steps.push(Step::Copy {
                 from: from.to_path_buf(),
                 format,
                 to: path.clone(),
                 size: wanted.size,
             }),
-            None => steps.push(Step::Blank {
+            (None, _) => steps.push(Step::Blank {
                 path: path.clone(),
                 size,
             }),
@@ -213,11 +259,16 @@ pub fn plan(request: &Request<'_>) -> Result<Plan, String> {
             size: Some(size),
             bus: request.bus,
             pool: Some(site.name.clone()),
+            base,
         })
     };
 
     let first = request.disks.first().cloned().unwrap_or_default();
-    let rest = request.disks.get(1..).unwrap_or_default();
+    let made_by_source = match request.source {
+        Source::Template { template, .. } => template.disks.len().max(1),
+        _ => 1,
+    };
+    let rest = request.disks.get(made_by_source..).unwrap_or_default();
     let mut boot = Boot::Disk;
     let guest_agent;
     let mut boot_order = request.boot_order.to_vec();
@@ -234,7 +285,7 @@ pub fn plan(request: &Request<'_>) -> Result<Plan, String> {
                         size: first.size.or(Some(*data_disk)),
                         pool: first.pool.clone(),
                     };
-                    disks.push(add_disk(0, &wanted, "data".into(), None, &mut steps, &mut dirs)?);
+                    disks.push(add_disk(0, &wanted, "data".into(), None, None, &mut steps, &mut dirs)?);
                     boot = Boot::Kernel {
                         kernel: kernel.clone(),
                         initrd: Some(initrd.clone()),
@@ -250,6 +301,7 @@ pub fn plan(request: &Request<'_>) -> Result<Plan, String> {
                     &first,
                     "disk0".into(),
                     Some((path, *format, *virtual_size)),
+                    None,
                     &mut steps,
                     &mut dirs,
                 )?),
@@ -275,6 +327,7 @@ pub fn plan(request: &Request<'_>) -> Result<Plan, String> {
                 &first,
                 "disk0".into(),
                 None,
+                None,
                 &mut steps,
                 &mut dirs,
             )?);
@@ -289,6 +342,33 @@ pub fn plan(request: &Request<'_>) -> Result<Plan, String> {
                 boot_order = vec![BootDevice::Disk, BootDevice::Cdrom];
             }
         }
+        Source::Template {
+            template,
+            linked,
+            snapshot,
+        } => {
+            guest_agent = template.guest_agent;
+            for (index, disk) in template.disks.iter().enumerate() {
+                let wanted = request.disks.get(index).cloned().unwrap_or_default();
+                disks.push(add_disk(
+                    index,
+                    &wanted,
+                    disk.id.clone(),
+                    Some((&disk.path, DiskFormat::Qcow2, disk.size)),
+                    Some((&template.name, linked, snapshot)),
+                    &mut steps,
+                    &mut dirs,
+                )?);
+            }
+            boot = match &template.boot {
+                Boot::Kernel { kernel, initrd, .. } => Boot::Kernel {
+                    kernel: kernel.clone(),
+                    initrd: initrd.clone(),
+                    cmdline: request.appliance_cmdline.clone(),
+                },
+                Boot::Disk => Boot::Disk,
+            };
+        }
         Source::Blank => {
             guest_agent = false;
             disks.push(add_disk(
@@ -296,17 +376,19 @@ pub fn plan(request: &Request<'_>) -> Result<Plan, String> {
                 &first,
                 "disk0".into(),
                 None,
+                None,
                 &mut steps,
                 &mut dirs,
             )?);
         }
     }
     for (offset, wanted) in rest.iter().enumerate() {
-        let index = offset + 1;
+        let index = offset + made_by_source;
         disks.push(add_disk(
             index,
             wanted,
             format!("disk{index}"),
+            None,
             None,
             &mut steps,
             &mut dirs,
@@ -336,6 +418,7 @@ pub fn plan(request: &Request<'_>) -> Result<Plan, String> {
     let is_appliance = matches!(boot, Boot::Kernel { .. });
     let wants_seed = match request.source {
         Source::Image(image) => matches!(image.content, ImageContent::Disk { .. }),
+        Source::Template { template, .. } => template.cloud_init || request.cloud_init.is_some(),
         _ => request.cloud_init.is_some(),
     };
     if is_appliance && request.cloud_init.is_some() {
@@ -373,9 +456,21 @@ pub fn plan(request: &Request<'_>) -> Result<Plan, String> {
         });
     }
 
-    let firmware = match request.firmware {
-        FirmwareKind::Bios => Firmware::Bios,
-        FirmwareKind::Uefi => {
+    let template_nvram = match request.source {
+        Source::Template { template, .. } => template.nvram.as_ref(),
+        _ => None,
+    };
+    let firmware = match (request.firmware, template_nvram) {
+        (FirmwareKind::Bios, _) => Firmware::Bios,
+        (FirmwareKind::Uefi, Some(from)) => {
+            let path = vm_dir(&shared.path, name).join("nvram.fd");
+            steps.push(Step::NvramFrom {
+                from: from.clone(),
+                path: path.clone(),
+            });
+            Firmware::Uefi { nvram: path }
+        }
+        (FirmwareKind::Uefi, None) => {
             let path = vm_dir(&shared.path, name).join("nvram.fd");
             steps.push(Step::Nvram { path: path.clone() });
             Firmware::Uefi { nvram: path }
@@ -454,6 +549,33 @@ pub fn make(plan: &Plan) -> Result<(), String> {
                     })
             }
             Step::Seed { path, files } => cloud_init::write_seed(path, files),
+            Step::Overlay { base, to, size } => {
+                ferry_qemu::snapshot::create_overlay(base, to, *size)
+            }
+            Step::FlatCopy {
+                from,
+                snapshot,
+                to,
+                size,
+            } => {
+                ferry_qemu::snapshot::flat_copy(from, to, snapshot.as_deref(), &mut |_| {})?;
+                grow(to, *size)
+            }
+            Step::NvramFrom { from, path } => {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)
+                        .map_err(|error| format!("cannot create {}: {error}", dir.display()))?;
+                }
+                std::fs::copy(from, path).map(drop).map_err(|error| {
+                    format!(
+                        "cannot copy the UEFI variable store {}: {error}",
+                        from.display()
+                    )
+                })?;
+                // The template's copy is read-only; the VM's own is not.
+                std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                    .map_err(|error| format!("{}: {error}", path.display()))
+            }
         }
     });
     if let Err(error) = result {
@@ -471,6 +593,15 @@ pub fn make(plan: &Plan) -> Result<(), String> {
             }
         }
         return Err(error);
+    }
+    Ok(())
+}
+
+/// Grows a copied disk to `size` when that is larger.
+fn grow(path: &Path, size: Option<Bytes>) -> Result<(), String> {
+    let Some(size) = size else { return Ok(()) };
+    if size > ferry_qemu::image::inspect(path)?.virtual_size {
+        ferry_qemu::image::resize(path, size)?;
     }
     Ok(())
 }

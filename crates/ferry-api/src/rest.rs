@@ -22,12 +22,13 @@ use crate::ops::{ClusterApi, Hop};
 use crate::serve::Peer;
 use crate::streams::{StreamLimits, StreamPermit};
 use crate::types::{
-    AddMonitorRequest, CdromRequest, CdromView, CloudInitRequest, CreateProjectRequest,
-    CreateTokenRequest, CreateUserRequest, CreateVmRequest, DiskRequest, DiskView, ErrorBody,
-    ErrorDetail, EventView, ExecRequest, ExecResponse, HostMonitorView, HostView, ImageView,
-    LoginRequest, MigrateRequest, MonitorView, MoveDiskRequest, NicRequest, NicView, OpView,
-    PasswordRequest, ProgressView, ProjectView, TokenCreated, TokenView, UpdateHaRequest, UserView,
-    VmView,
+    AddMonitorRequest, CdromRequest, CdromView, CheckpointView, CloneVmRequest, CloudInitRequest,
+    CreateCheckpointRequest, CreateProjectRequest, CreateTemplateRequest, CreateTokenRequest,
+    CreateUserRequest, CreateVmRequest, DiskRequest, DiskView, ErrorBody, ErrorDetail, EventView,
+    ExecRequest, ExecResponse, HostMonitorView, HostView, ImageView, LoginRequest, MigrateRequest,
+    MonitorView, MoveDiskRequest, NicRequest, NicView, OpView, PasswordRequest, ProgressView,
+    ProjectView, TemplateDiskView, TemplateView, TokenCreated, TokenView, UpdateHaRequest,
+    UserView, VmView,
 };
 use crate::ApiError;
 
@@ -239,6 +240,28 @@ pub fn router(state: RestState) -> Router {
             axum::routing::delete(remove_monitor),
         )
         .route("/api/v1/vms/{name}/exec", post(exec_vm))
+        .route(
+            "/api/v1/vms/{name}/checkpoints",
+            get(list_checkpoints).post(create_checkpoint),
+        )
+        .route(
+            "/api/v1/vms/{name}/checkpoints/{tag}",
+            axum::routing::delete(delete_checkpoint),
+        )
+        .route(
+            "/api/v1/vms/{name}/checkpoints/{tag}/revert",
+            post(revert_checkpoint),
+        )
+        .route("/api/v1/vms/{name}/flatten", post(flatten_vm))
+        .route("/api/v1/vms/{name}/clone", post(clone_vm))
+        .route(
+            "/api/v1/templates",
+            get(list_templates).post(create_template),
+        )
+        .route(
+            "/api/v1/templates/{name}",
+            get(get_template).delete(delete_template),
+        )
         .route("/api/v1/vms/{name}/migrate", post(migrate_vm))
         .route("/api/v1/vms/{name}/disks/{disk}/move", post(move_disk))
         .route("/api/v1/vms/{name}/cdrom/{drive}", post(change_cdrom))
@@ -591,6 +614,158 @@ async fn exec_vm(
     ))
 }
 
+#[utoipa::path(get, path = "/api/v1/vms/{name}/checkpoints", params(("name" = String, Path)),
+    responses((status = 200, body = [CheckpointView], description = "the tree, depth first"), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn list_checkpoints(
+    State(state): State<RestState>,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<CheckpointView>>, ApiError> {
+    Ok(Json(state.api.list_checkpoints(&name).await?))
+}
+
+#[utoipa::path(post, path = "/api/v1/vms/{name}/checkpoints", params(("name" = String, Path)), request_body = CreateCheckpointRequest,
+    responses((status = 200, body = OpView, description = "the op, completed"), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+async fn create_checkpoint(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    ApiJson(request): ApiJson<CreateCheckpointRequest>,
+) -> Result<Json<OpView>, ApiError> {
+    Ok(Json(
+        state
+            .api
+            .create_checkpoint(&name, request, &caller.token, caller.hop)
+            .await?,
+    ))
+}
+
+#[utoipa::path(post, path = "/api/v1/vms/{name}/checkpoints/{tag}/revert", params(("name" = String, Path), ("tag" = String, Path)),
+    responses((status = 200, body = OpView, description = "the op, completed"), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+async fn revert_checkpoint(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    Path((name, tag)): Path<(String, String)>,
+) -> Result<Json<OpView>, ApiError> {
+    Ok(Json(
+        state
+            .api
+            .revert_checkpoint(&name, &tag, &caller.token, caller.hop)
+            .await?,
+    ))
+}
+
+#[utoipa::path(delete, path = "/api/v1/vms/{name}/checkpoints/{tag}", params(("name" = String, Path), ("tag" = String, Path)),
+    responses((status = 200, body = OpView, description = "the op, completed"), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn delete_checkpoint(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    Path((name, tag)): Path<(String, String)>,
+) -> Result<Json<OpView>, ApiError> {
+    Ok(Json(
+        state
+            .api
+            .delete_checkpoint(&name, &tag, &caller.token, caller.hop)
+            .await?,
+    ))
+}
+
+#[utoipa::path(post, path = "/api/v1/vms/{name}/flatten", params(("name" = String, Path)),
+    responses((status = 200, body = OpView, description = "the op, completed"), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+async fn flatten_vm(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<Json<OpView>, ApiError> {
+    Ok(Json(
+        state
+            .api
+            .flatten_vm(&name, &caller.token, caller.hop)
+            .await?,
+    ))
+}
+
+#[utoipa::path(post, path = "/api/v1/vms/{name}/clone", params(("name" = String, Path)), request_body = CloneVmRequest,
+    responses((status = 201, body = VmView), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+async fn clone_vm(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    ApiJson(request): ApiJson<CloneVmRequest>,
+) -> Result<(StatusCode, Json<VmView>), ApiError> {
+    let view = state
+        .api
+        .clone_vm(&name, request, &caller.token, caller.hop)
+        .await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+#[utoipa::path(get, path = "/api/v1/templates", responses((status = 200, body = [TemplateView])), security(("bearer" = [])))]
+async fn list_templates(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Vec<TemplateView>>, ApiError> {
+    let templates = state.api.list_templates().await?;
+    Ok(Json(
+        templates
+            .into_iter()
+            .filter(|template| template_in_reach(&caller.scope, &template.project))
+            .collect(),
+    ))
+}
+
+/// A project's caller uses its own project's templates and the default project's.
+fn template_in_reach(scope: &Scope, project: &str) -> bool {
+    in_scope(scope, project) || project == ferry_model::access::default_project().as_str()
+}
+
+#[utoipa::path(get, path = "/api/v1/templates/{name}", params(("name" = String, Path)),
+    responses((status = 200, body = TemplateView), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn get_template(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<Json<TemplateView>, ApiError> {
+    let template = state.api.get_template(&name).await?;
+    if !template_in_reach(&caller.scope, &template.project) {
+        return Err(ApiError::NotFound(format!(
+            "template {name} does not exist"
+        )));
+    }
+    Ok(Json(template))
+}
+
+#[utoipa::path(post, path = "/api/v1/templates", request_body = CreateTemplateRequest,
+    responses((status = 201, body = TemplateView), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+async fn create_template(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    ApiJson(request): ApiJson<CreateTemplateRequest>,
+) -> Result<(StatusCode, Json<TemplateView>), ApiError> {
+    check_vm_reach(&state, &caller, &request.from_vm).await?;
+    let view = state
+        .api
+        .create_template(request, &caller.token, caller.hop)
+        .await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+#[utoipa::path(delete, path = "/api/v1/templates/{name}", params(("name" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "linked clones use it")), security(("bearer" = [])))]
+async fn delete_template(
+    State(state): State<RestState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let template = state.api.get_template(&name).await?;
+    if !in_scope(&caller.scope, &template.project) {
+        return Err(ApiError::NotFound(format!(
+            "template {name} does not exist"
+        )));
+    }
+    state.api.delete_template(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 #[utoipa::path(post, path = "/api/v1/vms/{name}/migrate", params(("name" = String, Path)), request_body = MigrateRequest,
     responses((status = 202, body = OpView), (status = 409, body = ErrorBody, description = "refused: the reason names the check")), security(("bearer" = [])))]
 async fn migrate_vm(
@@ -897,8 +1072,8 @@ impl utoipa::Modify for BearerAuth {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Ferry API", description = "A high-availability virtualization cluster for QEMU/KVM."),
-    paths(list_hosts, get_host, list_vms, create_vm, change_cdrom, serial_console, vnc_console, list_images, get_image, import_image, delete_image, get_vm, delete_vm, start_vm, stop_vm, reset_vm, update_ha, list_monitors, add_monitor, remove_monitor, exec_vm, migrate_vm, move_disk, list_ops, get_op, cancel_op, list_events, stream_events, create_token, list_tokens, revoke_token, create_project, list_projects, get_project, delete_project, create_user, list_users, delete_user, set_password, login),
-    components(schemas(HostView, HostMonitorView, VmView, CreateVmRequest, DiskRequest, NicRequest, CloudInitRequest, ImageView, CdromRequest, DiskView, CdromView, NicView, UpdateHaRequest, AddMonitorRequest, MonitorView, ExecRequest, ExecResponse, EventView, ErrorBody, ErrorDetail, MigrateRequest, MoveDiskRequest, OpView, ProgressView, CreateTokenRequest, TokenView, TokenCreated, CreateProjectRequest, ProjectView, CreateUserRequest, UserView, PasswordRequest, LoginRequest)),
+    paths(list_hosts, get_host, list_vms, create_vm, list_checkpoints, create_checkpoint, revert_checkpoint, delete_checkpoint, flatten_vm, clone_vm, list_templates, get_template, create_template, delete_template, change_cdrom, serial_console, vnc_console, list_images, get_image, import_image, delete_image, get_vm, delete_vm, start_vm, stop_vm, reset_vm, update_ha, list_monitors, add_monitor, remove_monitor, exec_vm, migrate_vm, move_disk, list_ops, get_op, cancel_op, list_events, stream_events, create_token, list_tokens, revoke_token, create_project, list_projects, get_project, delete_project, create_user, list_users, delete_user, set_password, login),
+    components(schemas(CreateCheckpointRequest, CheckpointView, CreateTemplateRequest, TemplateView, TemplateDiskView, CloneVmRequest, HostView, HostMonitorView, VmView, CreateVmRequest, DiskRequest, NicRequest, CloudInitRequest, ImageView, CdromRequest, DiskView, CdromView, NicView, UpdateHaRequest, AddMonitorRequest, MonitorView, ExecRequest, ExecResponse, EventView, ErrorBody, ErrorDetail, MigrateRequest, MoveDiskRequest, OpView, ProgressView, CreateTokenRequest, TokenView, TokenCreated, CreateProjectRequest, ProjectView, CreateUserRequest, UserView, PasswordRequest, LoginRequest)),
     modifiers(&BearerAuth)
 )]
 pub struct ApiDoc;

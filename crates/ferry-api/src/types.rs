@@ -173,6 +173,13 @@ pub struct CreateVmRequest {
     /// appliance. With none of `image`, `iso` and `blank`: the appliance.
     #[serde(default)]
     pub image: Option<String>,
+    /// Make it from this template: its hardware is the default, its disks are
+    /// overlays on the template's base (`linked`, the default) or copies of it.
+    #[serde(default)]
+    pub template: Option<String>,
+    /// With `template`: `true` (default) for a linked clone, `false` for a full copy.
+    #[serde(default)]
+    pub linked: Option<bool>,
     /// Install from this ISO image of the library: it goes in the CD-ROM and the first
     /// disk starts empty.
     #[serde(default)]
@@ -215,9 +222,13 @@ pub struct CreateVmRequest {
     /// How long `stop_command` may take (default 60 s).
     #[serde(default)]
     pub stop_timeout_seconds: Option<u64>,
+    /// vCPUs; 0: the template's (with `template`).
+    #[serde(default)]
     pub cpus: u32,
-    /// Memory as bytes or with a unit: `256M`, `1G`.
+    /// Memory as bytes or with a unit: `256M`, `1G`; empty: the template's (with
+    /// `template`).
     #[schema(value_type = String, example = "256M")]
+    #[serde(default)]
     pub memory: String,
     /// Run on this host if it has room.
     pub host: Option<String>,
@@ -494,7 +505,8 @@ pub struct ProgressView {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct OpView {
     pub id: String,
-    /// `migrate` or `move-disk`.
+    /// `migrate`, `move-disk`, `checkpoint`, `revert`, `delete-checkpoint` or
+    /// `flatten`.
     pub kind: String,
     pub vm: String,
     /// `queued`, `running`, `completed`, `failed`, `cancelled`.
@@ -508,6 +520,9 @@ pub struct OpView {
     /// Disk and target pool (disk moves).
     pub disk: Option<String>,
     pub pool: Option<String>,
+    /// The checkpoint (checkpoint ops).
+    #[serde(default)]
+    pub tag: Option<String>,
     pub created_ms: u64,
     pub started_ms: Option<u64>,
     pub finished_ms: Option<u64>,
@@ -629,4 +644,95 @@ pub struct PasswordRequest {
 pub struct LoginRequest {
     pub user: String,
     pub password: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CreateCheckpointRequest {
+    /// Default: `cp-` and the time (`cp-20261202-174500`).
+    #[serde(default)]
+    pub tag: Option<String>,
+    /// Save the guest's memory too, so a revert continues from this instant (default:
+    /// yes for a running VM; a stopped VM has none).
+    #[serde(default)]
+    pub memory: Option<bool>,
+    /// Freeze the guest's filesystems through its agent while the disks are captured
+    /// (an application-consistent checkpoint, without memory).
+    #[serde(default)]
+    pub quiesce: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CheckpointView {
+    pub tag: String,
+    pub parent: Option<String>,
+    /// Depth in the tree (0: a root), in the order `list` returns them.
+    pub depth: usize,
+    pub created_ms: u64,
+    pub memory: bool,
+    pub quiesced: bool,
+    /// Bytes of saved memory and device state.
+    pub vm_state_bytes: u64,
+    pub disks: Vec<String>,
+    /// The VM stands on it: the next checkpoint's parent.
+    pub current: bool,
+}
+
+/// What the VM's host reports of a checkpoint action.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointDone {
+    /// How long the guest's vCPUs were stopped.
+    pub paused_ms: Option<u64>,
+    pub vm_state_bytes: u64,
+    /// Filesystems frozen (a quiesced checkpoint).
+    pub frozen_filesystems: Option<u64>,
+    /// The VM was powered off to revert its disks and boots again.
+    pub restarted: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CreateTemplateRequest {
+    pub name: String,
+    /// The VM to make it from: stopped, or running with `generalize` (it is
+    /// generalized through its guest agent, then shut down).
+    pub from_vm: String,
+    /// Reset what must differ between clones (machine id, SSH host keys, cloud-init
+    /// state) through the guest agent before the final shutdown.
+    #[serde(default)]
+    pub generalize: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TemplateView {
+    pub name: String,
+    pub project: String,
+    pub from_vm: String,
+    pub image: String,
+    pub created_ms: u64,
+    pub generalized: bool,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub firmware: String,
+    pub disks: Vec<TemplateDiskView>,
+    /// VMs whose disks are overlays on this template's base.
+    pub linked_clones: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TemplateDiskView {
+    pub id: String,
+    pub size: u64,
+    pub path: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CloneVmRequest {
+    /// The new VM's name.
+    pub name: String,
+    /// Copy the disks as they were at this checkpoint (default: as they are; the VM
+    /// must then be stopped).
+    #[serde(default)]
+    pub checkpoint: Option<String>,
+    /// Run on this host if it has room.
+    #[serde(default)]
+    pub host: Option<String>,
 }

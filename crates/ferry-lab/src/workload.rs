@@ -116,8 +116,8 @@ struct Write {
     value: String,
 }
 
-/// The acknowledged writes the guest no longer has.
-pub async fn lost_writes(ip: &str, log: &WriterLog) -> Result<Vec<String>, String> {
+/// Every key and value the guest's store holds now.
+pub async fn stored(ip: &str) -> Result<std::collections::BTreeMap<String, String>, String> {
     let url = format!("http://{ip}:8080/kv?since=0");
     let writes: Vec<Write> = reqwest::Client::new()
         .get(&url)
@@ -128,10 +128,15 @@ pub async fn lost_writes(ip: &str, log: &WriterLog) -> Result<Vec<String>, Strin
         .json()
         .await
         .map_err(|error| format!("{url}: {error}"))?;
-    let stored: std::collections::HashMap<String, String> = writes
+    Ok(writes
         .into_iter()
         .map(|write| (write.key, write.value))
-        .collect();
+        .collect())
+}
+
+/// The acknowledged writes the guest no longer has.
+pub async fn lost_writes(ip: &str, log: &WriterLog) -> Result<Vec<String>, String> {
+    let stored = stored(ip).await?;
     Ok(log
         .acked
         .iter()

@@ -316,6 +316,7 @@ mod tests {
             addresses: Vec::new(),
             deleting: false,
             reset_serial: 0,
+            resume_checkpoint: None,
             migration: MigrationPolicy::default(),
             ha: Default::default(),
             project: ferry_model::access::default_project(),

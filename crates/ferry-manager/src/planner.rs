@@ -716,6 +716,29 @@ fn ops(snapshot: &ClusterSnapshot, now_ms: u64, actions: &mut Vec<Action>) {
             reason,
         });
     }
+    // An op its host carries out at once ends with that host's agent: if the host
+    // left, nobody will finish it.
+    for versioned in &records {
+        let op = &versioned.value;
+        let Some(host) = op.kind.inline_host() else {
+            continue;
+        };
+        if op.state != OpState::Running || snapshot.is_alive(host) {
+            continue;
+        }
+        let reason = format!("host {host} left the cluster during the {}", op.kind.name());
+        let record = failed(
+            op,
+            "ended: its host can no longer carry it out",
+            &reason,
+            now_ms,
+        );
+        actions.push(Action::FailOp {
+            op: Box::new(record),
+            op_revision: versioned.mod_revision,
+            reason,
+        });
+    }
     admission(snapshot, &records, now_ms, actions);
     clean_up(snapshot, &records, now_ms, actions);
 }
@@ -885,6 +908,9 @@ fn check_op(
                 }),
             ))
         }
+        OpKind::Checkpoint(_) | OpKind::Flatten(_) => {
+            Err("an op its host carries out at once is never queued".into())
+        }
         OpKind::MoveDisk(move_disk) => {
             if placement.value.host != move_disk.host {
                 return Err(format!(
@@ -1012,6 +1038,7 @@ mod tests {
             size: None,
             bus: Default::default(),
             pool: Some("shared".into()),
+            base: None,
         });
         VmEntry {
             record: Some(Versioned {
@@ -1025,6 +1052,7 @@ mod tests {
                     addresses: Vec::new(),
                     deleting: false,
                     reset_serial: 0,
+                    resume_checkpoint: None,
                     migration: Default::default(),
                     ha: HaPolicy {
                         enabled: true,

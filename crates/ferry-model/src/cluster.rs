@@ -114,6 +114,10 @@ pub struct VmRecord {
     /// The project the VM belongs to (and counts against).
     #[serde(default = "crate::access::default_project")]
     pub project: crate::ProjectName,
+    /// A checkpoint with memory the next start continues from (a stopped VM reverted
+    /// to it); the agent clears it before the guest runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_checkpoint: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

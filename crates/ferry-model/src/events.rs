@@ -94,6 +94,16 @@ event_kinds! {
     RestoreFailed => "restore-failed",
     DiskMoved => "disk-moved",
     DiskMoveFailed => "disk-move-failed",
+    // Checkpoints, templates, clones.
+    CheckpointCreated => "checkpoint-created",
+    CheckpointReverted => "checkpoint-reverted",
+    CheckpointDeleted => "checkpoint-deleted",
+    CheckpointFailed => "checkpoint-failed",
+    TemplateCreated => "template-created",
+    TemplateDeleted => "template-deleted",
+    Cloned => "cloned",
+    Flattened => "flattened",
+    FlattenFailed => "flatten-failed",
 }
 
 impl std::fmt::Display for EventKind {

@@ -4,6 +4,7 @@
 
 pub mod access;
 mod bytes;
+pub mod checkpoint;
 pub mod cluster;
 pub mod events;
 pub mod ha;

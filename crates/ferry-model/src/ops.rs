@@ -39,6 +39,9 @@ pub struct OpRecord {
 pub enum OpKind {
     Migrate(MigrateOp),
     MoveDisk(MoveDiskOp),
+    /// Carried out at once by the VM's host, holding the VM meanwhile.
+    Checkpoint(CheckpointOp),
+    Flatten(FlattenOp),
 }
 
 impl OpKind {
@@ -46,6 +49,8 @@ impl OpKind {
         match self {
             OpKind::Migrate(migrate) => &migrate.vm,
             OpKind::MoveDisk(move_disk) => &move_disk.vm,
+            OpKind::Checkpoint(checkpoint) => &checkpoint.vm,
+            OpKind::Flatten(flatten) => &flatten.vm,
         }
     }
 
@@ -53,6 +58,12 @@ impl OpKind {
         match self {
             OpKind::Migrate(_) => "migrate",
             OpKind::MoveDisk(_) => "move-disk",
+            OpKind::Checkpoint(checkpoint) => match checkpoint.action {
+                CheckpointAction::Create { .. } => "checkpoint",
+                CheckpointAction::Revert { .. } => "revert",
+                CheckpointAction::Delete { .. } => "delete-checkpoint",
+            },
+            OpKind::Flatten(_) => "flatten",
         }
     }
 
@@ -61,8 +72,51 @@ impl OpKind {
         match self {
             OpKind::Migrate(migrate) => vec![&migrate.from, &migrate.to],
             OpKind::MoveDisk(move_disk) => vec![&move_disk.host],
+            OpKind::Checkpoint(_) | OpKind::Flatten(_) => Vec::new(),
         }
     }
+
+    /// The host that carries out an op run at once (checkpoints, flatten): it
+    /// holds the VM from the op's creation to its end, and nobody else drives it.
+    pub fn inline_host(&self) -> Option<&HostName> {
+        match self {
+            OpKind::Checkpoint(checkpoint) => Some(&checkpoint.host),
+            OpKind::Flatten(flatten) => Some(&flatten.host),
+            OpKind::Migrate(_) | OpKind::MoveDisk(_) => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointOp {
+    pub vm: VmName,
+    pub host: HostName,
+    pub action: CheckpointAction,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "do", rename_all = "kebab-case")]
+pub enum CheckpointAction {
+    Create {
+        tag: String,
+        memory: bool,
+        quiesce: bool,
+    },
+    Revert {
+        tag: String,
+        /// The checkpoint holds the guest's memory: the guest continues from it.
+        memory: bool,
+    },
+    Delete {
+        tag: String,
+    },
+}
+
+/// Copies the template base into a linked clone's disks, so it no longer needs it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlattenOp {
+    pub vm: VmName,
+    pub host: HostName,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -207,6 +207,10 @@ pub struct DiskSpec {
     /// The pool the disk lives in; placement only picks hosts that have it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool: Option<String>,
+    /// The template this disk is a linked clone of: a qcow2 overlay on the template's
+    /// read-only base, until `vm flatten` copies the base in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -168,16 +168,22 @@ pub fn copy_to_qcow2(
     if let Some(size) = size {
         let copied = inspect(to)?;
         if size > copied.virtual_size {
-            run(
-                Command::new("qemu-img")
-                    .args(["resize", "-q", "-f", "qcow2"])
-                    .arg(to)
-                    .arg(size.0.to_string()),
-                &format!("qemu-img resize {}", to.display()),
-            )?;
+            resize(to, size)?;
         }
     }
     Ok(())
+}
+
+/// Grows a qcow2 disk to `size`.
+pub fn resize(path: &Path, size: Bytes) -> Result<(), String> {
+    run(
+        Command::new("qemu-img")
+            .args(["resize", "-q", "-f", "qcow2"])
+            .arg(path)
+            .arg(size.0.to_string()),
+        &format!("qemu-img resize {}", path.display()),
+    )
+    .map(drop)
 }
 
 #[cfg(test)]

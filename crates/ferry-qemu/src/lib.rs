@@ -19,6 +19,7 @@ pub mod process;
 pub mod qga;
 pub mod qmp;
 mod run_dir;
+pub mod snapshot;
 pub mod version;
 
 pub use accel::{Accel, AccelReport, ProbeImage};

@@ -163,6 +163,23 @@ impl GuestAgent {
         }
     }
 
+    /// Freezes the guest's filesystems (`guest-fsfreeze-freeze`): pending writes are
+    /// flushed and new ones wait until [`GuestAgent::fsfreeze_thaw`]. Returns how many
+    /// filesystems froze.
+    pub async fn fsfreeze_freeze(&self, timeout: Duration) -> Result<u64, QgaError> {
+        let reply = self.execute("guest-fsfreeze-freeze", None, timeout).await?;
+        reply
+            .as_u64()
+            .ok_or_else(|| QgaError::Protocol(format!("bad fsfreeze reply: {reply}")))
+    }
+
+    pub async fn fsfreeze_thaw(&self, timeout: Duration) -> Result<u64, QgaError> {
+        let reply = self.execute("guest-fsfreeze-thaw", None, timeout).await?;
+        reply
+            .as_u64()
+            .ok_or_else(|| QgaError::Protocol(format!("bad fsfreeze reply: {reply}")))
+    }
+
     pub async fn network_interfaces(
         &self,
         timeout: Duration,

@@ -72,6 +72,20 @@ impl Keys {
         format!("{}vms/{vm}/status", self.prefix)
     }
 
+    /// The VM's checkpoints (`ferry_model::checkpoint::CheckpointSet`).
+    pub fn vm_checkpoints(&self, vm: &VmName) -> String {
+        format!("{}vms/{vm}/checkpoints", self.prefix)
+    }
+
+    /// Templates (`ferry_model::checkpoint::TemplateRecord`).
+    pub fn templates(&self) -> String {
+        format!("{}templates/", self.prefix)
+    }
+
+    pub fn template(&self, name: &str) -> String {
+        format!("{}templates/{name}", self.prefix)
+    }
+
     /// The VM's recent failures and restarts (`ferry_model::ha::RestartLog`).
     pub fn vm_restarts(&self, vm: &VmName) -> String {
         format!("{}vms/{vm}/restarts", self.prefix)

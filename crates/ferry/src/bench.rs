@@ -405,6 +405,7 @@ async fn api_latency(count: u32, requests: u32, lab_name: &str, json: bool) -> a
             addresses: Vec::new(),
             deleting: false,
             reset_serial: 0,
+            resume_checkpoint: None,
             migration: Default::default(),
             ha: Default::default(),
             project: ferry_model::access::default_project(),

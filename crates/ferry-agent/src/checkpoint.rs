@@ -36,12 +36,14 @@ use ferry_model::Firmware;
 use ferry_qemu::snapshot::{file_snapshot, file_snapshots, flatten_file, FileSnapshot};
 use ferry_qemu::{Machine, RunState};
 
-use crate::runtime::Runtime;
+use crate::runtime::{Claim, Runtime};
 
 /// Saving or loading a guest's memory, and deleting a snapshot, may take this long.
 const JOB_TIMEOUT: Duration = Duration::from_secs(600);
 /// Streaming a template base into a clone's disk may take this long.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(3600);
+/// How long an action waits for the reconciler's own action on the VM to end.
+const CLAIM_WAIT: Duration = Duration::from_secs(30);
 /// How long the guest agent may take to freeze or thaw the filesystems.
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -54,9 +56,7 @@ pub async fn run(
     nvram_copy: Option<&Path>,
 ) -> Result<CheckpointDone, String> {
     let vm = &record.spec.name;
-    let _claim = runtime
-        .claim(vm)
-        .ok_or_else(|| format!("VM {vm} is busy with another action on this host; try again"))?;
+    let _claim = claim(runtime, vm).await?;
     let disks = checkpoint_disks(&record.spec)?;
     match runtime.machine(vm).await {
         Some(machine) if !machine.has_exited() => {
@@ -82,6 +82,23 @@ pub async fn run(
             .await
             .map_err(|error| format!("checkpoint task: {error}"))?
         }
+    }
+}
+
+/// Holds the VM against this host's reconciler. Its own actions on the VM (a status
+/// report, the end of a switch-over) are short: wait for them.
+async fn claim(runtime: &Arc<Runtime>, vm: &ferry_model::VmName) -> Result<Claim, String> {
+    let deadline = Instant::now() + CLAIM_WAIT;
+    loop {
+        if let Some(claim) = runtime.claim(vm) {
+            return Ok(claim);
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "VM {vm} is busy with another action on this host; try again"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -363,9 +380,7 @@ pub async fn load_at_start(
 /// and writing: `block-stream` copies only what the overlay does not have yet).
 pub async fn flatten(runtime: &Arc<Runtime>, record: &VmRecord) -> Result<(), String> {
     let vm = &record.spec.name;
-    let _claim = runtime
-        .claim(vm)
-        .ok_or_else(|| format!("VM {vm} is busy with another action on this host; try again"))?;
+    let _claim = claim(runtime, vm).await?;
     let linked: Vec<_> = record
         .spec
         .disks

@@ -377,6 +377,7 @@ async fn templates_give_linked_clones_with_their_own_names_and_flatten_under_wri
         assert_eq!(vm.memory_mib, 256, "the template's hardware");
         assert_eq!(hostname(&client, name).await, name);
         let ip = vm.ip.clone().unwrap();
+        boot_id(&ip).await.unwrap();
         // Each clone starts with the template's data.
         assert!(keys_with(&stored(&ip).await.unwrap(), "gold-") > 0);
         ips.push(ip);
@@ -425,6 +426,7 @@ async fn templates_give_linked_clones_with_their_own_names_and_flatten_under_wri
         .await
         .unwrap();
     let copy = running(&client, &copy.name).await;
+    boot_id(copy.ip.as_deref().unwrap()).await.unwrap();
     assert_eq!(hostname(&client, "copy").await, "copy");
     assert_ne!(copy.ip, client.get_vm("clone-2").await.unwrap().ip);
     let refused = client

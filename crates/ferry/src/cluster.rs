@@ -271,10 +271,24 @@ pub enum VmVerb {
         name: String,
         #[command(flatten)]
         machine: Box<MachineArgs>,
-        #[arg(long, default_value_t = 1)]
-        cpus: u32,
-        #[arg(long, default_value = "256M")]
-        memory: String,
+        /// Default: the template's, else 1.
+        #[arg(long)]
+        cpus: Option<u32>,
+        /// Default: the template's, else 256M.
+        #[arg(long)]
+        memory: Option<String>,
+        /// Make it from a template (`ferry template list`): a linked clone unless --full.
+        #[arg(long, conflicts_with_all = ["image", "iso", "blank"])]
+        template: Option<String>,
+        /// With --template: disks are overlays on the template's base (the default).
+        #[arg(long, requires = "template", conflicts_with = "full")]
+        linked: bool,
+        /// With --template: disks are full copies of the base.
+        #[arg(long, requires = "template")]
+        full: bool,
+        /// Make this many, named NAME-1 … NAME-N, at once.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+        count: Option<u32>,
         /// Preferred host.
         #[arg(long)]
         host: Option<String>,
@@ -388,6 +402,29 @@ pub enum VmVerb {
         pool: String,
         #[arg(long)]
         no_wait: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A VM's checkpoints: `ferry vm checkpoint create|list|revert|delete`.
+    Checkpoint {
+        #[command(subcommand)]
+        verb: crate::checkpoint_cli::CheckpointVerb,
+    },
+    /// A full copy of a stopped VM, or of a VM at one of its checkpoints, with its own
+    /// MACs, address, cloud-init seed and name.
+    Clone {
+        vm: String,
+        name: String,
+        #[arg(long)]
+        checkpoint: Option<String>,
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a linked clone independent of its template, while it runs.
+    Flatten {
+        name: String,
         #[arg(long)]
         json: bool,
     },
@@ -563,6 +600,61 @@ fn print_vm(vm: &VmView, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Creates `count` VMs like `request`, named `{name}-1` … at once; waits for all.
+async fn create_many(
+    client: &ApiClient,
+    request: &CreateVmRequest,
+    count: u32,
+    no_wait: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let names: Vec<String> = (1..=count)
+        .map(|n| format!("{}-{n}", request.name))
+        .collect();
+    let creates = names.iter().map(|name| {
+        let request = CreateVmRequest {
+            name: name.clone(),
+            ..request.clone()
+        };
+        async move { client.create_vm(&request).await }
+    });
+    let created = crate::checkpoint_cli::with_spinner(
+        &format!("creating {count} VMs"),
+        json,
+        futures::future::join_all(creates),
+    )
+    .await;
+    let mut failures = Vec::new();
+    let mut made = Vec::new();
+    for (name, result) in names.iter().zip(created) {
+        match result {
+            Ok(vm) => made.push(vm),
+            Err(error) => failures.push(format!("{name}: {error}")),
+        }
+    }
+    if !no_wait {
+        let mut ready = Vec::new();
+        for vm in &made {
+            ready
+                .push(wait_for(client, &vm.name, "running", Duration::from_secs(600), json).await?);
+        }
+        made = ready;
+    }
+    if json {
+        print_json(&made)?;
+    } else {
+        println!("{}", vms_table(&made));
+    }
+    if !failures.is_empty() {
+        anyhow::bail!(
+            "{} of {count} not created: {}",
+            failures.len(),
+            failures.join("; ")
+        );
+    }
+    Ok(())
+}
+
 /// Waits until the VM reports `want` (and, for running, its guest agent answers).
 async fn wait_for(
     client: &ApiClient,
@@ -621,6 +713,10 @@ pub async fn run_vm(endpoint: &Endpoint, verb: VmVerb) -> anyhow::Result<()> {
             machine,
             cpus,
             memory,
+            template,
+            linked: _,
+            full,
+            count,
             host,
             ha,
             policy,
@@ -628,6 +724,7 @@ pub async fn run_vm(endpoint: &Endpoint, verb: VmVerb) -> anyhow::Result<()> {
             no_wait,
             json,
         } => {
+            let from_template = template.is_some();
             let policy = policy.update(Some(ha));
             let monitors = monitors
                 .iter()
@@ -645,8 +742,16 @@ pub async fn run_vm(endpoint: &Endpoint, verb: VmVerb) -> anyhow::Result<()> {
                 .collect();
             let mut request = CreateVmRequest {
                 name: name.clone(),
-                cpus,
-                memory,
+                cpus: cpus.unwrap_or(if from_template { 0 } else { 1 }),
+                memory: memory.unwrap_or_else(|| {
+                    if from_template {
+                        String::new()
+                    } else {
+                        "256M".into()
+                    }
+                }),
+                template,
+                linked: from_template.then_some(!full),
                 host,
                 ha,
                 ha_priority: policy.ha_priority.unwrap_or(0),
@@ -659,11 +764,39 @@ pub async fn run_vm(endpoint: &Endpoint, verb: VmVerb) -> anyhow::Result<()> {
                 ..CreateVmRequest::default()
             };
             machine.fill(&mut request)?;
-            let mut vm = client.create_vm(&request).await?;
+            if let Some(count) = count {
+                return create_many(&client, &request, count, no_wait, json).await;
+            }
+            let mut vm = crate::checkpoint_cli::with_spinner(
+                &format!("creating VM {name}"),
+                json,
+                client.create_vm(&request),
+            )
+            .await?;
             if !no_wait {
                 vm = wait_for(&client, &name, "running", Duration::from_secs(180), json).await?;
             }
             print_vm(&vm, json)
+        }
+        VmVerb::Checkpoint { verb } => crate::checkpoint_cli::run_checkpoint(&client, verb).await,
+        VmVerb::Clone {
+            vm,
+            name,
+            checkpoint,
+            host,
+            json,
+        } => {
+            let request = ferry_api::types::CloneVmRequest {
+                name: name.clone(),
+                checkpoint,
+                host,
+            };
+            crate::checkpoint_cli::clone_vm(&client, &vm, request, json).await?;
+            let vm = wait_for(&client, &name, "running", Duration::from_secs(180), json).await?;
+            print_vm(&vm, json)
+        }
+        VmVerb::Flatten { name, json } => {
+            crate::checkpoint_cli::flatten(&client, &name, json).await
         }
         VmVerb::List { json } => {
             let vms = client.list_vms().await?;

@@ -11,6 +11,7 @@ mod bench_faults;
 mod bench_ha;
 mod bench_migrate;
 mod cert;
+mod checkpoint_cli;
 mod cluster;
 mod console;
 mod demo;
@@ -51,6 +52,11 @@ enum Noun {
     Vm {
         #[command(subcommand)]
         verb: cluster::VmVerb,
+    },
+    /// Templates: read-only bases that VMs are cloned from.
+    Template {
+        #[command(subcommand)]
+        verb: checkpoint_cli::TemplateVerb,
     },
     /// Long operations: migrations and disk moves.
     Op {
@@ -135,6 +141,7 @@ fn main() {
             Noun::Host { verb } => cluster::run_host(&cli.endpoint, verb).await,
             Noun::Vm { verb } => cluster::run_vm(&cli.endpoint, verb).await,
             Noun::Op { verb } => ops::run_op(&cli.endpoint, verb).await,
+            Noun::Template { verb } => checkpoint_cli::run_template(&cli.endpoint, verb).await,
             Noun::Cert { verb } => cert::run_cert(verb),
             Noun::Token { verb } => access::run_token(&cli.endpoint, verb).await,
             Noun::Project { verb } => access::run_project(&cli.endpoint, verb).await,

@@ -14,6 +14,7 @@
 //!   clusters (nothing to merge, no block-commit under the guest);
 //! - a revert is one job, disks and memory together, with no file renamed under a
 //!   running QEMU.
+//!
 //! The price: the guest is paused while its memory is written (snapshot-save is not
 //! live), which `ferry bench checkpoint` measures; and a checkpoint cannot leave with
 //! a disk copied by a block mirror (storage migration), which is refused with that

@@ -727,6 +727,8 @@ async fn move_placement(store: &Store, vm: &VmName, migrate: &MigrateOp) -> Resu
             if let Some(copy) = migrate.disk_copies.iter().find(|copy| copy.disk == disk.id) {
                 disk.path = copy.to.clone();
                 disk.pool = Some(copy.to_pool.clone());
+                // A full mirror leaves a disk of its own: no longer on a template base.
+                disk.base = None;
             }
         }
         writes.push((

@@ -257,6 +257,8 @@ async fn point_record_at(
             if disk.id == move_disk.disk {
                 disk.path = move_disk.to.clone();
                 disk.pool = Some(move_disk.to_pool.clone());
+                // A full mirror leaves a disk of its own: no longer on a template base.
+                disk.base = None;
             }
         }
         match context

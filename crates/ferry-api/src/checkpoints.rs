@@ -95,6 +95,24 @@ impl ClusterApi {
         }
     }
 
+    /// A block mirror copies what the guest sees, not the checkpoints inside the
+    /// qcow2 file: a copy of a disk with checkpoints would lose them.
+    pub(crate) async fn refuse_copy_with_checkpoints(
+        &self,
+        name: &VmName,
+        why: &str,
+    ) -> Result<(), ApiError> {
+        let set = self.checkpoint_set(name).await?.value;
+        if set.checkpoints.is_empty() {
+            return Ok(());
+        }
+        let tags: Vec<&str> = set.checkpoints.iter().map(|c| c.tag.as_str()).collect();
+        Err(ApiError::Conflict(format!(
+            "VM {name} has checkpoints ({}) and {why}: a block mirror copies what the guest              sees, not the checkpoints in its qcow2 files; delete them first (live and quick              migration on the shared pool keep them)",
+            tags.join(", ")
+        )))
+    }
+
     async fn checkpoint_subject(&self, name: &str) -> Result<Subject, ApiError> {
         let name = parse_vm_name(name)?;
         let (entry, record) = self.vm_entry_and_record(&name).await?;

@@ -106,6 +106,13 @@ impl ClusterApi {
             .find(|host| host.name == to)
             .ok_or_else(|| ApiError::Internal(format!("host {to} vanished")))?;
         let disk_copies = disk_copies(&record.spec, source, dest)?;
+        if !disk_copies.is_empty() {
+            self.refuse_copy_with_checkpoints(
+                &name,
+                "its local disks must be copied to the destination",
+            )
+            .await?;
+        }
         let migrate = MigrateOp {
             vm: name.clone(),
             from: placement.host.clone(),
@@ -190,6 +197,8 @@ impl ClusterApi {
                 pool.name
             )));
         }
+        self.refuse_copy_with_checkpoints(&name, "a disk move copies the disk")
+            .await?;
         let to = disk_path(&pool.path, &name, &spec_disk.path, disk);
         let op = self
             .create_op(OpKind::MoveDisk(MoveDiskOp {

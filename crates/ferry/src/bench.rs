@@ -43,6 +43,17 @@ pub enum BenchVerb {
         #[arg(long)]
         json: bool,
     },
+    /// Checkpoints, templates and clones: the guest's pause for a checkpoint with
+    /// memory (256 MiB and 1 GiB guests under writes), reverts, linked clones one and
+    /// ten at a time, a full copy of a 4 GiB disk. Needs a lab.
+    Checkpoint {
+        #[arg(long, default_value_t = 10)]
+        runs: u32,
+        #[arg(long, default_value = ferry_lab::lab::DEFAULT_NAME)]
+        lab: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Migrate one VM back and forth between two lab hosts, idle and under writes:
     /// QEMU downtime, client-observed pause, total time, Ferry's overhead (min/median/max).
     Migrate {
@@ -159,6 +170,9 @@ pub async fn run(verb: BenchVerb) -> anyhow::Result<()> {
             "debian" => boot_debian(runs, memory.unwrap_or(Bytes::mib(512)), &firmware, json).await,
             other => anyhow::bail!("--image {other:?}: appliance or debian"),
         },
+        BenchVerb::Checkpoint { runs, lab, json } => {
+            crate::bench_checkpoint::run(runs, &lab, json).await
+        }
         BenchVerb::Migrate {
             runs,
             modes,

@@ -6,6 +6,7 @@ mod access;
 mod agent;
 mod bench;
 mod bench_chaos;
+mod bench_checkpoint;
 mod bench_downtime;
 mod bench_faults;
 mod bench_ha;

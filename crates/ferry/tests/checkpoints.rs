@@ -148,6 +148,19 @@ async fn a_checkpoint_with_memory_takes_the_guest_back_to_that_instant_and_refus
             .await,
         "leave out memory",
     );
+    // A disk move would leave the checkpoints behind: refused, naming them.
+    conflict(
+        client
+            .move_disk(
+                "web",
+                "data",
+                &ferry_api::types::MoveDiskRequest {
+                    pool: "host1-local".into(),
+                },
+            )
+            .await,
+        "has checkpoints (one)",
+    );
     // A revert while a migration runs is refused.
     let slow = client
         .migrate_vm(

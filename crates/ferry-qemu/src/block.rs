@@ -37,11 +37,11 @@ impl BlockJob {
 }
 
 impl Machine {
-    /// The disk behind device `vdisk-{disk}`.
-    pub async fn open_disk(&self, disk: &str) -> Result<OpenDisk, QemuError> {
+    /// `query-block`'s entry of device `vdisk-{disk}`.
+    pub(crate) async fn block_entry(&self, disk: &str) -> Result<serde_json::Value, QemuError> {
         let reply = self.command("query-block", None).await?;
         let device = format!("/machine/peripheral/vdisk-{disk}/");
-        let entry = reply
+        reply
             .as_array()
             .into_iter()
             .flatten()
@@ -50,7 +50,13 @@ impl Machine {
                     qdev.starts_with(&device) || qdev == &device[..device.len() - 1]
                 })
             })
-            .ok_or_else(|| QemuError::Other(format!("VM {}: no disk {disk}", self.spec().name)))?;
+            .cloned()
+            .ok_or_else(|| QemuError::Other(format!("VM {}: no disk {disk}", self.spec().name)))
+    }
+
+    /// The disk behind device `vdisk-{disk}`.
+    pub async fn open_disk(&self, disk: &str) -> Result<OpenDisk, QemuError> {
+        let entry = self.block_entry(disk).await?;
         let inserted = &entry["inserted"];
         let node = inserted["node-name"]
             .as_str()

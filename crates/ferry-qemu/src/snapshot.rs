@@ -90,18 +90,7 @@ impl Machine {
 
     /// The internal snapshots of the disk behind device `vdisk-{disk}`.
     pub async fn disk_snapshots(&self, disk: &str) -> Result<Vec<SnapshotInfo>, QemuError> {
-        let reply = self.command("query-block", None).await?;
-        let device = format!("/machine/peripheral/vdisk-{disk}/");
-        let entry = reply
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|entry| {
-                entry["qdev"].as_str().is_some_and(|qdev| {
-                    qdev.starts_with(&device) || qdev == &device[..device.len() - 1]
-                })
-            })
-            .ok_or_else(|| QemuError::Other(format!("VM {}: no disk {disk}", self.spec().name)))?;
+        let entry = self.block_entry(disk).await?;
         let snapshots = entry["inserted"]["image"]["snapshots"].clone();
         if snapshots.is_null() {
             return Ok(Vec::new());

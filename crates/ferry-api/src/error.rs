@@ -23,6 +23,9 @@ pub enum ApiError {
     /// The token's role may not do this.
     #[error("{0}")]
     Forbidden(String),
+    /// The request body is over the limit for its route.
+    #[error("{0}")]
+    TooLarge(String),
     /// The caller holds too much already (open streams).
     #[error("{0}")]
     TooManyRequests(String),
@@ -42,6 +45,7 @@ impl ApiError {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::Unauthorized => "unauthorized",
             ApiError::Forbidden(_) => "forbidden",
+            ApiError::TooLarge(_) => "too_large",
             ApiError::TooManyRequests(_) => "too_many_requests",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
@@ -55,6 +59,7 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -70,6 +75,7 @@ impl ApiError {
             "bad_request" => ApiError::BadRequest(message),
             "unauthorized" => ApiError::Unauthorized,
             "forbidden" => ApiError::Forbidden(message),
+            "too_large" => ApiError::TooLarge(message),
             "too_many_requests" => ApiError::TooManyRequests(message),
             "unavailable" => ApiError::Unavailable(message),
             _ => ApiError::Internal(format!("HTTP {status}: {message}")),

@@ -52,6 +52,9 @@ pub struct Caller {
     pub hop: Hop,
 }
 
+/// The largest JSON request body any route takes (image uploads stream and have none).
+pub const MAX_JSON_BODY: usize = 1 << 20;
+
 /// JSON bodies whose errors come back in the API's error format.
 pub struct ApiJson<T>(pub T);
 
@@ -61,6 +64,12 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
         match Json::<T>::from_request(request, state).await {
             Ok(Json(value)) => Ok(ApiJson(value)),
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::TooLarge(format!(
+                    "request body: over the {} KiB limit for JSON requests",
+                    MAX_JSON_BODY / 1024
+                )))
+            }
             Err(rejection) => Err(ApiError::BadRequest(json_problem(&rejection))),
         }
     }
@@ -298,6 +307,7 @@ pub fn router(state: RestState) -> Router {
         .fallback(|| async {
             ApiError::NotFound("no such API route; see /api/v1/openapi.json".into())
         })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY))
         .with_state(state)
 }
 
@@ -1071,7 +1081,7 @@ impl utoipa::Modify for BearerAuth {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Ferry API", description = "A high-availability virtualization cluster for QEMU/KVM."),
+    info(title = "Ferry API", description = "A high-availability virtualization cluster for QEMU/KVM. A JSON request body may be at most 1 MiB (larger ones are answered 413 with code too_large); an image upload (PUT /api/v1/images/{name}) streams its file and has no limit."),
     paths(list_hosts, get_host, list_vms, create_vm, list_checkpoints, create_checkpoint, revert_checkpoint, delete_checkpoint, flatten_vm, clone_vm, list_templates, get_template, create_template, delete_template, change_cdrom, serial_console, vnc_console, list_images, get_image, import_image, delete_image, get_vm, delete_vm, start_vm, stop_vm, reset_vm, update_ha, list_monitors, add_monitor, remove_monitor, exec_vm, migrate_vm, move_disk, list_ops, get_op, cancel_op, list_events, stream_events, create_token, list_tokens, revoke_token, create_project, list_projects, get_project, delete_project, create_user, list_users, delete_user, set_password, login),
     components(schemas(CreateCheckpointRequest, CheckpointView, CreateTemplateRequest, TemplateView, TemplateDiskView, CloneVmRequest, HostView, HostMonitorView, VmView, CreateVmRequest, DiskRequest, NicRequest, CloudInitRequest, ImageView, CdromRequest, DiskView, CdromView, NicView, UpdateHaRequest, AddMonitorRequest, MonitorView, ExecRequest, ExecResponse, EventView, ErrorBody, ErrorDetail, MigrateRequest, MoveDiskRequest, OpView, ProgressView, CreateTokenRequest, TokenView, TokenCreated, CreateProjectRequest, ProjectView, CreateUserRequest, UserView, PasswordRequest, LoginRequest)),
     modifiers(&BearerAuth)

@@ -305,6 +305,9 @@ pub enum VmVerb {
         /// Return once placed, without waiting for the guest.
         #[arg(long)]
         no_wait: bool,
+        /// How long to wait for the guest agent to answer (default 3 min, or 10 with --count).
+        #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "no_wait")]
+        wait_timeout: Option<Duration>,
         #[arg(long)]
         json: bool,
     },
@@ -600,12 +603,13 @@ fn print_vm(vm: &VmView, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Creates `count` VMs like `request`, named `{name}-1` … at once; waits for all.
+/// Creates `count` VMs like `request`, named `{name}-1` … at once; with `wait`, waits
+/// for all of them together and names every one that did not get ready in time.
 async fn create_many(
     client: &ApiClient,
     request: &CreateVmRequest,
     count: u32,
-    no_wait: bool,
+    wait: Option<Duration>,
     json: bool,
 ) -> anyhow::Result<()> {
     let names: Vec<String> = (1..=count)
@@ -632,13 +636,11 @@ async fn create_many(
             Err(error) => failures.push(format!("{name}: {error}")),
         }
     }
-    if !no_wait {
-        let mut ready = Vec::new();
-        for vm in &made {
-            ready
-                .push(wait_for(client, &vm.name, "running", Duration::from_secs(600), json).await?);
-        }
+    if let Some(timeout) = wait {
+        let names: Vec<String> = made.iter().map(|vm| vm.name.clone()).collect();
+        let (ready, late) = wait_for_all(client, &names, timeout, json).await?;
         made = ready;
+        failures.extend(late);
     }
     if json {
         print_json(&made)?;
@@ -647,12 +649,93 @@ async fn create_many(
     }
     if !failures.is_empty() {
         anyhow::bail!(
-            "{} of {count} not created: {}",
+            "{} of {count} not ready: {}",
             failures.len(),
             failures.join("; ")
         );
     }
     Ok(())
+}
+
+/// Whether a VM is in state `want`; a running guest with an agent once the agent answers
+/// (a guest without one is ready when QEMU runs it).
+fn is_ready(vm: &VmView, want: &str) -> bool {
+    vm.state == want && (want != "running" || vm.guest_agent || !vm.has_guest_agent)
+}
+
+/// Why a VM that is not ready yet is not, for the message at the end of a wait.
+fn not_ready_reason(vm: &VmView, timeout: Duration) -> String {
+    if vm.state == "running" {
+        format!("running for {timeout:?} without its guest agent answering (still booting?)",)
+    } else {
+        format!("still {} after {timeout:?}", vm.state)
+    }
+}
+
+/// Waits until every VM in `names` runs with its guest agent answering, polling one
+/// listing for all of them; returns the ready ones and, for the others, why not.
+async fn wait_for_all(
+    client: &ApiClient,
+    names: &[String],
+    timeout: Duration,
+    quiet: bool,
+) -> anyhow::Result<(Vec<VmView>, Vec<String>)> {
+    let bar = (!quiet).then(|| {
+        let bar = indicatif::ProgressBar::new(names.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} ready {msg}")
+                .expect("a valid progress template"),
+        );
+        bar.enable_steady_tick(Duration::from_millis(200));
+        bar
+    });
+    let started = Instant::now();
+    let outcome = loop {
+        let listing = client.list_vms().await?;
+        let ours: Vec<&VmView> = names
+            .iter()
+            .filter_map(|name| listing.iter().find(|vm| &vm.name == name))
+            .collect();
+        let gone: Vec<String> = names
+            .iter()
+            .filter(|name| !listing.iter().any(|vm| &vm.name == *name))
+            .map(|name| format!("{name}: deleted while waiting"))
+            .collect();
+        let failed: Vec<String> = ours
+            .iter()
+            .filter(|vm| vm.state == "failed")
+            .map(|vm| {
+                format!(
+                    "{}: failed: {}",
+                    vm.name,
+                    vm.error.as_deref().unwrap_or("no reason given")
+                )
+            })
+            .collect();
+        let ready: Vec<VmView> = ours
+            .iter()
+            .filter(|vm| is_ready(vm, "running"))
+            .map(|vm| (*vm).clone())
+            .collect();
+        if let Some(bar) = &bar {
+            bar.set_position(ready.len() as u64);
+            bar.set_message(format!("({:.0} s)", started.elapsed().as_secs_f64()));
+        }
+        let settled = ready.len() + failed.len() + gone.len() == names.len();
+        if settled || started.elapsed() > timeout {
+            let late = ours
+                .iter()
+                .filter(|vm| vm.state != "failed" && !is_ready(vm, "running"))
+                .map(|vm| format!("{}: {}", vm.name, not_ready_reason(vm, timeout)));
+            let problems = gone.into_iter().chain(failed).chain(late).collect();
+            break (ready, problems);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    Ok(outcome)
 }
 
 /// Waits until the VM reports `want` (and, for running, its guest agent answers).
@@ -679,10 +762,7 @@ async fn wait_for(
                 started.elapsed().as_secs_f64()
             ));
         }
-        // A guest without an agent is ready when QEMU runs it.
-        let ready =
-            vm.state == want && (want != "running" || vm.guest_agent || !vm.has_guest_agent);
-        if ready {
+        if is_ready(&vm, want) {
             break Ok(vm);
         }
         if vm.state == "failed" {
@@ -693,8 +773,8 @@ async fn wait_for(
         }
         if started.elapsed() > timeout {
             break Err(anyhow::anyhow!(
-                "VM {name} is still {} after {timeout:?}",
-                vm.state
+                "VM {name}: {}",
+                not_ready_reason(&vm, timeout)
             ));
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -722,6 +802,7 @@ pub async fn run_vm(endpoint: &Endpoint, verb: VmVerb) -> anyhow::Result<()> {
             policy,
             monitors,
             no_wait,
+            wait_timeout,
             json,
         } => {
             let from_template = template.is_some();
@@ -765,7 +846,8 @@ pub async fn run_vm(endpoint: &Endpoint, verb: VmVerb) -> anyhow::Result<()> {
             };
             machine.fill(&mut request)?;
             if let Some(count) = count {
-                return create_many(&client, &request, count, no_wait, json).await;
+                let wait = (!no_wait).then(|| wait_timeout.unwrap_or(Duration::from_secs(600)));
+                return create_many(&client, &request, count, wait, json).await;
             }
             let mut vm = crate::checkpoint_cli::with_spinner(
                 &format!("creating VM {name}"),
@@ -774,7 +856,8 @@ pub async fn run_vm(endpoint: &Endpoint, verb: VmVerb) -> anyhow::Result<()> {
             )
             .await?;
             if !no_wait {
-                vm = wait_for(&client, &name, "running", Duration::from_secs(180), json).await?;
+                let timeout = wait_timeout.unwrap_or(Duration::from_secs(180));
+                vm = wait_for(&client, &name, "running", timeout, json).await?;
             }
             print_vm(&vm, json)
         }

@@ -446,6 +446,28 @@ async fn bad_input_gets_a_4xx_naming_the_problem_and_creates_nothing() {
         "{body}"
     );
 
+    // A JSON body over the documented 1 MiB limit is 413, not a parse error.
+    let oversized = format!(
+        "{{\"name\": \"big\", \"comment\": \"{}\"}}",
+        "x".repeat(2 << 20)
+    );
+    let response = cluster
+        .http()
+        .post(format!("{}/api/v1/vms", cluster.url(0)))
+        .bearer_auth(ADMIN)
+        .header("content-type", "application/json")
+        .body(oversized)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_large", "{body}");
+    assert_eq!(
+        body["error"]["message"],
+        "request body: over the 1024 KiB limit for JSON requests"
+    );
+
     assert!(
         client.list_vms().await.unwrap().is_empty(),
         "nothing was half-created"

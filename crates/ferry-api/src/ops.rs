@@ -900,8 +900,14 @@ impl ClusterApi {
             .into_iter()
             .filter_map(|(key, _, _)| key.rsplit('/').next().map(str::to_string))
             .collect();
-        for candidate in first..=last {
-            let address = Ipv4Addr::from(candidate);
+        // Each VM starts looking at a place of its own (from its name), so creates made
+        // at once do not all race for the first free address, one etcd round trip per
+        // loss; a collision only moves the search on.
+        let size = last.saturating_sub(first) + 1;
+        let digest = <sha2::Sha256 as sha2::Digest>::digest(vm.as_str().as_bytes());
+        let start = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) % size;
+        for offset in 0..size {
+            let address = Ipv4Addr::from(first + (start + offset) % size);
             if taken.contains(&address.to_string()) {
                 continue;
             }

@@ -15,7 +15,7 @@ use ferry_api::types::{CreateCheckpointRequest, CreateTemplateRequest, CreateVmR
 use ferry_lab::harness::lab::{cluster_accel, load_lab};
 use ferry_lab::harness::stats::spread;
 use ferry_lab::harness::vm::{bench_vm, create_fresh_vm, remove_bench_vm, wait_answering};
-use ferry_lab::workload::{lost_writes, Writer};
+use ferry_lab::workload::{boot_id, lost_writes, Writer};
 use serde::Serialize;
 
 use crate::output::print_json;
@@ -85,6 +85,8 @@ async fn checkpoints(
     let ip = view
         .ip
         .ok_or_else(|| anyhow::anyhow!("VM {vm} has no address"))?;
+    // ferry-guest starts a moment after the guest agent answers.
+    boot_id(&ip).await.map_err(anyhow::Error::msg)?;
     let mut pauses = Vec::new();
     let mut lost = 0;
     for run in 1..=runs {
@@ -222,14 +224,25 @@ fn full_copy(scratch: &std::path::Path) -> anyhow::Result<u64> {
             ferry_model::Bytes(4 * ferry_model::Bytes::GIB),
         )
         .map_err(anyhow::Error::msg)?;
-        let filled = std::process::Command::new("qemu-io")
-            .args(["-f", "qcow2", "-c", "write -P 0x5a 0 4G"])
-            .arg(&source)
-            .output()?;
+        // qemu-io takes at most 2 GiB per request: four writes of 1 GiB.
+        let mut fill = std::process::Command::new("qemu-io");
+        fill.args(["-f", "qcow2"]);
+        for gib in 0..4 {
+            fill.args(["-c", &format!("write -P 0x5a {gib}G 1G")]);
+        }
+        let filled = fill.arg(&source).output()?;
+        // qemu-io reports a refused command on stdout and still exits 0.
+        let said = String::from_utf8_lossy(&filled.stdout);
         anyhow::ensure!(
-            filled.status.success(),
-            "qemu-io: {}",
-            String::from_utf8_lossy(&filled.stderr).trim()
+            filled.status.success() && said.matches("wrote ").count() == 4,
+            "qemu-io could not fill {}: {}",
+            source.display(),
+            format!(
+                "{} {}",
+                said.trim(),
+                String::from_utf8_lossy(&filled.stderr).trim()
+            )
+            .trim()
         );
         let started = Instant::now();
         ferry_qemu::snapshot::flat_copy(&source, &dir.join("copy.qcow2"), None, &mut |_| {})
